@@ -1,0 +1,118 @@
+"""Checkpoints: atomic writes, RNG states, and loading that explains what is wrong.
+
+A checkpoint is one ``torch.save`` dict::
+
+    format, config (nested dict), config_hash, model (state_dict), optimizer (state_dict),
+    rng (torch / cuda / numpy / python states), epoch (completed epochs),
+    step (optimizer steps so far), step_in_epoch (> 0 when interrupted mid-epoch),
+    epoch_loss (loss summed over the steps of an interrupted epoch), metrics (list of dicts),
+    x_dim, num_classes
+
+Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed
+over the old file, so a crash mid-write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT = 1
+REQUIRED = ("format", "config", "model", "optimizer", "rng", "epoch", "step", "metrics", "x_dim")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupted or does not fit the model."""
+
+
+def rng_state() -> dict:
+    """Every RNG in use: torch CPU, all CUDA devices, numpy, python."""
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where CUDA exists)."""
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(file)`` on a temp file next to ``path``; fsync; rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Atomically ``torch.save`` ``payload`` (with ``format`` added) to ``path``."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+
+
+def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
+    """Read a checkpoint onto ``map_location`` (a CUDA-saved one loads on a CPU machine)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is truncated or corrupted and cannot be read ({err})"
+        ) from None
+    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a pyro_vae checkpoint (missing: {', '.join(missing)})"
+        )
+    if ckpt["format"] != FORMAT:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has format {ckpt['format']}; this version reads {FORMAT}"
+        )
+    return ckpt
+
+
+def load_state(module: torch.nn.Module, state: dict, source: str) -> None:
+    """``module.load_state_dict(state)`` with an error that lists every tensor that does
+    not fit (missing, unexpected, or of another shape)."""
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in own]
+    problems += [
+        f"{k}: checkpoint {list(state[k].shape)} vs model {list(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source} was saved from a different architecture: " + "; ".join(problems[:8])
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        )
+    module.load_state_dict(state)

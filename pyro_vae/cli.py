@@ -1,0 +1,157 @@
+"""Command line: config -> data -> train -> evaluate -> inspect.
+
+    pyro-vae train [--config F] [--set section.key=value ...] [--name N] [--runs-dir D]
+                   [--quiet] [--resume RUN [--force]]
+    pyro-vae sample RUN [--n 64] [--label L] [--out FILE]
+
+The only place that prints. Bad input exits with status 2 and one line naming the field,
+the value and what is allowed; SIGINT/SIGTERM during training write a checkpoint and
+exit with 130/143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from . import checkpoint as ckpt_io
+from .config import ConfigError, diff, from_dict, load_config
+from .data import DataError
+from .inspection import image_grid, reconstructions_figure, samples_figure, save_figure, scatter
+from .runs import RunError, check_run_dir, load_run
+from .train import Interrupted, NonFiniteError, train
+
+BAD_INPUT = (ConfigError, DataError, ckpt_io.CheckpointError, RunError)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyro-vae", description="VAEs as variational inference in Pyro")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VAE by SVI and write a run directory")
+    t.add_argument("--config", help="TOML file with [data] [model] [prior] [likelihood] [train]")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    t.add_argument("--name", help="run name (default: a timestamp)")
+    t.add_argument("--runs-dir", default="runs", help="parent folder of run directories")
+    t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    t.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
+    t.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+
+    s = sub.add_parser("sample", help="decode prior samples of a trained run into a grid")
+    s.add_argument("run")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--label", type=int, help="class to generate (conditional runs)")
+    s.add_argument("--out", help="output PNG (default RUN/samples[_label<L>].png)")
+    return p
+
+
+class _StopFlag:
+    """Set by SIGINT/SIGTERM; training polls it after every step."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+def _run_dir(args) -> Path:
+    name = args.name or time.strftime("%Y%m%d-%H%M%S")
+    path = Path(args.runs_dir) / name
+    if path.exists() and any(path.iterdir()):
+        raise RunError(
+            f"run directory {str(path)!r} already exists and is not empty; pick another "
+            "--name, or continue it with --resume"
+        )
+    return path
+
+
+def cmd_train(args) -> int:
+    resume = None
+    if args.resume:
+        run_dir = check_run_dir(args.resume)
+        resume = ckpt_io.load_checkpoint(run_dir / "checkpoint.pt")
+        saved = from_dict(resume["config"])
+        cfg = load_config(args.config or run_dir / "config.toml", args.set)
+        changed = diff(saved, cfg)
+        if changed and not args.force:
+            raise ConfigError(
+                f"resuming {str(run_dir)!r} with a changed config ({', '.join(changed)}); "
+                "drop those overrides, or pass --force to accept them"
+            )
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = _run_dir(args)
+    stop = _StopFlag()
+    try:
+        result = train(cfg, run_dir, progress=not args.quiet, resume=resume, should_stop=stop)
+    except Interrupted as err:
+        print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "
+              f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
+        return 128 + stop.signum
+    if not args.quiet:
+        for m in result.metrics:
+            print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
+                  f"test ELBO {m['test_elbo']:9.2f}  ({m['seconds']:.1f} s)")
+    ds = result.dataset
+    y = ds.y_test if result.vae.num_classes else None
+    save_figure(reconstructions_figure(result.vae, ds.x_test, y, ds.image_shape),
+                run_dir / "reconstructions.png")
+    y_samples = None
+    if result.vae.num_classes:
+        y_samples = ds.y_test.new_tensor(range(64)) % result.vae.num_classes
+    save_figure(samples_figure(result.vae, 64, ds.image_shape, y_samples, ds.x_test),
+                run_dir / "samples.png")
+    last = result.metrics[-1]
+    print(f"final test ELBO {last['test_elbo']:.2f} nats per data point after "
+          f"{last['epoch']} epochs; wrote {run_dir}/ (config.toml, metrics.jsonl, "
+          "checkpoint.pt, reconstructions.png, samples.png)")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    if args.n < 1:
+        raise ConfigError(f"--n = {args.n}: must be >= 1")
+    run = load_run(args.run)
+    if args.label is not None and run.vae.num_classes and not 0 <= args.label < run.vae.num_classes:
+        raise ConfigError(
+            f"--label = {args.label}: out of range; allowed 0..{run.vae.num_classes - 1}"
+        )
+    images = run.sample(args.n, args.label)
+    suffix = "" if args.label is None else f"_label{args.label}"
+    out = Path(args.out or run.path / f"samples{suffix}.png")
+    if run.dataset.image_shape is None:
+        ax = scatter(images, title="decoded prior samples")
+    else:
+        ax = image_grid(images, run.dataset.image_shape, nrow=8,
+                        title="samples" + ("" if args.label is None else f" of class {args.label}"))
+    save_figure(ax.figure, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+    except BAD_INPUT as err:
+        print(f"pyro-vae: error: {err}", file=sys.stderr)
+        return 2
+    except NonFiniteError as err:
+        print(f"pyro-vae: training failed: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,248 @@
+"""Configuration: frozen dataclasses, TOML loading, ``--set`` overrides, validation.
+
+One :class:`Config` is passed down through data -> model -> training. It is built from
+defaults, then a TOML file (``[data]``, ``[model]``, ``[prior]``, ``[likelihood]``,
+``[train]`` tables), then ``section.key=value`` overrides, and validated once. Every bad
+value raises :class:`ConfigError` naming the key, the value and what is allowed.
+
+Names that live in registries (data sets, priors, likelihoods, activations, ELBOs) are
+checked against the live registry, so entries registered from user code are accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import tomli_w
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+def _spec(default, *, choices=None, low=None, high=None, low_open=False, doc=""):
+    """A dataclass field with validation metadata.
+
+    ``choices`` is a tuple of names or ``"module:ATTR"`` naming a registry dict.
+    ``low``/``high`` bound numbers (``low_open`` makes the lower bound strict).
+    """
+    meta = dict(choices=choices, low=low, high=high, low_open=low_open, doc=doc)
+    if isinstance(default, (list, tuple)):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = _spec("mnist-10k", choices="pyro_vae.data:DATASETS")
+    root: str = _spec("~/.cache/pyro_vae", doc="where torchvision data sets live")
+    download: bool = _spec(False, doc="allow torchvision to download missing files")
+    binarize: str = _spec("dynamic", choices=("none", "dynamic", "static"))
+    subset: int = _spec(0, low=0, doc="keep only the first N training images (0 = all)")
+    seed: int = _spec(0, low=0, doc="seed of the train/test split and toy generators")
+    size: int = _spec(10000, low=10, doc="number of points drawn for toy data sets")
+    obs_dim: int = _spec(10, low=1, doc="linear-gaussian: dimension of x")
+    true_latent_dim: int = _spec(2, low=1, doc="linear-gaussian: dimension of the true z")
+    noise: float = _spec(0.05, low=0.0, low_open=True, doc="toy observation noise std")
+    alpha: float = _spec(10.0, low=0.0, low_open=True, doc="ring: x = z/alpha + z/|z|")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    latent_dim: int = _spec(50, low=1)
+    hidden: tuple[int, ...] = _spec((400,), low=1, doc="hidden widths of the MLPs ([] = linear)")
+    activation: str = _spec("softplus", choices="pyro_vae.networks:ACTIVATIONS")
+    network: str = _spec("mlp", choices=("mlp", "conv"))
+    conditional: bool = _spec(False, doc="condition encoder, decoder and prior on y")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    name: str = _spec("normal", choices="pyro_vae.priors:PRIORS")
+    learnable: bool = _spec(False, doc="normal: learn loc and scale")
+    df: float = _spec(5.0, low=0.0, low_open=True, doc="student-t degrees of freedom")
+    components: int = _spec(10, low=1, doc="mixture components / VampPrior pseudo-inputs")
+
+
+@dataclass(frozen=True)
+class LikelihoodConfig:
+    name: str = _spec("bernoulli", choices="pyro_vae.likelihoods:LIKELIHOODS")
+    scale: str = _spec("fixed", choices=("fixed", "learned", "per-pixel"))
+    sigma: float = _spec(0.1, low=0.0, low_open=True, doc="fixed Gaussian/Laplace scale")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _spec(40, low=1)
+    batch_size: int = _spec(128, low=1)
+    lr: float = _spec(1e-3, low=0.0, low_open=True)
+    elbo: str = _spec("trace", choices="pyro_vae.train:ELBOS")
+    num_particles: int = _spec(1, low=1)
+    seed: int = _spec(0, low=0)
+    device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
+    beta: float = _spec(1.0, low=0.0, doc="weight of the KL term")
+    kl_warmup_epochs: int = _spec(0, low=0, doc="linear warm-up of beta from 0")
+    checkpoint_every: int = _spec(1, low=1, doc="epochs between checkpoints")
+    eval_batch_size: int = _spec(1000, low=1)
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_TYPES = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "prior": PriorConfig,
+    "likelihood": LikelihoodConfig,
+    "train": TrainConfig,
+}
+
+
+def _closest(word: str, options: Iterable[str]) -> str:
+    match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _allowed(choices) -> list[str]:
+    if isinstance(choices, str):
+        module, attr = choices.split(":")
+        return sorted(getattr(importlib.import_module(module), attr))
+    return list(choices)
+
+
+def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
+    """Coerce ``value`` to the field's type and check its range and choices."""
+    kind = fld.type
+    if kind in ("bool", bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected true or false")
+    elif kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+    elif kind in ("float", float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        value = float(value)
+    elif kind in ("str", str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} = {value!r}: expected a string")
+    elif str(kind).startswith("tuple"):
+        if not isinstance(value, (list, tuple)) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value
+        ):
+            raise ConfigError(f"{key} = {value!r}: expected a list of integers")
+        value = tuple(value)
+    meta = fld.metadata
+    numbers = value if isinstance(value, tuple) else (value,)
+    for v in numbers:
+        if meta.get("low") is not None and isinstance(v, (int, float)):
+            low = meta["low"]
+            if v < low or (meta["low_open"] and v == low):
+                op = ">" if meta["low_open"] else ">="
+                raise ConfigError(f"{key} = {value!r}: out of range, must be {op} {low}")
+    if meta.get("choices") is not None:
+        allowed = _allowed(meta["choices"])
+        if value not in allowed:
+            raise ConfigError(
+                f"{key} = {value!r}: unknown name{_closest(value, allowed)}; "
+                f"allowed: {', '.join(allowed)}"
+            )
+    return value
+
+
+def from_dict(tree: dict) -> Config:
+    """Build and validate a :class:`Config` from nested ``{section: {key: value}}``."""
+    sections = {}
+    for section, values in tree.items():
+        if section not in _SECTION_TYPES:
+            raise ConfigError(
+                f"unknown config section [{section}]{_closest(section, _SECTION_TYPES)}; "
+                f"allowed: {', '.join(_SECTION_TYPES)}"
+            )
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section}] must be a table of key = value pairs")
+        sections[section] = values
+    built = {}
+    for section, cls in _SECTION_TYPES.items():
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values = {}
+        for key, value in sections.get(section, {}).items():
+            full = f"{section}.{key}"
+            if key not in fields:
+                raise ConfigError(
+                    f"unknown config key {full}{_closest(key, fields)}; "
+                    f"allowed in [{section}]: {', '.join(fields)}"
+                )
+            values[key] = _check_value(full, fields[key], value)
+        built[section] = cls(**values)
+    return Config(**built)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Nested plain dict of ``cfg`` (tuples as lists), the inverse of :func:`from_dict`."""
+    return {
+        name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(sec).items()}
+        for name, sec in ((f.name, getattr(cfg, f.name)) for f in dataclasses.fields(cfg))
+    }
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split ``section.key=value``; the value is read as TOML, else taken as a string."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, e.g. train.epochs=5")
+    path, raw = text.split("=", 1)
+    section, key = path.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- TOML file at ``path`` <- ``section.key=value`` overrides; validated."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            tree = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        tree.setdefault(section, {})
+        if not isinstance(tree[section], dict):
+            raise ConfigError(f"[{section}] must be a table of key = value pairs")
+        tree[section][key] = value
+    return from_dict(tree)
+
+
+def dumps(cfg: Config) -> str:
+    """The resolved config as TOML text (``load_config`` reads it back to ``cfg``)."""
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the canonical TOML text; equal configs have equal hashes."""
+    return hashlib.sha256(dumps(cfg).encode()).hexdigest()[:16]
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Keys (``section.key``) whose values differ between two configs."""
+    da, db = to_dict(a), to_dict(b)
+    return [f"{s}.{k}" for s in da for k in da[s] if da[s][k] != db[s][k]]

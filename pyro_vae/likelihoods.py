@@ -1,0 +1,133 @@
+"""Likelihoods p(x|z): a registry of plain builder functions.
+
+``LIKELIHOODS[name](cfg, x_dim) -> Likelihood``. A :class:`Likelihood` is an ``nn.Module``
+that declares how many decoder outputs it needs per pixel (``outputs_per_pixel``), which
+data it accepts (``support``), holds any learnable parameter (a global scale), and maps
+the decoder output ``h [..., X * K]`` (pixel-major: ``h.unflatten(-1, (X, K))``) to a
+distribution over x with ``event_shape == [X]``.
+
+``support`` is one of:
+- ``"unit"``: x in [0, 1] (binary or grey),
+- ``"open-unit"``: x in (0, 1) strictly (exact 0/1 pixels have infinite density),
+- ``"real"``: any finite x (binary data allowed, with a warning).
+
+Add an entry from user code with :func:`register_likelihood`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import LikelihoodConfig
+from .data import DataError, Dataset
+
+MIN_SCALE = 1e-3
+
+
+class DataWarning(UserWarning):
+    """The data can be used with the likelihood but probably should not be."""
+
+
+class Likelihood(nn.Module):
+    """p(x|z) = ``make(params..., **learnable)`` from ``K = outputs_per_pixel`` decoder
+    outputs per pixel. ``learnable``: name -> initial tensor, held as ``nn.Parameter``."""
+
+    def __init__(self, make: Callable, outputs_per_pixel: int, support: str,
+                 learnable: dict | None = None):
+        super().__init__()
+        self.make = make
+        self.outputs_per_pixel = outputs_per_pixel
+        self.support = support
+        self.learnable = nn.ParameterDict({k: nn.Parameter(v) for k, v in (learnable or {}).items()})
+
+    def forward(self, h: torch.Tensor) -> dist.Distribution:
+        params = h.unflatten(-1, (-1, self.outputs_per_pixel)).unbind(-1)  # K x (..., X)
+        return self.make(*params, **self.learnable).to_event(1)
+
+
+def bernoulli(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
+    """x_i ~ Bernoulli(sigmoid(h_i)). On grey x in [0, 1] the log-probability is the
+    cross-entropy x log p + (1 - x) log(1 - p) (Pyro's VAE example), not a normalised density."""
+    make = lambda logits: dist.Bernoulli(logits=logits, validate_args=False)  # noqa: E731
+    return Likelihood(make, 1, "unit")
+
+
+def continuous_bernoulli(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
+    """x_i ~ ContinuousBernoulli(sigmoid(h_i)) (Loaiza-Ganem & Cunningham 2019): the
+    Bernoulli form with its normaliser C(p) = 2 atanh(1 - 2p) / (1 - 2p), a density on [0, 1]."""
+    return Likelihood(lambda logits: dist.ContinuousBernoulli(logits=logits), 1, "unit")
+
+
+def _located(family, cfg: LikelihoodConfig) -> Likelihood:
+    """Location-scale family with scale fixed (``sigma``), one learned global scale, or
+    per-pixel from the decoder (softplus + 1e-3)."""
+    if cfg.scale == "fixed":
+        return Likelihood(lambda loc: family(loc, cfg.sigma), 1, "real")
+    if cfg.scale == "learned":
+        make = lambda loc, log_scale: family(loc, log_scale.exp())  # noqa: E731
+        return Likelihood(make, 1, "real",
+                          learnable={"log_scale": torch.tensor(float(cfg.sigma)).log()})
+    make = lambda loc, raw: family(loc, F.softplus(raw) + MIN_SCALE)  # noqa: E731
+    return Likelihood(make, 2, "real")
+
+
+def gaussian(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
+    """x_i ~ N(h_i, sigma^2), sigma as ``likelihood.scale`` says."""
+    return _located(dist.Normal, cfg)
+
+
+def laplace(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
+    """x_i ~ Laplace(h_i, b), b as ``likelihood.scale`` says."""
+    return _located(dist.Laplace, cfg)
+
+
+def beta(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
+    """x_i ~ Beta(a_i, b_i), a, b = softplus(h) + 1e-3: needs x strictly inside (0, 1)."""
+    make = lambda a, b: dist.Beta(F.softplus(a) + MIN_SCALE, F.softplus(b) + MIN_SCALE)  # noqa: E731
+    return Likelihood(make, 2, "open-unit")
+
+
+LIKELIHOODS: dict[str, Callable[[LikelihoodConfig, int], Likelihood]] = {
+    "bernoulli": bernoulli,
+    "continuous-bernoulli": continuous_bernoulli,
+    "gaussian": gaussian,
+    "laplace": laplace,
+    "beta": beta,
+}
+
+
+def register_likelihood(name: str, builder: Callable[[LikelihoodConfig, int], Likelihood]) -> None:
+    """Make ``builder`` available as ``likelihood.name = name`` in configs."""
+    LIKELIHOODS[name] = builder
+
+
+def check_data(likelihood: Likelihood, name: str, ds: Dataset) -> None:
+    """Refuse (:class:`DataError`) or warn (:class:`DataWarning`) when ``ds`` does not fit
+    the likelihood's support. The message names the data set, binarization and likelihood."""
+    what = f"likelihood {name!r} on data set {ds.name!r} (data.binarize = {ds.binarize!r})"
+    lo = min(ds.x_train.min().item(), ds.x_test.min().item())
+    hi = max(ds.x_train.max().item(), ds.x_test.max().item())
+    if likelihood.support == "unit" and (lo < 0 or hi > 1):
+        raise DataError(
+            f"{what}: needs x in [0, 1] but the data range is [{lo:.3g}, {hi:.3g}]; "
+            "use likelihood.name = 'gaussian' or 'laplace' for real-valued data"
+        )
+    if likelihood.support == "open-unit" and (lo <= 0 or hi >= 1):
+        raise DataError(
+            f"{what}: needs x strictly inside (0, 1) but the data holds values in "
+            f"[{lo:.3g}, {hi:.3g}] (exact 0/1 pixels have infinite density); use "
+            "likelihood.name = 'continuous-bernoulli' for grey images in [0, 1]"
+        )
+    if likelihood.support == "real" and ds.support == "binary":
+        warnings.warn(
+            f"{what}: a continuous density on binary pixels rewards ever-smaller scales; "
+            "consider likelihood.name = 'bernoulli' or data.binarize = 'none'",
+            DataWarning,
+            stacklevel=2,
+        )

@@ -1,0 +1,139 @@
+"""The VAE as a Pyro model and guide.
+
+Generative story (``model``), for each of the B data points in ``pyro.plate("data", B)``::
+
+    z ~ p(z)                  [B, D]   prior, from PRIORS[prior.name]
+    x ~ p(x | z) = f(dec(z))  [B, X]   likelihood, from LIKELIHOODS[likelihood.name]
+
+Amortized guide (``guide``)::
+
+    z ~ q(z | x) = N(enc_loc(x), diag(enc_scale(x)^2))   [B, D]
+
+SVI maximises ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x). With
+``model.conditional`` the encoder, decoder see the one-hot label y ``[B, C]`` too (CVAE).
+``kl_weight`` (beta) scales the latent site in both model and guide (``poutine.scale``),
+so the objective becomes E_q[log p(x|z)] - beta KL.
+
+Parameters live on this ``nn.Module`` (not in Pyro's global param store); training
+optimises ``vae.parameters()`` with a torch optimizer. Code that needs Pyro's param store
+(``JitTrace_ELBO``, ``pyro.infer.SVI``) wraps model and guide with :func:`registered`.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+from torch.nn import functional as F
+
+from .config import Config, ConfigError
+from .likelihoods import LIKELIHOODS
+from .networks import Decoder, Encoder
+from .priors import PRIORS
+
+LATENT = "z"  # site names shared by model and guide
+OBS = "x"
+PLATE = "data"
+
+
+class VAE(nn.Module):
+    """Encoder, decoder, prior and likelihood modules of one VAE.
+
+    ``x_dim``: pixels per image (X); ``num_classes``: C for a conditional model (else 0).
+    """
+
+    def __init__(self, cfg: Config, x_dim: int, num_classes: int = 0):
+        super().__init__()
+        m = cfg.model
+        if m.conditional and num_classes < 2:
+            raise ConfigError(
+                f"model.conditional = true needs a labelled data set; {cfg.data.name!r} has none"
+            )
+        if m.conditional and cfg.prior.name == "vamp":
+            raise ConfigError(
+                "prior.name = 'vamp' with model.conditional = true is not supported: the "
+                "pseudo-inputs have no label; use prior.name = 'normal' or 'mixture'"
+            )
+        if m.network == "conv" and x_dim != 28 * 28:
+            raise ConfigError(
+                f"model.network = 'conv' expects 28x28 images (784 pixels), data has {x_dim}"
+            )
+        self.x_dim, self.latent_dim = x_dim, m.latent_dim
+        self.num_classes = num_classes if m.conditional else 0
+        self.likelihood = LIKELIHOODS[cfg.likelihood.name](cfg.likelihood, x_dim)
+        conv = m.network == "conv"
+        self.encoder = Encoder(x_dim, m.latent_dim, m.hidden, m.activation, self.num_classes, conv)
+        self.decoder = Decoder(x_dim, m.latent_dim, tuple(reversed(m.hidden)), m.activation,
+                               self.likelihood.outputs_per_pixel, self.num_classes, conv)
+        self.prior = PRIORS[cfg.prior.name](cfg.prior, m.latent_dim, x_dim)
+
+    # ---------------------------------------------------------------- distributions
+
+    def onehot(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        """Labels ``[B]`` -> one-hot ``[B, C]`` for a conditional model, else None."""
+        if not self.num_classes:
+            return None
+        if y is None:
+            raise ValueError("this VAE is conditional (model.conditional = true): pass labels y")
+        if y.min() < 0 or y.max() >= self.num_classes:
+            raise ValueError(
+                f"labels must lie in [0, {self.num_classes - 1}], got [{y.min()}, {y.max()}]"
+            )
+        return F.one_hot(y, self.num_classes).float()
+
+    def prior_dist(self) -> dist.Distribution:
+        """p(z): batch_shape (), event_shape [D]."""
+        return self.prior(self.encoder)
+
+    def likelihood_dist(self, z: torch.Tensor, y1h: torch.Tensor | None = None) -> dist.Distribution:
+        """p(x | z): z ``[..., B, D]`` -> batch_shape [..., B], event_shape [X]."""
+        return self.likelihood(self.decoder(z, y1h))
+
+    def posterior(self, x: torch.Tensor, y1h: torch.Tensor | None = None) -> dist.Distribution:
+        """q(z | x) = N(loc(x), diag(scale(x)^2)): batch_shape [B], event_shape [D]."""
+        loc, scale = self.encoder(x, y1h)
+        return dist.Normal(loc, scale).to_event(1)
+
+    # ---------------------------------------------------------------- Pyro programs
+
+    def model(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0):
+        """p(z) p(x | z) with x ``[B, X]`` observed; returns z ``[B, D]``."""
+        y1h = self.onehot(y)
+        with pyro.plate(PLATE, x.shape[0]):
+            with poutine.scale(scale=kl_weight):
+                z = pyro.sample(LATENT, self.prior_dist().expand([x.shape[0]]))
+            pyro.sample(OBS, self.likelihood_dist(z, y1h), obs=x)
+        return z
+
+    def guide(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_weight: float = 1.0):
+        """q(z | x), amortized by the encoder; returns z ``[B, D]``."""
+        y1h = self.onehot(y)
+        with pyro.plate(PLATE, x.shape[0]):
+            with poutine.scale(scale=kl_weight):
+                return pyro.sample(LATENT, self.posterior(x, y1h))
+
+    @torch.no_grad()
+    def sample(self, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of p(x | z) at n prior draws z ~ p(z): ``[n, X]`` (y ``[n]`` if conditional)."""
+        z = self.prior_dist().sample((n,))
+        return self.likelihood_dist(z, self.onehot(y)).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of p(x | z = E_q[z | x]): ``[B, X]``."""
+        y1h = self.onehot(y)
+        return self.likelihood_dist(self.posterior(x, y1h).mean, y1h).mean
+
+
+def registered(fn, vae: VAE, name: str = "vae"):
+    """``fn`` (vae.model or vae.guide) with a ``pyro.module`` statement first, so that
+    tools that find parameters through Pyro's param store (JIT ELBOs, ``pyro.infer.SVI``)
+    see the VAE's parameters (the same tensors, so a torch optimizer still updates them)."""
+
+    def wrapped(*args, **kwargs):
+        pyro.module(name, vae)
+        return fn(*args, **kwargs)
+
+    return wrapped

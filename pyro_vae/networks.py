@@ -1,0 +1,95 @@
+"""Plain torch encoder and decoder networks (no Pyro inside).
+
+Encoder: x ``[B, X]`` (and optional one-hot y ``[B, C]``) -> (loc, scale) of q(z|x),
+each ``[B, D]``, scale = softplus(.) + 1e-4 > 0.
+Decoder: z ``[B, D]`` (and optional y) -> ``[B, K * X]`` raw likelihood parameters
+(K outputs per pixel, as the likelihood asks; see ``likelihoods.py``).
+
+``mlp`` is the default (Pyro's VAE example: 784-400-50 softplus; Burda et al. 2015:
+784-200-200-50 tanh); ``conv`` is a small conv / transposed-conv pair for 28x28 images.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+ACTIVATIONS = {
+    "softplus": nn.Softplus,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+}
+
+MIN_SCALE = 1e-4
+
+
+def mlp(sizes: list[int], activation: str) -> nn.Sequential:
+    """Linear layers ``sizes[0] -> ... -> sizes[-1]`` with ``activation`` between them."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return nn.Sequential(*layers)
+
+
+def _with_label(h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+    """Append the one-hot label ``[B, C]``, broadcast over leading sample dims of ``h``."""
+    return h if y is None else torch.cat([h, y.expand(*h.shape[:-1], y.shape[-1])], dim=-1)
+
+
+class Encoder(nn.Module):
+    """x ``[B, X]`` (+ y ``[B, C]``) -> loc ``[B, D]``, scale ``[B, D]``."""
+
+    def __init__(self, x_dim, latent_dim, hidden, activation, num_classes=0, conv=False):
+        super().__init__()
+        self.conv = conv
+        if conv:
+            self.features = nn.Sequential(  # (B, 1, 28, 28) -> (B, 64 * 7 * 7)
+                nn.Conv2d(1, 32, 4, stride=2, padding=1),
+                ACTIVATIONS[activation](),
+                nn.Conv2d(32, 64, 4, stride=2, padding=1),
+                ACTIVATIONS[activation](),
+                nn.Flatten(),
+            )
+            n_features = 64 * 7 * 7
+            self.net = mlp([n_features + num_classes, *hidden, 2 * latent_dim], activation)
+        else:
+            self.net = mlp([x_dim + num_classes, *hidden, 2 * latent_dim], activation)
+
+    def forward(self, x, y=None):
+        h = self.features(x.reshape(-1, 1, 28, 28)) if self.conv else x
+        loc, raw = self.net(_with_label(h, y)).chunk(2, dim=-1)  # (B, D) each
+        return loc, F.softplus(raw) + MIN_SCALE
+
+
+class Decoder(nn.Module):
+    """z ``[B, D]`` (+ y ``[B, C]``) -> raw likelihood parameters ``[B, K * X]``."""
+
+    def __init__(self, x_dim, latent_dim, hidden, activation, outputs_per_pixel=1,
+                 num_classes=0, conv=False):
+        super().__init__()
+        self.conv = conv
+        self.k = outputs_per_pixel
+        if conv:
+            self.net = mlp([latent_dim + num_classes, *hidden, 64 * 7 * 7], activation)
+            self.deconv = nn.Sequential(  # (B, 64, 7, 7) -> (B, K, 28, 28)
+                ACTIVATIONS[activation](),
+                nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
+                ACTIVATIONS[activation](),
+                nn.ConvTranspose2d(32, outputs_per_pixel, 4, stride=2, padding=1),
+            )
+        else:
+            self.net = mlp([latent_dim + num_classes, *hidden, outputs_per_pixel * x_dim],
+                           activation)
+
+    def forward(self, z, y=None):
+        h = self.net(_with_label(z, y))
+        if not self.conv:
+            return h  # (B, K * X)
+        out = self.deconv(h.reshape(-1, 64, 7, 7))  # (N, K, 28, 28), N = prod(batch dims)
+        out = out.flatten(2).transpose(1, 2)  # (N, X, K): pixel-major, like the MLP layout
+        return out.reshape(*h.shape[:-1], -1)  # (..., X * K)

@@ -1,0 +1,275 @@
+"""Training: stochastic variational inference on the VAE, with checkpoints and resume.
+
+Each step is SVI: minimise the negative ELBO estimator of ``train.elbo`` on a minibatch,
+
+    loss(x) = -ELBO(x) = -(E_q[log p(x|z)] - beta KL(q(z|x) || p(z)))   (summed over B)
+
+with gradients by the reparameterization trick and Adam on ``vae.parameters()`` (one
+torch optimizer whose state is checkpointed; equivalent to ``pyro.infer.SVI.step``).
+Minibatches are slices of a seeded permutation of the data tensor already on the device.
+
+ELBO estimators (``ELBOS``, by ``train.elbo``):
+- ``trace``: ``Trace_ELBO`` (Monte Carlo KL),
+- ``meanfield``: ``TraceMeanField_ELBO`` (closed-form KL where torch has one, else MC),
+- ``jit``: ``JitTrace_ELBO`` (the same estimator, traced with the PyTorch JIT),
+- ``iwae``: ``RenyiELBO(alpha=0)`` = the IWAE bound log (1/K) sum_k w_k, K = num_particles.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt_io
+from .config import Config, ConfigError, TrainConfig, config_hash, dumps, to_dict
+from .data import Dataset, epoch_inputs, load_dataset
+from .evaluate import elbo_terms
+from .likelihoods import check_data
+from .model import LATENT, VAE, registered
+
+
+def _particles(cfg: TrainConfig) -> dict:
+    return dict(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
+                max_plate_nesting=1)
+
+
+ELBOS: dict[str, Callable[[TrainConfig], pyro.infer.ELBO]] = {
+    "trace": lambda c: Trace_ELBO(**_particles(c)),
+    "meanfield": lambda c: TraceMeanField_ELBO(**_particles(c)),
+    "jit": lambda c: JitTrace_ELBO(**_particles(c), ignore_jit_warnings=True),
+    "iwae": lambda c: RenyiELBO(alpha=0.0, **{**_particles(c), "vectorize_particles": True}),
+}
+
+
+class MonteCarloKLWarning(UserWarning):
+    """The analytic-KL ELBO falls back to a Monte Carlo KL for this prior."""
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient went NaN/inf; the message names the sites and parameters."""
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on request (SIGINT/SIGTERM) after writing a checkpoint."""
+
+
+class TrainResult(NamedTuple):
+    """What :func:`train` returns. ``metrics``: one dict per epoch (see ``metrics.jsonl``)."""
+
+    vae: VAE
+    dataset: Dataset
+    metrics: list[dict]
+    config: Config
+    run_dir: Path | None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is refused."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "train.device = 'cuda' but no CUDA device is available on this machine; "
+            "allowed here: auto, cpu"
+        )
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def kl_weight(cfg: TrainConfig, epoch: int) -> float:
+    """beta for 0-based ``epoch``: beta * min(1, (epoch + 1) / kl_warmup_epochs)."""
+    if cfg.kl_warmup_epochs == 0:
+        return cfg.beta
+    return cfg.beta * min(1.0, (epoch + 1) / cfg.kl_warmup_epochs)
+
+
+def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    """The generator of an epoch's shuffle and binarization: a function of (seed, epoch)
+    alone, so a resumed run replays an interrupted epoch exactly."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
+
+
+def has_closed_form_kl(vae: VAE) -> bool:
+    """Whether torch knows KL(q(z|x) || p(z)) for this guide and prior in closed form."""
+    x = torch.zeros(1, vae.x_dim, device=next(vae.parameters()).device)
+    y1h = torch.zeros(1, vae.num_classes, device=x.device) if vae.num_classes else None
+    try:
+        kl_divergence(vae.posterior(x, y1h), vae.prior_dist().expand([1]))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def build(cfg: Config, device: torch.device | str = "cpu") -> tuple[Dataset, VAE]:
+    """Load the data on ``device`` and build the VAE for it (after checking they fit)."""
+    ds = load_dataset(cfg.data, device)
+    vae = VAE(cfg, ds.x_dim, ds.num_classes).to(device)
+    check_data(vae.likelihood, cfg.likelihood.name, ds)
+    return ds, vae
+
+
+def diagnose_nonfinite(vae: VAE, x, y, weight: float) -> str:
+    """Name the sample sites whose log-probability is non-finite (model and guide traced
+    at this minibatch) and the parameters whose value or gradient is non-finite."""
+    parts = []
+    with pyro.validation_enabled(False), torch.no_grad():
+        guide_tr = poutine.trace(vae.guide).get_trace(x, y, weight)
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x, y, weight)
+        for label, tr in (("model", model_tr), ("guide", guide_tr)):
+            for name, site in tr.nodes.items():
+                if site["type"] == "sample":
+                    lp = site["fn"].log_prob(site["value"])
+                    if not torch.isfinite(lp).all():
+                        parts.append(f"{label} site {name!r} has non-finite log_prob")
+    for name, p in vae.named_parameters():
+        if not torch.isfinite(p).all():
+            parts.append(f"parameter {name} is non-finite")
+        elif p.grad is not None and not torch.isfinite(p.grad).all():
+            parts.append(f"gradient of {name} is non-finite")
+    return "; ".join(parts) or "no single site or parameter identified"
+
+
+def _write_metrics(run_dir: Path, metrics: list[dict]) -> None:
+    text = "".join(json.dumps(m) + "\n" for m in metrics)
+    ckpt_io.atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path | None = None,
+    *,
+    progress: bool = False,
+    resume: dict | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainResult:
+    """Train ``cfg`` from scratch, or from the checkpoint dict ``resume``.
+
+    With ``run_dir``: writes ``config.toml`` once, ``metrics.jsonl`` after every epoch and
+    ``checkpoint.pt`` every ``train.checkpoint_every`` epochs and at the end. When
+    ``should_stop()`` turns true the current step finishes, a checkpoint is written and
+    :class:`Interrupted` is raised. A non-finite loss or gradient raises
+    :class:`NonFiniteError` before the optimizer step, so parameters stay finite.
+    """
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    run_dir = None if run_dir is None else Path(run_dir)
+    pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python
+    ds, vae = build(cfg, device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=tc.lr)
+    if tc.elbo == "meanfield" and not has_closed_form_kl(vae):
+        warnings.warn(
+            f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
+            f"prior {cfg.prior.name!r}; TraceMeanField_ELBO uses the Monte Carlo estimate "
+            "for the latent site (the ELBO stays unbiased)",
+            MonteCarloKLWarning,
+            stacklevel=2,
+        )
+    elbo = ELBOS[tc.elbo](tc)
+    model, guide = vae.model, vae.guide
+    if tc.elbo in ("jit", "iwae"):  # these find parameters through Pyro's param store
+        pyro.clear_param_store()
+        model, guide = registered(vae.model, vae), registered(vae.guide, vae)
+
+    def loss_and_grads(*args, **kwargs) -> torch.Tensor:
+        """-ELBO estimate of the minibatch (a scalar tensor); gradients left in .grad."""
+        if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
+            return torch.tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
+        loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+        loss.backward()
+        return loss.detach()
+
+    metrics: list[dict] = []
+    start_epoch, start_step, step, epoch_loss, epoch_seconds = 0, 0, 0, 0.0, 0.0
+    if resume is not None:
+        ckpt_io.load_state(vae, resume["model"], "checkpoint")
+        optimizer.load_state_dict(resume["optimizer"])
+        metrics = list(resume["metrics"])
+        start_epoch, step = resume["epoch"], resume["step"]
+        start_step = resume.get("step_in_epoch", 0)
+        epoch_loss, epoch_seconds = resume.get("epoch_loss", 0.0), resume.get("epoch_seconds", 0.0)
+        ckpt_io.set_rng_state(resume["rng"])
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(dumps(cfg))
+        _write_metrics(run_dir, metrics)
+
+    def save(epoch_done: int, step_in_epoch: int = 0) -> None:
+        if run_dir is None:
+            return
+        ckpt_io.save_checkpoint(run_dir / "checkpoint.pt", {
+            "config": to_dict(cfg), "config_hash": config_hash(cfg),
+            "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": ckpt_io.rng_state(), "epoch": epoch_done, "step": step,
+            "step_in_epoch": step_in_epoch, "epoch_loss": epoch_loss,
+            "epoch_seconds": epoch_seconds, "metrics": metrics,
+            "x_dim": ds.x_dim, "num_classes": ds.num_classes,
+        })
+
+    n = ds.x_train.shape[0]
+    steps_per_epoch = math.ceil(n / tc.batch_size)
+    labels = ds.y_train if vae.num_classes else None
+    for epoch in range(start_epoch, tc.epochs):
+        weight = kl_weight(tc, epoch)
+        g = epoch_generator(tc.seed, epoch, device)
+        x_epoch = epoch_inputs(ds, g)  # (N, X) on device
+        perm = torch.randperm(n, generator=g, device=device)  # (N,)
+        bar = tqdm(range(start_step, steps_per_epoch), initial=start_step, total=steps_per_epoch,
+                   desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        for i in bar:
+            idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]
+            x = x_epoch[idx]  # (B, X)
+            args = (x,) if labels is None else (x, labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            with pyro.validation_enabled(step == 0):  # validate shapes/supports once
+                loss = loss_and_grads(*args, kl_weight=weight)
+            grad_norm = torch.stack(torch._foreach_norm(
+                [p.grad for p in vae.parameters() if p.grad is not None])).sum()
+            loss_value, norm_value = torch.stack([loss.to(grad_norm), grad_norm]).tolist()
+            if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+                raise NonFiniteError(
+                    f"non-finite loss or gradient at epoch {epoch + 1}, step {step + 1} "
+                    f"(loss = {loss_value}): {diagnose_nonfinite(vae, *args, weight)}. "
+                    "No update was applied; the last checkpoint is intact. Try a smaller "
+                    "train.lr or check the data."
+                )
+            optimizer.step()
+            step += 1
+            epoch_loss += loss_value
+            if i % 10 == 0:
+                bar.set_postfix(loss=f"{loss_value / x.shape[0]:.2f}")
+            if should_stop():
+                epoch_seconds += time.perf_counter() - t0
+                save(epoch, i + 1)
+                raise Interrupted(f"stopped at epoch {epoch + 1}, step {i + 1}; checkpoint written")
+        seconds = epoch_seconds + time.perf_counter() - t0
+        rec, kl = elbo_terms(vae, ds.x_test, ds.y_test if vae.num_classes else None,
+                             batch_size=tc.eval_batch_size, seed=tc.seed)
+        metrics.append({
+            "epoch": epoch + 1,
+            "train_elbo": -epoch_loss / n,
+            "test_elbo": (rec - kl).mean().item(),
+            "test_reconstruction": rec.mean().item(),
+            "test_kl": kl.mean().item(),
+            "kl_weight": weight,
+            "seconds": seconds,
+        })
+        start_step, epoch_loss, epoch_seconds = 0, 0.0, 0.0
+        if run_dir is not None:
+            _write_metrics(run_dir, metrics)
+            if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
+                save(epoch + 1)
+        if should_stop() and epoch + 1 < tc.epochs:
+            save(epoch + 1)
+            raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint written")
+    return TrainResult(vae, ds, metrics, cfg, run_dir)
