@@ -11,7 +11,7 @@ Amortized guide (``guide``)::
 
 SVI maximises ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x). With
 ``model.conditional`` the encoder, decoder see the one-hot label y ``[B, C]`` too (CVAE).
-``kl_weight`` (beta) scales the latent site in both model and guide (``poutine.scale``),
+``kl_weight`` (beta) scales the latent site in both model and guide (:func:`kl_scaled`),
 so the objective becomes E_q[log p(x|z)] - beta KL.
 
 Parameters live on this ``nn.Module`` (not in Pyro's global param store); training
@@ -36,6 +36,12 @@ from .priors import PRIORS
 LATENT = "z"  # site names shared by model and guide
 OBS = "x"
 PLATE = "data"
+
+
+def kl_scaled(weight: float):
+    """Scale the latent site's log-densities by ``weight`` (beta); at 0 mask them out,
+    which drops log p(z) - log q(z|x) from the ELBO (Pyro's scale must be positive)."""
+    return poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False)
 
 
 class VAE(nn.Module):
@@ -102,7 +108,7 @@ class VAE(nn.Module):
         """p(z) p(x | z) with x ``[B, X]`` observed; returns z ``[B, D]``."""
         y1h = self.onehot(y)
         with pyro.plate(PLATE, x.shape[0]):
-            with poutine.scale(scale=kl_weight):
+            with kl_scaled(kl_weight):
                 z = pyro.sample(LATENT, self.prior_dist().expand([x.shape[0]]))
             pyro.sample(OBS, self.likelihood_dist(z, y1h), obs=x)
         return z
@@ -111,7 +117,7 @@ class VAE(nn.Module):
         """q(z | x), amortized by the encoder; returns z ``[B, D]``."""
         y1h = self.onehot(y)
         with pyro.plate(PLATE, x.shape[0]):
-            with poutine.scale(scale=kl_weight):
+            with kl_scaled(kl_weight):
                 return pyro.sample(LATENT, self.posterior(x, y1h))
 
     @torch.no_grad()

@@ -118,13 +118,14 @@ def build(cfg: Config, device: torch.device | str = "cpu") -> tuple[Dataset, VAE
     return ds, vae
 
 
-def diagnose_nonfinite(vae: VAE, x, y, weight: float) -> str:
+def diagnose_nonfinite(vae: VAE, args: tuple, weight: float) -> str:
     """Name the sample sites whose log-probability is non-finite (model and guide traced
     at this minibatch) and the parameters whose value or gradient is non-finite."""
     parts = []
     with pyro.validation_enabled(False), torch.no_grad():
-        guide_tr = poutine.trace(vae.guide).get_trace(x, y, weight)
-        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x, y, weight)
+        guide_tr = poutine.trace(vae.guide).get_trace(*args, kl_weight=weight)
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(
+            *args, kl_weight=weight)
         for label, tr in (("model", model_tr), ("guide", guide_tr)):
             for name, site in tr.nodes.items():
                 if site["type"] == "sample":
@@ -239,7 +240,7 @@ def train(
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 raise NonFiniteError(
                     f"non-finite loss or gradient at epoch {epoch + 1}, step {step + 1} "
-                    f"(loss = {loss_value}): {diagnose_nonfinite(vae, *args, weight)}. "
+                    f"(loss = {loss_value}): {diagnose_nonfinite(vae, args, weight)}. "
                     "No update was applied; the last checkpoint is intact. Try a smaller "
                     "train.lr or check the data."
                 )

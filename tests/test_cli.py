@@ -1,0 +1,83 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_vae.cli import main
+
+SMALL = ["--set", "data.subset=300", "--set", "train.epochs=2", "--set", "model.hidden=[32]",
+         "--set", "model.latent_dim=2"]
+RUN_FILES = ["config.toml", "metrics.jsonl", "checkpoint.pt", "reconstructions.png", "samples.png"]
+
+
+def _metrics(run):
+    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+            for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_every_file_and_its_config_reproduces_the_run(tmp_path, capsys):
+    assert main(["train", "--quiet", *SMALL, "--runs-dir", str(tmp_path), "--name", "a"]) == 0
+    run = tmp_path / "a"
+    for name in RUN_FILES:
+        assert (run / name).stat().st_size > 0, name
+    assert f"wrote {run}/" in capsys.readouterr().out
+    assert len(_metrics(run)) == 2
+    assert main(["train", "--quiet", "--config", str(run / "config.toml"),
+                 "--runs-dir", str(tmp_path), "--name", "b"]) == 0
+    assert _metrics(run) == _metrics(tmp_path / "b")
+    a = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_existing_run_name_is_refused(tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x").write_text("keep me")
+    assert main(["train", "--quiet", *SMALL, "--runs-dir", str(tmp_path), "--name", "a"]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert (tmp_path / "a" / "x").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--set", "data.name=cifar10"], "data.name = 'cifar10': unknown name; allowed: fashion-mnist, kmnist, linear-gaussian, mnist, mnist-10k, ring"),
+    (["--set", "data.name=mnist", "--set", "data.root=/nonexistent/pv"],
+     "data set 'mnist' not found under /nonexistent/pv/MNIST/raw"),
+    (["--set", "train.epoch=3"], "unknown config key train.epoch (did you mean 'epochs'?)"),
+    (["--set", "train.batch_size=big"], "train.batch_size = 'big': expected an integer"),
+    (["--set", "prior.name=gauss"], "prior.name = 'gauss': unknown name"),
+    (["--set", "likelihood.name=bernouli"], "(did you mean 'bernoulli'?)"),
+    (["--config", "/nonexistent.toml"], "config file '/nonexistent.toml' does not exist"),
+])
+def test_bad_input_exits_2_with_one_clear_line(tmp_path, capsys, args, expected):
+    code = main(["train", "--quiet", *args, "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu_exits_2(tmp_path, capsys):
+    assert main(["train", "--quiet", "--set", "train.device=cuda", "--runs-dir", str(tmp_path)]) == 2
+    assert "train.device = 'cuda' but no CUDA device" in capsys.readouterr().err
+
+
+def test_console_script_reports_bad_input_in_a_subprocess(tmp_path):
+    exe = Path(sys.executable).parent / "pyro-vae"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "pyro_vae.cli"]
+    proc = subprocess.run(cmd + ["train", "--set", "train.elbo=tracee", "--runs-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "train.elbo = 'tracee': unknown name (did you mean 'trace'?); allowed: iwae, jit, meanfield, trace" in proc.stderr
+
+
+def test_sample_writes_grids_and_checks_labels(tmp_path, capsys):
+    assert main(["train", "--quiet", *SMALL, "--set", "model.conditional=true",
+                 "--runs-dir", str(tmp_path), "--name", "c"]) == 0
+    assert main(["sample", str(tmp_path / "c"), "--label", "3", "--n", "16"]) == 0
+    assert (tmp_path / "c" / "samples_label3.png").stat().st_size > 0
+    assert main(["sample", str(tmp_path / "c"), "--label", "10"]) == 2
+    assert "--label = 10: out of range; allowed 0..9" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "run directory" in capsys.readouterr().err

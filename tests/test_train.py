@@ -1,0 +1,88 @@
+import pyro
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from pyro_vae.config import ConfigError, load_config
+from pyro_vae.evaluate import elbo, log_weights
+from pyro_vae.train import (ELBOS, NonFiniteError, build, has_closed_form_kl, kl_weight,
+                            resolve_device, train)
+
+from conftest import build_vae, small_config
+
+
+def _without_seconds(metrics):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in metrics]
+
+
+def test_a_few_hundred_svi_steps_on_mnist_improve_test_elbo_widely():
+    cfg = load_config(None, ["data.subset=2000", "train.epochs=10", "train.batch_size=64"])
+    pyro.set_rng_seed(cfg.train.seed)
+    ds, vae = build(cfg)
+    before = elbo(vae, ds.x_test, seed=0)
+    result = train(cfg)  # 10 epochs x 32 steps = 320 SVI steps
+    after = result.metrics[-1]["test_elbo"]
+    assert before < -400 and after > before + 250
+    assert after > -200
+    assert [m["epoch"] for m in result.metrics] == list(range(1, 11))
+
+
+def test_same_seed_gives_identical_metrics_on_cpu():
+    cfg = small_config(epochs=2)
+    a, b = train(cfg), train(cfg)
+    assert _without_seconds(a.metrics) == _without_seconds(b.metrics)
+    for pa, pb in zip(a.vae.parameters(), b.vae.parameters()):
+        assert torch.equal(pa, pb)
+    c = train(small_config("train.seed=1", epochs=2))
+    assert _without_seconds(c.metrics) != _without_seconds(a.metrics)
+
+
+@pytest.mark.parametrize("name", sorted(ELBOS))
+def test_every_elbo_trains_to_a_finite_decreasing_loss(name):
+    extra = ["train.num_particles=3"] if name == "iwae" else []
+    result = train(small_config(f"train.elbo={name}", *extra, epochs=3))
+    elbos = [m["train_elbo"] for m in result.metrics]
+    assert all(map(torch.isfinite, map(torch.tensor, elbos)))
+    assert elbos[-1] > elbos[0]
+
+
+def test_beta_zero_removes_the_kl_term_from_the_loss():
+    cfg, ds, vae = build_vae()
+    x = ds.x_test[:16]
+    pyro.set_rng_seed(1)
+    loss = Trace_ELBO(max_plate_nesting=1).loss(vae.model, vae.guide, x, kl_weight=0.0)
+    pyro.set_rng_seed(1)
+    log_lik = log_weights(vae, x, k=1).log_lik.sum()  # the same draws of z
+    assert loss == pytest.approx(-log_lik.item(), rel=1e-5)
+
+
+def test_kl_warmup_follows_a_linear_schedule_and_is_logged():
+    tc = small_config("train.kl_warmup_epochs=4", "train.beta=0.5").train
+    assert [kl_weight(tc, e) for e in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]
+    assert kl_weight(small_config().train, 3) == 1.0
+    result = train(small_config("train.kl_warmup_epochs=2", epochs=3))
+    assert [m["kl_weight"] for m in result.metrics] == [0.5, 1.0, 1.0]
+
+
+def test_meanfield_warns_when_the_prior_has_no_closed_form_kl():
+    assert has_closed_form_kl(build_vae()[2])
+    assert not has_closed_form_kl(build_vae("prior.name=student-t")[2])
+    with pytest.warns(UserWarning, match="no closed-form KL .* prior 'student-t'"):
+        train(small_config("train.elbo=meanfield", "prior.name=student-t"))
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_absurd_learning_rate_stops_with_the_offending_sites_named():
+    with pytest.raises(NonFiniteError) as err:
+        train(small_config("train.lr=1e30", epochs=2))
+    msg = str(err.value)
+    assert "non-finite loss or gradient" in msg and "No update was applied" in msg
+    assert "site 'x'" in msg or "gradient of" in msg
+
+
+def test_cuda_without_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="no CUDA device is available.*allowed here: auto, cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
