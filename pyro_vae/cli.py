@@ -15,7 +15,6 @@ import argparse
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 
 from . import checkpoint as ckpt_io
@@ -142,7 +141,6 @@ def cmd_sample(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    warnings.simplefilter("default")
     try:
         return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
     except BAD_INPUT as err:

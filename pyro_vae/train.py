@@ -194,6 +194,8 @@ def train(
     if resume is not None:
         ckpt_io.load_state(vae, resume["model"], "checkpoint")
         optimizer.load_state_dict(resume["optimizer"])
+        for group in optimizer.param_groups:  # a forced config change of train.lr applies
+            group["lr"] = tc.lr
         metrics = list(resume["metrics"])
         start_epoch, step = resume["epoch"], resume["step"]
         start_step = resume.get("step_in_epoch", 0)

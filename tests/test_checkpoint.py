@@ -1,0 +1,143 @@
+"""Faults injected for real: signals, a writer killed mid-write, corrupted files, NaNs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from pyro_vae import checkpoint as ckpt_io
+from pyro_vae.cli import main
+from pyro_vae.runs import load_run
+
+ARGS = ["--set", "data.subset=1000", "--set", "train.batch_size=16", "--set", "model.hidden=[32]",
+        "--set", "model.latent_dim=2", "--set", "train.epochs=8"]
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "pyro_vae.cli", *args]
+
+
+def _metrics(run):
+    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
+            for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
+    full = subprocess.run(_cli("train", "--quiet", *ARGS, "--runs-dir", str(tmp_path), "--name", "full"),
+                          capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    proc = subprocess.Popen(_cli("train", "--quiet", *ARGS, "--runs-dir", str(tmp_path), "--name", "cut"),
+                            stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "interrupted" in err and "--resume" in err
+    saved = ckpt_io.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert 2 <= saved["epoch"] < 8
+    resumed = subprocess.run(_cli("train", "--quiet", "--resume", str(tmp_path / "cut")),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a = ckpt_io.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = ckpt_io.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
+    assert a["step"] == b["step"]
+
+
+def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):
+    small = ["--quiet", "--set", "data.subset=200", "--set", "model.hidden=[16]",
+             "--set", "train.epochs=1", "--runs-dir", str(tmp_path), "--name", "r"]
+    assert main(["train", *small]) == 0
+    run = str(tmp_path / "r")
+    assert main(["train", "--quiet", "--resume", run, "--set", "train.lr=0.01"]) == 2
+    assert "changed config (train.lr); drop those overrides, or pass --force" in capsys.readouterr().err
+    assert main(["train", "--quiet", "--resume", run, "--set", "train.epochs=2", "--force"]) == 0
+    assert len(_metrics(tmp_path / "r")) == 2
+
+
+@pytest.fixture()
+def trained_run(tmp_path):
+    assert main(["train", "--quiet", "--set", "data.subset=200", "--set", "model.hidden=[16]",
+                 "--set", "train.epochs=1", "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    return tmp_path / "r"
+
+
+def test_writer_killed_mid_write_leaves_the_previous_checkpoint_loadable(trained_run):
+    path = trained_run / "checkpoint.pt"
+    before = ckpt_io.load_checkpoint(path)
+    script = textwrap.dedent(f"""
+        import os, torch
+        from pyro_vae.checkpoint import atomic_write
+        payload = {{"junk": torch.randn(100000)}}
+        def write(f):
+            import io
+            buf = io.BytesIO(); torch.save(payload, buf); data = buf.getvalue()
+            f.write(data[: len(data) // 2]); f.flush()
+            os._exit(9)  # die with half the bytes written
+        atomic_write({str(path)!r}, write)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 9
+    after = ckpt_io.load_checkpoint(path)
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_truncated_or_foreign_checkpoints_are_named(trained_run, tmp_path):
+    data = (trained_run / "checkpoint.pt").read_bytes()
+    bad = tmp_path / "half.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt_io.CheckpointError, match="half.pt' is truncated or corrupted"):
+        ckpt_io.load_checkpoint(bad)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ckpt_io.CheckpointError, match="not a pyro_vae checkpoint .missing: format"):
+        ckpt_io.load_checkpoint(tmp_path / "other.pt")
+
+
+def test_checkpoint_from_another_architecture_lists_the_misfits(trained_run):
+    ckpt = ckpt_io.load_checkpoint(trained_run / "checkpoint.pt")
+    ckpt["config"]["model"]["hidden"] = [24]
+    ckpt_io.save_checkpoint(trained_run / "checkpoint.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    with pytest.raises(ckpt_io.CheckpointError,
+                       match=r"different architecture: encoder.net.0.weight: checkpoint \[16, 784\] vs model \[24, 784\]"):
+        load_run(trained_run)
+
+
+def test_run_dir_with_missing_files_is_named(trained_run, capsys):
+    (trained_run / "metrics.jsonl").unlink()
+    assert main(["sample", str(trained_run)]) == 2
+    assert "is incomplete: missing metrics.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_nan_stops_training_and_keeps_the_last_checkpoint(trained_run, capsys):
+    before = ckpt_io.load_checkpoint(trained_run / "checkpoint.pt")
+    code = main(["train", "--quiet", "--resume", str(trained_run), "--force",
+                 "--set", "train.lr=1e30", "--set", "train.epochs=3"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "non-finite loss or gradient" in err and "site" in err
+    after = ckpt_io.load_checkpoint(trained_run / "checkpoint.pt")
+    assert after["epoch"] == before["epoch"] == 1
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+
+
+def test_load_run_round_trips_the_test_elbo(trained_run):
+    from pyro_vae.evaluate import elbo
+
+    run = load_run(trained_run)
+    last = run.metrics[-1]
+    value = elbo(run.vae, run.dataset.x_test, seed=run.config.train.seed,
+                 batch_size=run.config.train.eval_batch_size)
+    assert value == pytest.approx(last["test_elbo"], abs=1e-4)
+    assert run.posterior(run.dataset.x_test[:5]).batch_shape == (5,)
+    assert run.sample(3).shape == (3, 784)
