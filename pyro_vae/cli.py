@@ -3,6 +3,7 @@
     pyro-vae train [--config F] [--set section.key=value ...] [--name N] [--runs-dir D]
                    [--quiet] [--resume RUN [--force]]
     pyro-vae sample RUN [--n 64] [--label L] [--out FILE]
+    pyro-vae evaluate RUN [--k 1000] [--batch-size 100]
 
 The only place that prints. Bad input exits with status 2 and one line naming the field,
 the value and what is allowed; SIGINT/SIGTERM during training write a checkpoint and
@@ -12,6 +13,7 @@ exit with 130/143.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from . import checkpoint as ckpt_io
 from .config import ConfigError, diff, from_dict, load_config
 from .data import DataError
+from .evaluate import evaluate_model
 from .inspection import image_grid, reconstructions_figure, samples_figure, save_figure, scatter
 from .runs import RunError, check_run_dir, load_run
 from .train import Interrupted, NonFiniteError, train
@@ -46,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--label", type=int, help="class to generate (conditional runs)")
     s.add_argument("--out", help="output PNG (default RUN/samples[_label<L>].png)")
+
+    e = sub.add_parser("evaluate", help="ELBO, importance-weighted log p(x), active units, PSIS k-hat")
+    e.add_argument("run")
+    e.add_argument("--k", type=int, default=1000, help="importance samples per test point")
+    e.add_argument("--batch-size", type=int, default=100, help="test points per batch")
+    e.add_argument("--device", default="cpu", help="auto | cpu | cuda")
     return p
 
 
@@ -139,10 +148,38 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    for flag, value in (("--k", args.k), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} = {value}: must be >= 1")
+    run = load_run(args.run, device=args.device)
+    ds = run.dataset
+    result = evaluate_model(run.vae, ds.x_test, ds.y_test if run.vae.num_classes else None,
+                            k=args.k, batch_size=args.batch_size, seed=run.config.train.seed)
+    out = run.path / "eval.json"
+    ckpt_io.atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
+    rows = [
+        ("test points", f"{result['n']}"),
+        ("ELBO (nats)", f"{result['elbo']:.2f}"),
+        ("  reconstruction E_q[log p(x|z)]", f"{result['reconstruction']:.2f}"),
+        ("  KL(q(z|x) || p(z))", f"{result['kl']:.2f}"),
+        ("ELBO (bits/dim)", f"{result['elbo_bits_per_dim']:.4f}"),
+        (f"log p(x), IW K={result['k']} (nats)",
+         f"{result['iw_log_likelihood']:.2f} +- {result['iw_log_likelihood_se']:.2f}"),
+        ("log p(x) (bits/dim)", f"{result['iw_bits_per_dim']:.4f}"),
+        ("active units (Cov > 0.01)", f"{result['active_units']} / {result['latent_dim']}"),
+        ("PSIS k-hat > 0.7 (share)", f"{result['khat_share_above_0.7']:.3f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sample": cmd_sample}[args.command](args)
+        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.command](args)
     except BAD_INPUT as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2

@@ -80,17 +80,98 @@ def elbo(vae: VAE, x, y=None, k: int = 1, batch_size: int = 1000, seed: int | No
 
 
 @torch.no_grad()
+def all_log_weights(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100) -> torch.Tensor:
+    """log w for K draws per data point ``[K, B]``, drawn ``chunk`` at a time so the decoder
+    never sees more than ``chunk * B`` latent samples at once."""
+    parts = [log_weights(vae, x, y, min(chunk, k - start)).log_w for start in range(0, k, chunk)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
 def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
                       batch_size: int = 100, seed: int | None = 0) -> torch.Tensor:
     """Importance-weighted estimate of log p(x) per data point ``[N]``:
-    log (1/K) sum_k w_k, accumulated over chunks of draws with a streaming logsumexp, so
-    memory is O(chunk * B) for any K."""
+    log (1/K) sum_k w_k, with memory bounded by ``chunk * batch_size`` draws for any K."""
     out = []
     with seeded(seed, x.device):
         for xb, yb in _batches(x, y, batch_size):
-            acc = torch.full((xb.shape[0],), -math.inf, device=x.device)
-            for start in range(0, k, chunk):
-                lw = log_weights(vae, xb, yb, min(chunk, k - start)).log_w  # (k', B)
-                acc = torch.logaddexp(acc, lw.logsumexp(0))
-            out.append(acc - math.log(k))
+            out.append(all_log_weights(vae, xb, yb, k, chunk).logsumexp(0) - math.log(k))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def posterior_means(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor:
+    """E_q[z | x] for every data point ``[N, D]``."""
+    return torch.cat([vae.posterior(xb, vae.onehot(yb)).mean for xb, yb in _batches(x, y, batch_size)])
+
+
+def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
+    """Burda et al. (2015): dimension d is active when Cov_x(E_q[z_d | x]) > threshold.
+    ``means`` ``[N, D]``; returns (count, per-dimension variances ``[D]``)."""
+    var = means.var(0)
+    return int((var > threshold).sum()), var
+
+
+@torch.no_grad()
+def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor | None:
+    """Mean over data of KL(q(z_d | x) || p(z_d)) per dimension ``[D]``, in closed form;
+    None when the prior does not factorise over dimensions with a known KL."""
+    prior = vae.prior_dist()
+    base = getattr(prior, "base_dist", None)
+    if base is None:
+        return None
+    total = torch.zeros(vae.latent_dim, device=x.device)
+    try:
+        for xb, yb in _batches(x, y, batch_size):
+            q = vae.posterior(xb, vae.onehot(yb)).base_dist  # batch [B, D]
+            total += torch.distributions.kl_divergence(q, base.expand(q.batch_shape)).sum(0)
+    except NotImplementedError:
+        return None
+    return total / x.shape[0]
+
+
+def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
+    """Pareto-smoothed importance sampling k-hat per data point from log weights ``[K, B]``
+    (ArviZ's ``psislw``); k-hat > 0.7 says q(z|x) is an unreliable proposal for that x."""
+    import arviz as az
+    import numpy as np
+
+    _, khat = az.psislw(np.ascontiguousarray(log_w.detach().T.double().cpu().numpy()))
+    return torch.as_tensor(np.asarray(khat))
+
+
+def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, chunk: int = 100,
+                   seed: int = 0) -> dict:
+    """Every evaluation number for data ``x`` ``[N, X]`` (nats per data point unless named):
+    ELBO with its reconstruction and KL terms (1 draw), importance-weighted log p(x) with K
+    draws (mean and standard error over data points), bits per dimension, KL per dimension,
+    active units and the share of data points with PSIS k-hat > 0.7."""
+    rec, kl = elbo_terms(vae, x, y, k=1, batch_size=batch_size, seed=seed)
+    iw, khat = [], []
+    with seeded(seed, x.device):
+        for xb, yb in _batches(x, y, batch_size):
+            lw = all_log_weights(vae, xb, yb, k, chunk)  # (K, B)
+            iw.append(lw.logsumexp(0) - math.log(k))
+            khat.append(psis_khat(lw))
+    iw, khat = torch.cat(iw), torch.cat(khat)
+    n, bits = x.shape[0], x.shape[1] * math.log(2)
+    count, variances = active_units(posterior_means(vae, x, y))
+    per_dim = kl_per_dimension(vae, x, y)
+    elbo_value = (rec - kl).mean().item()
+    return {
+        "n": n,
+        "k": k,
+        "elbo": elbo_value,
+        "elbo_bits_per_dim": -elbo_value / bits,
+        "reconstruction": rec.mean().item(),
+        "kl": kl.mean().item(),
+        "iw_log_likelihood": iw.mean().item(),
+        "iw_log_likelihood_se": (iw.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
+        "iw_bits_per_dim": -iw.mean().item() / bits,
+        "active_units": count,
+        "latent_dim": vae.latent_dim,
+        "posterior_mean_variance": variances.tolist(),
+        "kl_per_dimension": None if per_dim is None else per_dim.tolist(),
+        "khat_share_above_0.7": (khat > 0.7).float().mean().item(),
+        "khat_mean": khat.mean().item(),
+    }

@@ -1,9 +1,12 @@
+import json
 import math
 
+import pytest
 import torch
 
-from pyro_vae.evaluate import elbo, elbo_terms, iw_log_likelihood, log_weights
-from pyro_vae.toys import linear_gaussian_evidence
+from pyro_vae.evaluate import (active_units, all_log_weights, elbo, elbo_terms, iw_log_likelihood,
+                               kl_per_dimension, log_weights, posterior_means, psis_khat)
+from pyro_vae.toys import linear_gaussian_evidence, linear_gaussian_posterior
 
 from conftest import build_vae
 from test_model import linear_setup
@@ -46,3 +49,57 @@ def test_elbo_terms_are_seeded_and_split_into_reconstruction_minus_kl():
     assert torch.equal(rec, rec2) and torch.equal(kl, kl2)
     assert elbo(vae, x, k=4, seed=5) == (rec - kl).mean().item()
     assert (rec <= 0).all()  # log of a probability mass (Bernoulli on binary x)
+
+
+def test_active_units_count_collapsed_and_informative_encoders():
+    cfg, ds, vae = build_vae()
+    x = ds.x_test[:200]
+    last = vae.encoder.net[-1]
+    with torch.no_grad():  # collapsed: q(z|x) = N(0, 1) = p(z) for every x
+        last.weight.zero_()
+        last.bias.copy_(torch.cat([torch.zeros(4), torch.full((4,), 0.5413)]))  # softplus^-1(1)
+    means = posterior_means(vae, x)
+    assert active_units(means)[0] == 0
+    assert kl_per_dimension(vae, x).abs().max() < 1e-3
+    with torch.no_grad():  # informative: each z_d reads a different block of pixels
+        last.weight.zero_()
+        for d in range(4):
+            vae.encoder.net[0].weight[d].zero_()
+            vae.encoder.net[0].weight[d, 196 * d : 196 * (d + 1)] = 1.0
+            last.weight[d, d] = 1.0
+    assert active_units(posterior_means(vae, x))[0] == 4
+
+
+def test_kl_per_dimension_sums_to_the_closed_form_kl():
+    cfg, ds, vae = build_vae()
+    x = ds.x_test[:64]
+    q = vae.posterior(x)
+    total = torch.distributions.kl_divergence(q, vae.prior_dist().expand([64])).mean()
+    assert kl_per_dimension(vae, x).sum().item() == pytest.approx(total.item(), rel=1e-5)
+    assert kl_per_dimension(build_vae("prior.name=mixture")[2], x) is None
+
+
+def test_psis_khat_is_small_for_the_exact_posterior_and_flags_a_poor_proposal():
+    vae, ds, params = linear_setup()
+    x = ds.x_test[:20]
+    good = all_log_weights(vae, x, k=2000)  # encoder untrained: poor proposal
+    exact = linear_gaussian_evidence(params).log_prob(x)
+    q = linear_gaussian_posterior(params, x)
+    z = q.sample((2000,))  # (K, B, D)
+    lw_exact = (vae.likelihood_dist(z).log_prob(x) + vae.prior_dist().log_prob(z) - q.log_prob(z))
+    assert torch.allclose(lw_exact, exact.expand_as(lw_exact), atol=1e-3)
+    assert (psis_khat(lw_exact + 1e-6 * torch.randn_like(lw_exact)) < 0.5).all()
+    assert (psis_khat(good) > 0.7).float().mean() > 0.5
+
+
+def test_evaluate_cli_writes_eval_json(tmp_path, capsys):
+    from pyro_vae.cli import main
+
+    assert main(["train", "--quiet", "--set", "data.subset=200", "--set", "model.hidden=[16]",
+                 "--set", "train.epochs=1", "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    assert main(["evaluate", str(tmp_path / "r"), "--k", "50", "--batch-size", "250"]) == 0
+    out = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert out["iw_log_likelihood"] >= out["elbo"] - 0.5 and out["k"] == 50 and out["n"] == 1000
+    assert 0 <= out["active_units"] <= 50 and len(out["kl_per_dimension"]) == 50
+    assert "log p(x), IW K=50" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "r"), "--k", "0"]) == 2
