@@ -131,7 +131,10 @@ def cmd_sample(args) -> int:
     if args.n < 1:
         raise ConfigError(f"--n = {args.n}: must be >= 1")
     run = load_run(args.run)
-    if args.label is not None and run.vae.num_classes and not 0 <= args.label < run.vae.num_classes:
+    if args.label is not None and not run.vae.num_classes:
+        raise ConfigError(f"--label = {args.label}: run {args.run!r} is not conditional "
+                          "(model.conditional = false); drop --label")
+    if args.label is not None and not 0 <= args.label < run.vae.num_classes:
         raise ConfigError(
             f"--label = {args.label}: out of range; allowed 0..{run.vae.num_classes - 1}"
         )

@@ -81,3 +81,8 @@ def test_sample_writes_grids_and_checks_labels(tmp_path, capsys):
     assert "--label = 10: out of range; allowed 0..9" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing")]) == 2
     assert "run directory" in capsys.readouterr().err
+    assert main(["train", "--quiet", *SMALL, "--runs-dir", str(tmp_path), "--name", "u"]) == 0
+    assert main(["sample", str(tmp_path / "u"), "--n", "9", "--out", str(tmp_path / "u.png")]) == 0
+    assert (tmp_path / "u.png").stat().st_size > 0
+    assert main(["sample", str(tmp_path / "u"), "--label", "2"]) == 2
+    assert "--label = 2: run" in capsys.readouterr().err
