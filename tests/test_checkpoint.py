@@ -141,3 +141,29 @@ def test_load_run_round_trips_the_test_elbo(trained_run):
     assert value == pytest.approx(last["test_elbo"], abs=1e-4)
     assert run.posterior(run.dataset.x_test[:5]).batch_shape == (5,)
     assert run.sample(3).shape == (3, 784)
+
+
+def test_data_of_another_shape_than_the_run_is_refused(trained_run):
+    ckpt = ckpt_io.load_checkpoint(trained_run / "checkpoint.pt")
+    ckpt["config"]["data"].update(name="ring", binarize="none")
+    ckpt_io.save_checkpoint(trained_run / "checkpoint.pt", {k: v for k, v in ckpt.items() if k != "format"})
+    with pytest.raises(ckpt_io.CheckpointError, match="trained on data with 784 values per point; "
+                                                       "data set 'ring' now gives 2"):
+        load_run(trained_run)
+
+
+def test_nan_in_data_is_refused_on_load():
+    from pyro_vae.config import DataConfig
+    from pyro_vae.data import DATASETS, DataError, load_dataset, ring
+
+    def poisoned(cfg):
+        ds = ring(cfg)
+        ds.x_train[3, 1] = float("nan")
+        return ds
+
+    DATASETS["poisoned"] = poisoned
+    try:
+        with pytest.raises(DataError, match="'ring': x_train contains NaN or infinite values"):
+            load_dataset(DataConfig(name="poisoned", binarize="none"))
+    finally:
+        DATASETS.pop("poisoned")
