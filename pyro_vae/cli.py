@@ -101,16 +101,18 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.set)
         run_dir = _run_dir(args)
     stop = _StopFlag()
+    def report(m: dict) -> None:
+        if not args.quiet:
+            print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
+                  f"test ELBO {m['test_elbo']:9.2f}  ({m['seconds']:.1f} s)", flush=True)
+
     try:
-        result = train(cfg, run_dir, progress=not args.quiet, resume=resume, should_stop=stop)
+        result = train(cfg, run_dir, progress=not args.quiet, resume=resume, should_stop=stop,
+                       on_epoch=report)
     except Interrupted as err:
         print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "
               f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
         return 128 + stop.signum
-    if not args.quiet:
-        for m in result.metrics:
-            print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
-                  f"test ELBO {m['test_elbo']:9.2f}  ({m['seconds']:.1f} s)")
     ds = result.dataset
     y = ds.y_test if result.vae.num_classes else None
     save_figure(reconstructions_figure(result.vae, ds.x_test, y, ds.image_shape),

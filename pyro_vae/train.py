@@ -152,6 +152,7 @@ def train(
     progress: bool = False,
     resume: dict | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    on_epoch: Callable[[dict], None] = lambda metrics: None,
 ) -> TrainResult:
     """Train ``cfg`` from scratch, or from the checkpoint dict ``resume``.
 
@@ -160,6 +161,7 @@ def train(
     ``should_stop()`` turns true the current step finishes, a checkpoint is written and
     :class:`Interrupted` is raised. A non-finite loss or gradient raises
     :class:`NonFiniteError` before the optimizer step, so parameters stay finite.
+    ``on_epoch(metrics)`` is called with each epoch's metrics dict as it is recorded.
     """
     tc = cfg.train
     device = resolve_device(tc.device)
@@ -267,6 +269,7 @@ def train(
             "kl_weight": weight,
             "seconds": seconds,
         })
+        on_epoch(metrics[-1])
         start_step, epoch_loss, epoch_seconds = 0, 0.0, 0.0
         if run_dir is not None:
             _write_metrics(run_dir, metrics)
