@@ -59,12 +59,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 class _StopFlag:
-    """Set by SIGINT/SIGTERM; training polls it after every step."""
+    """Within ``with``: SIGINT/SIGTERM set the flag (training polls it after every step);
+    the previous handlers come back on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.signum = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+
+    def __enter__(self):
+        self._previous = [signal.signal(sig, self._handle) for sig in self.SIGNALS]
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in zip(self.SIGNALS, self._previous):
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         self.signum = signum
@@ -100,15 +109,15 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = _run_dir(args)
-    stop = _StopFlag()
     def report(m: dict) -> None:
         if not args.quiet:
             print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
                   f"test ELBO {m['test_elbo']:9.2f}  ({m['seconds']:.1f} s)", flush=True)
 
     try:
-        result = train(cfg, run_dir, progress=not args.quiet, resume=resume, should_stop=stop,
-                       on_epoch=report)
+        with _StopFlag() as stop:
+            result = train(cfg, run_dir, progress=not args.quiet, resume=resume,
+                           should_stop=stop, on_epoch=report)
     except Interrupted as err:
         print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "
               f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)

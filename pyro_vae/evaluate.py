@@ -87,6 +87,11 @@ def all_log_weights(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100) -> tor
     return torch.cat(parts)
 
 
+def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
+    """The importance-weighted bound log (1/K) sum_k w_k from log weights ``[K, B]`` -> ``[B]``."""
+    return log_w.logsumexp(0) - math.log(log_w.shape[0])
+
+
 @torch.no_grad()
 def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
                       batch_size: int = 100, seed: int | None = 0) -> torch.Tensor:
@@ -95,7 +100,7 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
     out = []
     with seeded(seed, x.device):
         for xb, yb in _batches(x, y, batch_size):
-            out.append(all_log_weights(vae, xb, yb, k, chunk).logsumexp(0) - math.log(k))
+            out.append(iw_bound(all_log_weights(vae, xb, yb, k, chunk)))
     return torch.cat(out)
 
 
@@ -151,7 +156,7 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     with seeded(seed, x.device):
         for xb, yb in _batches(x, y, batch_size):
             lw = all_log_weights(vae, xb, yb, k, chunk)  # (K, B)
-            iw.append(lw.logsumexp(0) - math.log(k))
+            iw.append(iw_bound(lw))
             khat.append(psis_khat(lw))
     iw, khat = torch.cat(iw), torch.cat(khat)
     n, bits = x.shape[0], x.shape[1] * math.log(2)
