@@ -86,3 +86,30 @@ def test_cuda_without_gpu_is_refused():
     with pytest.raises(ConfigError, match="no CUDA device is available.*allowed here: auto, cpu"):
         resolve_device("cuda")
     assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_one_training_step_equals_pyro_infer_svi_step():
+    """The trainer's update (differentiable_loss + one torch Adam) is pyro.infer.SVI's."""
+    from pyro.infer import SVI
+    from pyro.optim import Adam
+
+    from pyro_vae.model import registered
+
+    cfg, ds, vae = build_vae()
+    cfg2, _, vae2 = build_vae()
+    vae2.load_state_dict(vae.state_dict())
+    initial = {k: v.clone() for k, v in vae.state_dict().items()}
+    x = ds.x_test[:32]
+    svi = SVI(registered(vae.model, vae), registered(vae.guide, vae), Adam({"lr": 1e-2}),
+              Trace_ELBO(max_plate_nesting=1))
+    pyro.set_rng_seed(3)
+    svi_loss = svi.step(x)
+    opt = torch.optim.Adam(vae2.parameters(), lr=1e-2)
+    pyro.set_rng_seed(3)
+    loss = Trace_ELBO(max_plate_nesting=1).differentiable_loss(vae2.model, vae2.guide, x)
+    loss.backward()
+    opt.step()
+    assert loss.item() == pytest.approx(svi_loss, rel=1e-6)
+    for a, b in zip(vae.parameters(), vae2.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert not torch.equal(vae.state_dict()["encoder.net.0.weight"], initial["encoder.net.0.weight"])
