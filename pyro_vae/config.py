@@ -27,13 +27,13 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
-def _spec(default, *, choices=None, low=None, high=None, low_open=False, doc=""):
+def _spec(default, *, choices=None, low=None, low_open=False, doc=""):
     """A dataclass field with validation metadata.
 
     ``choices`` is a tuple of names or ``"module:ATTR"`` naming a registry dict.
-    ``low``/``high`` bound numbers (``low_open`` makes the lower bound strict).
+    ``low`` bounds numbers from below (``low_open`` makes the bound strict).
     """
-    meta = dict(choices=choices, low=low, high=high, low_open=low_open, doc=doc)
+    meta = dict(choices=choices, low=low, low_open=low_open, doc=doc)
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)

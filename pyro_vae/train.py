@@ -36,7 +36,7 @@ from .config import Config, ConfigError, TrainConfig, config_hash, dumps, to_dic
 from .data import Dataset, epoch_inputs, load_dataset
 from .evaluate import elbo_terms
 from .likelihoods import check_data
-from .model import LATENT, VAE, registered
+from .model import VAE, registered
 
 
 def _particles(cfg: TrainConfig) -> dict:

@@ -1,5 +1,6 @@
 """Shared test setup: Pyro validation on, param store cleared, one seed per test."""
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -31,3 +32,20 @@ def build_vae(*overrides, subset=200):
     cfg = small_config(*overrides, subset=subset)
     ds = load_dataset(cfg.data)
     return cfg, ds, VAE(cfg, ds.x_dim, ds.num_classes)
+
+
+def write_idx(path, array):
+    """Write a uint8 array as an (uncompressed) IDX file, the format of MNIST's files."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_torchvision_set(root, folder, n_train, n_test, seed=0):
+    """Random 28x28 images and labels in torchvision's layout ``root/folder/raw/``."""
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    return raw

@@ -1,7 +1,6 @@
 """Faults injected for real: signals, a writer killed mid-write, corrupted files, NaNs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pyro_vae.config import DataConfig
+from conftest import write_torchvision_set
 from pyro_vae.data import (DataError, epoch_inputs, linear_gaussian_params, load_dataset,
                            read_idx)
 
@@ -64,20 +65,10 @@ def test_binarizing_real_data_is_refused():
         load_dataset(DataConfig(name="ring", binarize="dynamic"))
 
 
-def _write_idx(path, array):
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    path.write_bytes(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST"),
                                           ("kmnist", "KMNIST")])
 def test_torchvision_sets_load_from_idx_files_in_torchvision_layout(tmp_path, name, folder):
-    raw = tmp_path / folder / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("t10k", 5)):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
+    raw = write_torchvision_set(tmp_path, folder, n_train=12, n_test=5)
     ds = load_dataset(DataConfig(name=name, root=str(tmp_path), binarize="none"))
     assert ds.x_train.shape == (12, 784) and ds.x_test.shape == (5, 784)
     expected = read_idx(raw / "t10k-images-idx3-ubyte").reshape(5, -1) / 255.0

@@ -4,7 +4,6 @@ import math
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
@@ -17,8 +16,7 @@ from pyro_vae.model import LATENT, OBS, VAE
 from pyro_vae.priors import PRIORS, Prior, register_prior
 from pyro_vae.train import train
 
-from conftest import small_config
-from test_data import _write_idx
+from conftest import small_config, write_torchvision_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,15 +191,6 @@ def test_conv_networks_train_on_28x28_and_refuse_other_shapes():
                            "likelihood.name=gaussian"))
 
 
-def _tiny_fashion(root):
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 64), ("t10k", 16)):
-        _write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
-        _write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
-
-
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_every_bundled_config_validates_and_trains_a_few_steps(path, tmp_path):
     tree = tomllib.loads(path.read_text())
@@ -210,7 +199,7 @@ def test_every_bundled_config_validates_and_trains_a_few_steps(path, tmp_path):
     if name in ("mnist-10k",):
         extra.append("data.subset=128")
     elif name == "fashion-mnist":  # no download here: tiny files in torchvision's layout
-        _tiny_fashion(tmp_path)
+        write_torchvision_set(tmp_path, "FashionMNIST", n_train=64, n_test=16)
         extra.append(f"data.root='{tmp_path}'")
     else:
         extra.append("data.size=300")
