@@ -46,10 +46,12 @@ def seeded(seed: int | None, device: torch.device | str = "cpu"):
 
 
 @torch.no_grad()
-def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1) -> LogWeights:
-    """K reparameterized draws z_k ~ q(z|x) for x ``[B, X]``; returns the terms ``[K, B]``."""
+def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1,
+                q=None) -> LogWeights:
+    """K draws z_k ~ q(z|x) for x ``[B, X]``; returns the terms ``[K, B]``. ``q`` (batch
+    [B], event [D]) replaces the amortized guide as the proposal when given."""
     y1h = vae.onehot(y)
-    q = vae.posterior(x, y1h)  # batch [B], event [D]
+    q = vae.posterior(x, y1h) if q is None else q  # batch [B], event [D]
     z = q.rsample((k,))  # (K, B, D)
     log_lik = vae.likelihood_dist(z, y1h).log_prob(x)  # (K, B)
     return LogWeights(log_lik, vae.prior_dist().log_prob(z), q.log_prob(z))
@@ -80,10 +82,10 @@ def elbo(vae: VAE, x, y=None, k: int = 1, batch_size: int = 1000, seed: int | No
 
 
 @torch.no_grad()
-def all_log_weights(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100) -> torch.Tensor:
+def all_log_weights(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100, q=None) -> torch.Tensor:
     """log w for K draws per data point ``[K, B]``, drawn ``chunk`` at a time so the decoder
-    never sees more than ``chunk * B`` latent samples at once."""
-    parts = [log_weights(vae, x, y, min(chunk, k - start)).log_w for start in range(0, k, chunk)]
+    never sees more than ``chunk * B`` latent samples at once (proposal ``q`` as above)."""
+    parts = [log_weights(vae, x, y, min(chunk, k - start), q).log_w for start in range(0, k, chunk)]
     return torch.cat(parts)
 
 
