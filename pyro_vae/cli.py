@@ -4,6 +4,7 @@
                    [--quiet] [--resume RUN [--force]]
     pyro-vae sample RUN [--n 64] [--label L] [--out FILE]
     pyro-vae evaluate RUN [--k 1000] [--batch-size 100]
+    pyro-vae compare --setting linear-gaussian|ring|run [--run RUN] [--points N] [--out DIR]
 
 The only place that prints. Bad input exits with status 2 and one line naming the field,
 the value and what is allowed; SIGINT/SIGTERM during training write a checkpoint and
@@ -55,6 +56,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=1000, help="importance samples per test point")
     e.add_argument("--batch-size", type=int, default=100, help="test points per batch")
     e.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+
+    c = sub.add_parser("compare", help="amortized guide vs per-point Gaussians vs NUTS (vs exact)")
+    c.add_argument("--setting", required=True, choices=["linear-gaussian", "ring", "run"])
+    c.add_argument("--run", help="run directory (with --setting run)")
+    c.add_argument("--points", type=int, default=5, help="data points to compare on")
+    c.add_argument("--out", help="output folder (default: compare-<setting>, or RUN/compare)")
+    c.add_argument("--chains", type=int, default=4)
+    c.add_argument("--warmup", type=int, default=500)
+    c.add_argument("--draws", type=int, default=1000)
+    c.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")
+    c.add_argument("--iw-k", type=int, default=5000, help="draws for the IW log p(x) estimate")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -190,10 +204,38 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .mcmc import compare, run_setting, toy_setting, write_comparison
+
+    for flag, value, low in (("--points", args.points, 1), ("--chains", args.chains, 2),
+                             ("--warmup", args.warmup, 1), ("--draws", args.draws, 10),
+                             ("--iw-k", args.iw_k, 1)):
+        if value < low:
+            raise ConfigError(f"{flag} = {value}: must be >= {low}")
+    if args.setting == "run":
+        if not args.run:
+            raise ConfigError("--setting run needs --run RUN (a trained run directory)")
+        run = load_run(args.run)
+        setting = run_setting(run, args.points)
+        out = Path(args.out or run.path / "compare")
+    else:
+        if args.run:
+            raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
+        setting = toy_setting(args.setting, args.points, args.seed)
+        out = Path(args.out or f"compare-{args.setting}")
+    result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
+                     iw_k=args.iw_k, seed=args.seed, progress=not args.quiet)
+    written = write_comparison(result, out)
+    print((out / "report.md").read_text())
+    print(f"wrote {', '.join(p.name for p in written)} to {out}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate}[args.command](args)
+        return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
+                "compare": cmd_compare}[args.command](args)
     except BAD_INPUT as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2

@@ -89,3 +89,56 @@ def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- posteriors
+
+APPROX_COLOURS = {"amortized": "tab:red", "gaussian-diag": "tab:orange",
+                  "gaussian-full": "tab:green", "exact": "black"}
+
+
+def marginal_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
+    """Histogram of reference draws ``[S]`` (NUTS) with Gaussian marginal densities
+    ``gaussians: name -> (mean, std)`` drawn over it; returns the Axes."""
+    import numpy as np
+
+    ax = ax or plt.figure(figsize=(4, 3)).gca()
+    d = draws.detach().cpu().numpy()
+    ax.hist(d, bins=60, density=True, color="tab:blue", alpha=0.35, label="NUTS")
+    lo, hi = np.percentile(d, [0.1, 99.9])
+    pad = 0.3 * (hi - lo)
+    grid = np.linspace(lo - pad, hi + pad, 400)
+    for name, (mean, std) in gaussians.items():
+        pdf = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
+        ax.plot(grid, pdf, color=APPROX_COLOURS.get(name), label=name,
+                ls="--" if name == "exact" else "-")
+    ax.set_xlabel("z")
+    ax.set_ylabel("density")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax
+
+
+def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
+    """NUTS draws ``[S, 2]`` as a cloud with the 1- and 2-sigma ellipses of Gaussians
+    ``gaussians: name -> (mean [2], covariance [2, 2])``; returns the Axes."""
+    import numpy as np
+
+    ax = ax or plt.figure(figsize=(4, 4)).gca()
+    d = draws.detach().cpu().numpy()
+    ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.25, color="tab:blue", label="NUTS")
+    t = np.linspace(0, 2 * np.pi, 200)
+    circle = np.stack([np.cos(t), np.sin(t)])  # (2, T)
+    for name, (mean, cov) in gaussians.items():
+        chol = np.linalg.cholesky(np.asarray(cov, dtype=float))
+        for k, ls in ((1, "-"), (2, ":")):
+            e = np.asarray(mean)[:, None] + k * chol @ circle
+            ax.plot(e[0], e[1], color=APPROX_COLOURS.get(name), ls=ls,
+                    label=name if k == 1 else None)
+    ax.set_xlabel("z[0]")
+    ax.set_ylabel("z[1]")
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=7)
+    return ax

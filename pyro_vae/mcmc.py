@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import arviz as az
@@ -138,8 +139,8 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
         opt.step()
         sched.step()
     seconds = (time.perf_counter() - t0) / n
-    with torch.no_grad():
-        return q(), seconds
+    loc, raw, off = loc.detach(), raw.detach(), off.detach()  # q() reads the rebound names
+    return q(), seconds
 
 
 class NutsResult(NamedTuple):
@@ -289,3 +290,107 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         "methods": methods, "gaps": gaps,
         "_objects": {"q": qs, "nuts": nuts, "exact": setting.exact},
     }
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _mean(values) -> float:
+    return float(sum(values) / len(values))
+
+
+def report_markdown(r: dict) -> str:
+    """The report: NUTS gates first, then accuracy, gaps and cost tables."""
+    n = r["nuts"]
+    status = "PASSED" if n["passed"] else "FAILED"
+    lines = [
+        f"# VI versus MCMC: {r['setting']}",
+        "",
+        f"**NUTS health gates {status}**: max R-hat {n['max_rhat']:.4f} (<= {n['thresholds']['rhat']}), "
+        f"min bulk ESS {n['min_ess_bulk']:.0f} (>= {n['thresholds']['ess_bulk']:.0f}), "
+        f"{n['divergences']} divergences; {n['chains']} chains x {n['draws']} draws "
+        f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s {n['min_ess_bulk_per_second']:.0f}.",
+        "",
+        f"{r['points']} data points, latent dimension {r['latent_dim']}, reference: {r['reference']}. "
+        "Means over points; errors in units of the reference posterior std.",
+        "",
+        "| approximation | mean error | std ratio | energy dist. to NUTS | 90% coverage of NUTS |"
+        + (" KL to exact |" if "kl_to_exact" in r["methods"]["amortized"] else "")
+        + " ELBO | s / point | cost vs NUTS |",
+        "| --- | --- | --- | --- | --- |" + (" --- |" if "kl_to_exact" in r["methods"]["amortized"] else "")
+        + " --- | --- | --- |",
+    ]
+    for name, m in r["methods"].items():
+        kl = f" {_mean(m['kl_to_exact']):.4f} |" if "kl_to_exact" in m else ""
+        lines.append(
+            f"| {name} | {_mean(m['mean_error_in_ref_std']):.3f} | {_mean(m['std_ratio']):.3f} | "
+            f"{_mean(m['energy_distance_to_nuts']):.4f} | {_mean(m['coverage_90']):.3f} |{kl} "
+            f"{_mean(m['elbo']):.3f} | {m['seconds_per_point']:.2e} | "
+            f"{m['seconds_per_point'] / n['seconds_per_point']:.1e}x |")
+    lines.append(
+        f"| NUTS | {_mean(n['mean_error_in_ref_std']):.3f} | {_mean(n['std_ratio']):.3f} | "
+        f"{_mean(n['energy_distance_chain_vs_chain']):.4f} (chain vs chain: noise floor) | - |"
+        + (" - |" if "kl_to_exact" in r["methods"]["amortized"] else "")
+        + f" - | {n['seconds_per_point']:.2e} | 1x |")
+    g = r["gaps"]
+    lines += [
+        "",
+        f"Gaps (nats per point; log p(x): {g['log_px_source']}):",
+        "",
+        "| quantity | mean | per point |",
+        "| --- | --- | --- |",
+    ]
+    for key in ("log_px", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
+        lines.append(f"| {key} | {_mean(g[key]):.4f} | {', '.join(f'{v:.3f}' for v in g[key])} |")
+    lines += ["", "approximation_gap = log p(x) - ELBO(best per-point Gaussian); "
+              "approximation_gap_diag uses the diagonal one; amortization_gap = "
+              "ELBO(per-point diagonal Gaussian) - ELBO(amortized guide)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(r: dict, out: str | Path, dims: int = 3) -> list[Path]:
+    """Write report.md, comparison.json, netCDF InferenceData per approximation and figures
+    (marginal overlays, pair plot, NUTS trace plot) for the first point to ``out``."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from .inspection import marginal_overlay, pair_overlay, save_figure
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    objs = r["_objects"]
+    nuts, qs, exact = objs["nuts"], objs["q"], objs["exact"]
+    written = [out / "report.md", out / "comparison.json"]
+    written[0].write_text(report_markdown(r))
+    written[1].write_text(json.dumps({k: v for k, v in r.items() if k != "_objects"}, indent=1))
+    nuts.idata.to_netcdf(str(out / "nuts.nc"))
+    written.append(out / "nuts.nc")
+    s = nuts.samples.shape[1]
+    for name, q in qs.items():
+        path = out / f"{name}.nc"
+        to_inference_data(q.sample((s,)).unsqueeze(0)).to_netcdf(str(path))
+        written.append(path)
+
+    draws = nuts.samples.flatten(0, 1)[:, 0]  # (C*S, D) of point 0
+    gauss = {name: q for name, q in qs.items()}
+    if exact is not None:
+        gauss["exact"] = exact
+    k = min(dims, draws.shape[1])
+    fig, axes = plt.subplots(1, k, figsize=(4 * k, 3), squeeze=False)
+    for dim in range(k):
+        marg = {name: (q.mean[0, dim].item(), q.variance[0, dim].sqrt().item()) for name, q in gauss.items()}
+        marginal_overlay(draws[:, dim], marg, ax=axes[0, dim], title=f"point 0, z[{dim}]")
+    fig.tight_layout()
+    written.append(save_figure(fig, out / "marginals.png"))
+    if draws.shape[1] >= 2:
+        def cov2(q):
+            c = q.covariance_matrix[0] if hasattr(q, "covariance_matrix") else torch.diag(q.variance[0])
+            return c[:2, :2].numpy()
+
+        pairs = {name: (q.mean[0, :2].numpy(), cov2(q)) for name, q in gauss.items()}
+        ax = pair_overlay(draws[:, :2], pairs, title="point 0: Gaussian ellipses over NUTS")
+        written.append(save_figure(ax.figure, out / "pair.png"))
+    axes = az.plot_trace(nuts.idata, var_names=["z"], coords={"point": [0]}, compact=True)
+    written.append(save_figure(axes.ravel()[0].figure, out / "trace.png"))
+    return written
