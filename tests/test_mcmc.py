@@ -1,0 +1,102 @@
+"""VI versus MCMC on settings where the answer is known (pPCA) or NUTS is affordable (ring)."""
+
+import arviz as az
+import pytest
+import torch
+
+from pyro_vae.cli import main
+from pyro_vae.mcmc import compare, energy_distance, to_inference_data, toy_setting
+
+SMALL = dict(chains=4, warmup=200, draws=300, iw_k=2000)
+
+
+@pytest.fixture(scope="module")
+def linear():
+    setting = toy_setting("linear-gaussian", points=3)
+    return setting, compare(setting, **SMALL)
+
+
+@pytest.fixture(scope="module")
+def ring():
+    setting = toy_setting("ring", points=3)
+    return setting, compare(setting, **SMALL)
+
+
+def _mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_nuts_matches_the_closed_form_posterior(linear):
+    setting, r = linear
+    nuts = r["_objects"]["nuts"]
+    draws = nuts.samples.flatten(0, 1)  # (C*S, N, D)
+    exact = setting.exact
+    ess = torch.as_tensor(az.ess(nuts.idata, method="bulk")["z"].values, dtype=torch.float32)
+    se = exact.variance.sqrt() / ess.sqrt()
+    assert ((draws.mean(0) - exact.mean).abs() < 4 * se).all()
+    cov = torch.stack([torch.cov(draws[:, n].T) for n in range(draws.shape[1])])
+    assert torch.allclose(cov, exact.covariance_matrix, rtol=0.15, atol=0.15 * exact.variance.min().item())
+    assert r["nuts"]["passed"]
+
+
+def test_full_covariance_gaussian_reaches_log_evidence_and_every_elbo_is_below_it(linear):
+    setting, r = linear
+    log_px = torch.tensor(r["gaps"]["log_px"])
+    assert r["gaps"]["log_px_source"] == "exact"
+    assert torch.allclose(log_px, setting.log_px)
+    assert all(abs(g) < 0.01 for g in r["gaps"]["approximation_gap"])
+    for name, m in r["methods"].items():
+        assert (torch.tensor(m["elbo"]) <= log_px + 0.005).all(), name
+    assert _mean(r["gaps"]["amortization_gap"]) > -0.005  # per-point fit is at least as good
+
+
+def test_diagonal_guide_kl_is_at_least_the_analytic_floor(linear):
+    setting, r = linear
+    precision = torch.linalg.inv(setting.exact.covariance_matrix)  # (N, D, D)
+    # best diagonal Gaussian: variances 1 / Lambda_ii, KL = 1/2 (sum log Lambda_ii + log det Sigma)
+    floor = 0.5 * (torch.diagonal(precision, dim1=-2, dim2=-1).log().sum(-1)
+                   + torch.logdet(setting.exact.covariance_matrix))
+    kl_diag = torch.tensor(r["methods"]["gaussian-diag"]["kl_to_exact"])
+    kl_amortized = torch.tensor(r["methods"]["amortized"]["kl_to_exact"])
+    assert (kl_diag >= floor - 1e-4).all() and (kl_diag < floor + 0.02).all()
+    assert (kl_amortized >= floor - 1e-4).all()
+    assert _mean(r["methods"]["gaussian-full"]["kl_to_exact"]) < 0.01
+
+
+def test_ring_posterior_is_not_gaussian_and_nuts_passes_the_gates(ring):
+    setting, r = ring
+    assert r["reference"] == "NUTS" and r["nuts"]["passed"], r["nuts"]
+    assert r["nuts"]["max_rhat"] <= 1.01 and r["nuts"]["min_ess_bulk"] >= 400
+    gaps = r["gaps"]["approximation_gap_diag"]
+    assert min(gaps) > 0.02  # well above the MC error (2000 draws) of the ELBO estimate
+    assert _mean(r["gaps"]["approximation_gap"]) > 0.01
+
+
+def test_guide_and_nuts_inference_data_share_names_and_dims(ring):
+    setting, r = ring
+    nuts = r["_objects"]["nuts"]
+    guide = to_inference_data(r["_objects"]["q"]["amortized"].sample((300,)).unsqueeze(0))
+    assert set(nuts.idata.posterior.data_vars) == set(guide.posterior.data_vars) == {"z"}
+    assert nuts.idata.posterior["z"].dims == guide.posterior["z"].dims == ("chain", "draw", "point", "latent")
+    for idata in (nuts.idata, guide):
+        summary = az.summary(idata)
+        assert len(summary) == 3 * 2  # points x latent dims
+
+
+def test_energy_distance_is_zero_for_equal_samples_and_grows_with_a_shift():
+    a = torch.randn(500, 2)
+    assert energy_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert energy_distance(a, a + 1.0) > energy_distance(a, a + 0.1) > 0
+
+
+def test_compare_cli_writes_every_file(tmp_path, capsys):
+    out = tmp_path / "lg"
+    assert main(["compare", "--setting", "linear-gaussian", "--points", "2", "--warmup", "100",
+                 "--draws", "150", "--chains", "2", "--out", str(out), "--quiet"]) == 0
+    for name in ("report.md", "comparison.json", "nuts.nc", "amortized.nc", "gaussian-diag.nc",
+                 "gaussian-full.nc", "marginals.png", "pair.png", "trace.png"):
+        assert (out / name).stat().st_size > 0, name
+    text = capsys.readouterr().out
+    assert "NUTS health gates" in text.splitlines()[2]
+    assert main(["compare", "--setting", "run"]) == 2
+    assert "--setting run needs --run RUN" in capsys.readouterr().err
