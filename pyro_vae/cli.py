@@ -4,6 +4,7 @@
                    [--quiet] [--resume RUN [--force]]
     pyro-vae sample RUN [--n 64] [--label L] [--out FILE]
     pyro-vae evaluate RUN [--k 1000] [--batch-size 100]
+    pyro-vae inspect RUN [--out DIR]
     pyro-vae compare --setting linear-gaussian|ring|run [--run RUN] [--points N] [--out DIR]
 
 The only place that prints. Bad input exits with status 2 and one line naming the field,
@@ -24,7 +25,8 @@ from . import checkpoint as ckpt_io
 from .config import ConfigError, diff, from_dict, load_config
 from .data import DataError
 from .evaluate import evaluate_model
-from .inspection import image_grid, reconstructions_figure, samples_figure, save_figure, scatter
+from .inspection import (image_grid, reconstructions_figure, samples_figure, save_figure,
+                         scatter, write_figures)
 from .runs import RunError, check_run_dir, load_run
 from .train import Interrupted, NonFiniteError, train
 
@@ -56,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=1000, help="importance samples per test point")
     e.add_argument("--batch-size", type=int, default=100, help="test points per batch")
     e.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+
+    i = sub.add_parser("inspect", help="write every figure of a run to RUN/figures/")
+    i.add_argument("run")
+    i.add_argument("--out", help="output folder (default RUN/figures)")
 
     c = sub.add_parser("compare", help="amortized guide vs per-point Gaussians vs NUTS (vs exact)")
     c.add_argument("--setting", required=True, choices=["linear-gaussian", "ring", "run"])
@@ -204,6 +210,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    run = load_run(args.run)
+    out = Path(args.out or run.path / "figures")
+    written = write_figures(run, out)
+    print(f"wrote {len(written)} figures to {out}/: {', '.join(p.name for p in written)}")
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .mcmc import compare, run_setting, toy_setting, write_comparison
 
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
-                "compare": cmd_compare}[args.command](args)
+                "inspect": cmd_inspect, "compare": cmd_compare}[args.command](args)
     except BAD_INPUT as err:
         print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ from torch.nn import functional as F
 from .config import load_config
 from .data import LinearGaussian
 from .evaluate import all_log_weights, iw_bound, seeded
+from .inspection import to_inference_data
 from .model import LATENT, PLATE, VAE
 from .toys import linear_gaussian_evidence, linear_gaussian_posterior
 from .train import train
@@ -177,12 +178,6 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
     seconds = (time.perf_counter() - t0) / x.shape[0]
     idata = az.concat(*idatas, dim="chain") if len(idatas) > 1 else idatas[0]
     return NutsResult(torch.stack(samples), idata, divergences, seconds)
-
-
-def to_inference_data(samples: torch.Tensor) -> az.InferenceData:
-    """Draws ``[C, S, N, D]`` as InferenceData with NUTS' names and dims (z: point, latent)."""
-    return az.from_dict(posterior={"z": samples.detach().cpu().numpy()},
-                        dims={"z": ["point", "latent"]})
 
 
 # --------------------------------------------------------------------------- comparisons

@@ -16,6 +16,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import Config, from_dict
 from .data import Dataset, load_dataset
+from .inspection import to_inference_data
 from .model import VAE
 from .train import resolve_device
 
@@ -66,6 +67,13 @@ class Run:
         elif label is not None:
             raise ValueError(f"label = {label}: this run is not conditional (model.conditional = false)")
         return self.vae.sample(n, y)
+
+    @torch.no_grad()
+    def to_inference_data(self, x: torch.Tensor, num_samples: int = 500, y=None):
+        """Draws z ~ q(z | x) for x ``[N, X]`` as ArviZ InferenceData: one chain of
+        ``num_samples`` draws, variable ``z`` with dims (point, latent), as NUTS' data."""
+        z = self.posterior(x, y).sample((num_samples,))  # (S, N, D)
+        return to_inference_data(z.unsqueeze(0))
 
     @property
     def device(self) -> torch.device:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.mcmc import compare, energy_distance, to_inference_data, toy_setting
+from pyro_vae.inspection import to_inference_data
+from pyro_vae.mcmc import compare, energy_distance, toy_setting
 
 SMALL = dict(chains=4, warmup=200, draws=300, iw_k=2000)
 
