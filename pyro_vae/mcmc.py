@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -171,7 +172,9 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
         kernel = NUTS(vae.model, jit_compile=jit, ignore_jit_warnings=True,
                       init_strategy=init_to_value(values={LATENT: start}), max_plate_nesting=1)
         mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=not progress)
-        mcmc.run(*args)
+        with warnings.catch_warnings():  # Pyro's jit_compile still uses torch.jit.trace
+            warnings.filterwarnings("ignore", message=".*torch.jit.trace.*deprecated", category=FutureWarning)
+            mcmc.run(*args)
         samples.append(mcmc.get_samples()[LATENT])  # (S, N, D)
         divergences += int(sum(len(v) for v in mcmc.diagnostics()["divergences"].values()))
         idatas.append(az.from_pyro(mcmc, log_likelihood=False, dims={"z": ["point", "latent"]}))
