@@ -5,8 +5,8 @@ A checkpoint is one ``torch.save`` dict::
     format, config (nested dict), config_hash, model (state_dict), optimizer (state_dict),
     rng (torch / cuda / numpy / python states), epoch (completed epochs),
     step (optimizer steps so far), step_in_epoch (> 0 when interrupted mid-epoch),
-    epoch_loss (loss summed over the steps of an interrupted epoch), metrics (list of dicts),
-    x_dim, num_classes
+    epoch_loss, epoch_seconds (of an interrupted epoch so far), lr_factor (train.lr is
+    multiplied by it after rollbacks), metrics (list of dicts), x_dim, num_classes
 
 Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed
 over the old file, so a crash mid-write leaves the previous checkpoint intact.

@@ -91,6 +91,9 @@ class TrainConfig:
     kl_warmup_epochs: int = _spec(0, low=0, doc="linear warm-up of beta from 0")
     checkpoint_every: int = _spec(1, low=1, doc="epochs between checkpoints")
     eval_batch_size: int = _spec(1000, low=1)
+    on_nan: str = _spec("stop", choices=("stop", "rollback"),
+                        doc="rollback: reload the last checkpoint and halve train.lr")
+    max_rollbacks: int = _spec(3, low=0, doc="at most this many rollbacks per run")
 
 
 @dataclass(frozen=True)

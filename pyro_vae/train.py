@@ -17,6 +17,7 @@ ELBO estimators (``ELBOS``, by ``train.elbo``):
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -54,6 +55,10 @@ ELBOS: dict[str, Callable[[TrainConfig], pyro.infer.ELBO]] = {
 
 class MonteCarloKLWarning(UserWarning):
     """The analytic-KL ELBO falls back to a Monte Carlo KL for this prior."""
+
+
+class RollbackWarning(UserWarning):
+    """Training went non-finite and was rolled back to the last checkpoint (train.on_nan)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -191,44 +196,56 @@ def train(
         loss.backward()
         return loss.detach()
 
+    # Where training stands; a checkpoint is this plus parameters, optimizer and RNG states.
+    pos = {"epoch": 0, "step_in_epoch": 0, "step": 0, "epoch_loss": 0.0, "epoch_seconds": 0.0,
+           "lr_factor": 1.0}
     metrics: list[dict] = []
-    start_epoch, start_step, step, epoch_loss, epoch_seconds = 0, 0, 0, 0.0, 0.0
-    if resume is not None:
-        ckpt_io.load_state(vae, resume["model"], "checkpoint")
-        optimizer.load_state_dict(resume["optimizer"])
+
+    def snapshot() -> dict:
+        return {
+            "config": to_dict(cfg), "config_hash": config_hash(cfg),
+            "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
+            "rng": ckpt_io.rng_state(), **pos, "metrics": list(metrics),
+            "x_dim": ds.x_dim, "num_classes": ds.num_classes,
+        }
+
+    def restore(ckpt: dict) -> None:
+        ckpt_io.load_state(vae, ckpt["model"], "checkpoint")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        metrics[:] = ckpt["metrics"]
+        pos.update({k: ckpt.get(k, pos[k]) for k in pos})
         for group in optimizer.param_groups:  # a forced config change of train.lr applies
-            group["lr"] = tc.lr
-        metrics = list(resume["metrics"])
-        start_epoch, step = resume["epoch"], resume["step"]
-        start_step = resume.get("step_in_epoch", 0)
-        epoch_loss, epoch_seconds = resume.get("epoch_loss", 0.0), resume.get("epoch_seconds", 0.0)
-        ckpt_io.set_rng_state(resume["rng"])
+            group["lr"] = tc.lr * pos["lr_factor"]
+        ckpt_io.set_rng_state(ckpt["rng"])
+
+    if resume is not None:
+        restore(resume)
+    last_good = copy.deepcopy(snapshot())  # what a rollback returns to
     if run_dir is not None:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(dumps(cfg))
         _write_metrics(run_dir, metrics)
 
-    def save(epoch_done: int, step_in_epoch: int = 0) -> None:
-        if run_dir is None:
-            return
-        ckpt_io.save_checkpoint(run_dir / "checkpoint.pt", {
-            "config": to_dict(cfg), "config_hash": config_hash(cfg),
-            "model": vae.state_dict(), "optimizer": optimizer.state_dict(),
-            "rng": ckpt_io.rng_state(), "epoch": epoch_done, "step": step,
-            "step_in_epoch": step_in_epoch, "epoch_loss": epoch_loss,
-            "epoch_seconds": epoch_seconds, "metrics": metrics,
-            "x_dim": ds.x_dim, "num_classes": ds.num_classes,
-        })
+    def save() -> None:
+        nonlocal last_good
+        payload = snapshot()
+        if run_dir is not None:
+            ckpt_io.save_checkpoint(run_dir / "checkpoint.pt", payload)
+        last_good = copy.deepcopy(payload)
 
     n = ds.x_train.shape[0]
     steps_per_epoch = math.ceil(n / tc.batch_size)
     labels = ds.y_train if vae.num_classes else None
-    for epoch in range(start_epoch, tc.epochs):
+
+    def run_epoch() -> None:
+        """Train the rest of epoch ``pos["epoch"]``, evaluate, record, checkpoint."""
+        epoch = pos["epoch"]
         weight = kl_weight(tc, epoch)
         g = epoch_generator(tc.seed, epoch, device)
         x_epoch = epoch_inputs(ds, g)  # (N, X) on device
         perm = torch.randperm(n, generator=g, device=device)  # (N,)
-        bar = tqdm(range(start_step, steps_per_epoch), initial=start_step, total=steps_per_epoch,
+        start = pos["step_in_epoch"]
+        bar = tqdm(range(start, steps_per_epoch), initial=start, total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False)
         t0 = time.perf_counter()
         for i in bar:
@@ -236,33 +253,34 @@ def train(
             x = x_epoch[idx]  # (B, X)
             args = (x,) if labels is None else (x, labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            with pyro.validation_enabled(step == 0):  # validate shapes/supports once
+            with pyro.validation_enabled(pos["step"] == 0):  # validate shapes/supports once
                 loss = loss_and_grads(*args, kl_weight=weight)
             grad_norm = torch.stack(torch._foreach_norm(
                 [p.grad for p in vae.parameters() if p.grad is not None])).sum()
             loss_value, norm_value = torch.stack([loss.to(grad_norm), grad_norm]).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 raise NonFiniteError(
-                    f"non-finite loss or gradient at epoch {epoch + 1}, step {step + 1} "
+                    f"non-finite loss or gradient at epoch {epoch + 1}, step {pos['step'] + 1} "
                     f"(loss = {loss_value}): {diagnose_nonfinite(vae, args, weight)}. "
                     "No update was applied; the last checkpoint is intact. Try a smaller "
-                    "train.lr or check the data."
+                    "train.lr, train.on_nan = 'rollback', or check the data."
                 )
             optimizer.step()
-            step += 1
-            epoch_loss += loss_value
+            pos["step"] += 1
+            pos["step_in_epoch"] = i + 1
+            pos["epoch_loss"] += loss_value
             if i % 10 == 0:
                 bar.set_postfix(loss=f"{loss_value / x.shape[0]:.2f}")
             if should_stop():
-                epoch_seconds += time.perf_counter() - t0
-                save(epoch, i + 1)
+                pos["epoch_seconds"] += time.perf_counter() - t0
+                save()
                 raise Interrupted(f"stopped at epoch {epoch + 1}, step {i + 1}; checkpoint written")
-        seconds = epoch_seconds + time.perf_counter() - t0
+        seconds = pos["epoch_seconds"] + time.perf_counter() - t0
         rec, kl = elbo_terms(vae, ds.x_test, ds.y_test if vae.num_classes else None,
                              batch_size=tc.eval_batch_size, seed=tc.seed)
         metrics.append({
             "epoch": epoch + 1,
-            "train_elbo": -epoch_loss / n,
+            "train_elbo": -pos["epoch_loss"] / n,
             "test_elbo": (rec - kl).mean().item(),
             "test_reconstruction": rec.mean().item(),
             "test_kl": kl.mean().item(),
@@ -270,12 +288,29 @@ def train(
             "seconds": seconds,
         })
         on_epoch(metrics[-1])
-        start_step, epoch_loss, epoch_seconds = 0, 0.0, 0.0
+        pos.update(epoch=epoch + 1, step_in_epoch=0, epoch_loss=0.0, epoch_seconds=0.0)
         if run_dir is not None:
             _write_metrics(run_dir, metrics)
-            if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
-                save(epoch + 1)
+        if (epoch + 1) % tc.checkpoint_every == 0 or epoch + 1 == tc.epochs:
+            save()
         if should_stop() and epoch + 1 < tc.epochs:
-            save(epoch + 1)
+            save()
             raise Interrupted(f"stopped after epoch {epoch + 1}; checkpoint written")
+
+    rollbacks = 0
+    while pos["epoch"] < tc.epochs:
+        try:
+            run_epoch()
+        except NonFiniteError as err:
+            if tc.on_nan != "rollback" or rollbacks >= tc.max_rollbacks:
+                raise
+            rollbacks += 1
+            restore(last_good)
+            pos["lr_factor"] /= 2
+            for group in optimizer.param_groups:
+                group["lr"] = tc.lr * pos["lr_factor"]
+            warnings.warn(
+                f"rollback {rollbacks}/{tc.max_rollbacks} to epoch {pos['epoch']}, step "
+                f"{pos['step']} with train.lr halved to {tc.lr * pos['lr_factor']:g} after: {err}",
+                RollbackWarning, stacklevel=2)
     return TrainResult(vae, ds, metrics, cfg, run_dir)
