@@ -209,3 +209,35 @@ def test_rollback_gives_up_after_max_rollbacks():
     with pytest.warns(RollbackWarning) as record, pytest.raises(NonFiniteError, match="non-finite"):
         train(cfg)
     assert len([w for w in record if w.category is RollbackWarning]) == 2
+
+
+def _as_if_saved_on_cuda(path):
+    """Rewrite a checkpoint so every storage says it lives on cuda:0 (torch's zip format with
+    pickle protocol 2: the location string sits once in data.pkl, memoized after)."""
+    import zipfile
+
+    src = zipfile.ZipFile(path)
+    entries = {name: src.read(name) for name in src.namelist()}
+    src.close()
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as out:
+        for name, data in entries.items():
+            if name.endswith("data.pkl"):
+                assert b"X\x03\x00\x00\x00cpu" in data
+                data = data.replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+            out.writestr(name, data)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only machine")
+def test_a_cuda_saved_checkpoint_loads_on_a_cpu_only_machine(trained_run, capsys):
+    from pyro_vae.evaluate import elbo
+
+    before = load_run(trained_run)
+    _as_if_saved_on_cuda(trained_run / "checkpoint.pt")
+    with pytest.raises(RuntimeError, match="deserialize object on a CUDA device"):
+        torch.load(trained_run / "checkpoint.pt", weights_only=False)  # it really is tagged CUDA
+    run = load_run(trained_run)
+    assert all(torch.equal(a, b) for a, b in zip(before.vae.parameters(), run.vae.parameters()))
+    assert elbo(run.vae, run.dataset.x_test, seed=0) == elbo(before.vae, before.dataset.x_test, seed=0)
+    assert main(["train", "--quiet", "--resume", str(trained_run), "--force",
+                 "--set", "train.epochs=2"]) == 0
+    assert len(_metrics(trained_run)) == 2
