@@ -21,7 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-from . import checkpoint as ckpt_io
+import matplotlib
+
+matplotlib.use("Agg")  # the CLI only writes files: never a window
+
+from . import checkpoint as ckpt_io  # noqa: E402
 from .config import ConfigError, diff, from_dict, load_config
 from .data import DataError
 from .evaluate import evaluate_model

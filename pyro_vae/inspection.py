@@ -1,21 +1,19 @@
 """Figures: data in, matplotlib Axes (or Figure for grids) out; nothing is shown.
 
 Data preparation (``*_data`` functions, pure torch) is kept apart from drawing. Callers
-save with :func:`save_figure`. The Agg backend is used, so no window ever opens.
+save with :func:`save_figure`. No function calls ``plt.show()``; the CLI (and the tests)
+select the Agg backend, so no window opens, while notebooks keep their inline backend.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import torch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-
-from .evaluate import kl_per_dimension, posterior_means  # noqa: E402
-from .model import VAE  # noqa: E402
+from .evaluate import kl_per_dimension, posterior_means
+from .model import VAE
 
 
 def tile(images: torch.Tensor, image_shape: tuple[int, ...], nrow: int) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 from pyro import poutine
 from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, TrainConfig, config_hash, dumps, to_dict

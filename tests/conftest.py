@@ -1,5 +1,9 @@
 """Shared test setup: Pyro validation on, param store cleared, one seed per test."""
 
+import matplotlib
+
+matplotlib.use("Agg")  # no windows from the tests
+
 import numpy as np
 import pyro
 import pytest

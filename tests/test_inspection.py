@@ -6,7 +6,6 @@ import torch
 
 from pyro_vae.cli import main
 from pyro_vae.config import load_config
-from pyro_vae.data import load_dataset
 from pyro_vae.inspection import (image_grid, kl_bars, latent_scatter, marginal_overlay, pair_overlay,
                                  pca, posterior_ellipses, principal_angles, scatter, training_curves)
 from pyro_vae.runs import load_run
