@@ -216,7 +216,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
 
     Returns a JSON-ready dict plus the ``"_objects"`` entry (distributions, NUTS result) used
     by the figures and the netCDF files."""
-    d = setting.x.shape[0]
+    n_points = setting.x.shape[0]
     qs, seconds = {}, {}
     qs["amortized"], seconds["amortized"] = amortized(setting)
     qs["gaussian-diag"], seconds["gaussian-diag"] = fit_gaussian(setting)
@@ -231,7 +231,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
     gates = {
         "max_rhat": float(rhat.max()), "min_ess_bulk": float(ess.min()),
         "divergences": nuts.divergences,
-        "min_ess_bulk_per_second": float(ess.min() / (nuts.seconds_per_point * d)),
+        "min_ess_bulk_per_second": float(ess.min() / (nuts.seconds_per_point * n_points)),
         "passed": bool(rhat.max() <= max_rhat and ess.min() >= min_ess and nuts.divergences == 0),
         "thresholds": {"rhat": max_rhat, "ess_bulk": min_ess},
     }
@@ -251,14 +251,14 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         thin = draws_all[:: max(1, draws_all.shape[0] // 1000)]  # (<=1000, N, D)
         half = nuts.samples.shape[1] // 2
         floor = [energy_distance(nuts.samples[0, :half, n], nuts.samples[min(1, chains - 1), half:, n])
-                 for n in range(d)]
+                 for n in range(n_points)]
         methods = {}
         for k, q in qs.items():
             z = q.sample((thin.shape[0],))
             m = {
                 "mean_error_in_ref_std": ((q.mean - ref_mean).abs() / ref_std).mean(1).tolist(),
                 "std_ratio": (q.variance.sqrt() / ref_std).mean(1).tolist(),
-                "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n]) for n in range(d)],
+                "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n]) for n in range(n_points)],
                 "coverage_90": coverage(q, draws_all).tolist(),
                 "elbo": elbos[k].tolist(),
                 "seconds_per_point": seconds[k],
@@ -281,7 +281,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         "amortization_gap": (elbos["gaussian-diag"] - elbos["amortized"]).tolist(),
     }
     return {
-        "setting": setting.name, "points": d, "latent_dim": setting.vae.latent_dim,
+        "setting": setting.name, "points": n_points, "latent_dim": setting.vae.latent_dim,
         "reference": "exact posterior" if setting.exact is not None else "NUTS",
         "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "jit": jit, **gates,
                  **nuts_metrics},
