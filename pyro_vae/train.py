@@ -104,6 +104,16 @@ def epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(seed * 100_003 + epoch)
 
 
+def make_optimizer(params, lr: float) -> torch.optim.Adam:
+    """Adam with the fused (single-kernel) update where this torch supports it for the
+    parameters' device (CPU since torch 2.4), else the default multi-tensor update."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(params, lr=lr)
+
+
 def has_closed_form_kl(vae: VAE) -> bool:
     """Whether torch knows KL(q(z|x) || p(z)) for this guide and prior in closed form."""
     x = torch.zeros(1, vae.x_dim, device=next(vae.parameters()).device)
@@ -173,7 +183,7 @@ def train(
     run_dir = None if run_dir is None else Path(run_dir)
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python
     ds, vae = build(cfg, device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=tc.lr)
+    optimizer = make_optimizer(vae.parameters(), tc.lr)
     if tc.elbo == "meanfield" and not has_closed_form_kl(vae):
         warnings.warn(
             f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
