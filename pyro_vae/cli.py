@@ -29,8 +29,7 @@ from . import checkpoint as ckpt_io  # noqa: E402
 from .config import ConfigError, diff, from_dict, load_config
 from .data import DataError
 from .evaluate import evaluate_model
-from .inspection import (image_grid, reconstructions_figure, samples_figure, save_figure,
-                         scatter, write_figures)
+from .inspection import samples_figure, save_figure, write_basic_figures, write_figures
 from .runs import RunError, check_run_dir, load_run
 from .train import Interrupted, NonFiniteError, train
 
@@ -146,15 +145,7 @@ def cmd_train(args) -> int:
         print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "
               f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
         return 128 + stop.signum
-    ds = result.dataset
-    y = ds.y_test if result.vae.num_classes else None
-    save_figure(reconstructions_figure(result.vae, ds.x_test, y, ds.image_shape),
-                run_dir / "reconstructions.png")
-    y_samples = None
-    if result.vae.num_classes:
-        y_samples = ds.y_test.new_tensor(range(64)) % result.vae.num_classes
-    save_figure(samples_figure(result.vae, 64, ds.image_shape, y_samples, ds.x_test),
-                run_dir / "samples.png")
+    write_basic_figures(result.vae, result.dataset, run_dir)
     last = result.metrics[-1]
     print(f"final test ELBO {last['test_elbo']:.2f} nats per data point after "
           f"{last['epoch']} epochs; wrote {run_dir}/ (config.toml, metrics.jsonl, "
@@ -176,12 +167,8 @@ def cmd_sample(args) -> int:
     images = run.sample(args.n, args.label)
     suffix = "" if args.label is None else f"_label{args.label}"
     out = Path(args.out or run.path / f"samples{suffix}.png")
-    if run.dataset.image_shape is None:
-        ax = scatter(images, title="decoded prior samples")
-    else:
-        ax = image_grid(images, run.dataset.image_shape, nrow=8,
-                        title="samples" + ("" if args.label is None else f" of class {args.label}"))
-    save_figure(ax.figure, out)
+    title = "samples" + ("" if args.label is None else f" of class {args.label}")
+    save_figure(samples_figure(images, run.dataset.image_shape, title=title), out)
     print(f"wrote {out}")
     return 0
 

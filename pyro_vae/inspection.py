@@ -49,16 +49,16 @@ def scatter(points: torch.Tensor, ax=None, c=None, title: str | None = None, **k
     return ax
 
 
-def reconstructions_figure(vae: VAE, x, y=None, image_shape=None, n: int = 16):
-    """Top: n test inputs; bottom: mean of p(x | z = E_q[z|x]). Points for vector data."""
-    x, y = x[:n], None if y is None else y[:n]
-    recon = vae.reconstruct(x, y)  # (n, X)
+def reconstructions_figure(x, recon, image_shape=None):
+    """Top: inputs ``[n, X]``; bottom: their reconstructions ``[n, X]``. Vector data: both
+    as points. Returns the Figure."""
     if image_shape is None:
         ax = scatter(x, label="data")
         scatter(recon, ax=ax, label="reconstruction", marker="x", s=12)
         ax.legend()
         ax.set_title("test points and reconstructions")
         return ax.figure
+    n = x.shape[0]
     fig, axes = plt.subplots(2, 1, figsize=(n * 0.6, 1.6))
     image_grid(x, image_shape, nrow=n, ax=axes[0], title="test images")
     image_grid(recon, image_shape, nrow=n, ax=axes[1], title="reconstructions")
@@ -66,21 +66,32 @@ def reconstructions_figure(vae: VAE, x, y=None, image_shape=None, n: int = 16):
     return fig
 
 
-def samples_figure(vae: VAE, n: int = 64, image_shape=None, y=None, reference=None):
-    """Decoded prior samples (means of p(x|z), z ~ p(z)); for vector data, draws
-    x ~ p(x|z) over ``reference`` data points."""
+def samples_figure(samples, image_shape=None, reference=None, title="samples: mean of p(x|z), z ~ p(z)"):
+    """Model samples ``[n, X]`` as an image grid, or (vector data) as points over the
+    ``reference`` data points. Returns the Figure."""
     if image_shape is None:
-        with torch.no_grad():
-            z = vae.prior_dist().sample((n,))
-            x = vae.likelihood_dist(z, vae.onehot(y)).sample()
         ax = scatter(reference, label="data", alpha=0.3) if reference is not None else None
-        ax = scatter(x, ax=ax, label="model samples", s=3)
+        ax = scatter(samples, ax=ax, label="model samples", s=3, title=title)
         ax.legend()
-        ax.set_title("x ~ p(x | z), z ~ p(z)")
         return ax.figure
-    ax = image_grid(vae.sample(n, y), image_shape, nrow=8,
-                    title="samples: mean of p(x|z), z ~ p(z)")
-    return ax.figure
+    return image_grid(samples, image_shape, nrow=8, title=title).figure
+
+
+def write_basic_figures(vae: VAE, ds, out, n: int = 16) -> list[Path]:
+    """``reconstructions.png`` (n test points) and ``samples.png`` (64 prior samples; for
+    vector data draws x ~ p(x|z) over the test data) of a trained model into ``out``."""
+    out = Path(out)
+    y = ds.y_test[:n] if vae.num_classes else None
+    recon = save_figure(reconstructions_figure(ds.x_test[:n], vae.reconstruct(ds.x_test[:n], y),
+                                               ds.image_shape), out / "reconstructions.png")
+    count = 64 if ds.image_shape else 2000
+    ys = torch.arange(count, device=ds.x_test.device) % vae.num_classes if vae.num_classes else None
+    if ds.image_shape is None:
+        fig = samples_figure(vae.sample(count, ys, mean=False), reference=ds.x_test,
+                             title="x ~ p(x | z), z ~ p(z)")
+    else:
+        fig = samples_figure(vae.sample(count, ys), ds.image_shape)
+    return [recon, save_figure(fig, out / "samples.png")]
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
@@ -296,9 +307,7 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
     vae, ds, shape = run.vae, run.dataset, run.dataset.image_shape
     y = ds.y_test if vae.num_classes else None
     written = [save_figure(training_curves(run.metrics), out / "training_curves.png"),
-               save_figure(reconstructions_figure(vae, ds.x_test, y, shape, n), out / "reconstructions.png")]
-    ys = None if not vae.num_classes else torch.arange(64, device=ds.x_test.device) % vae.num_classes
-    written.append(save_figure(samples_figure(vae, 64, shape, ys, ds.x_test), out / "samples.png"))
+               *write_basic_figures(vae, ds, out, n)]
     means = posterior_means(vae, ds.x_test, y)  # (N, D)
     variances = means.var(0)
     active = variances.argsort(descending=True)  # most active dims first

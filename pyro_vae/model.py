@@ -121,10 +121,12 @@ class VAE(nn.Module):
                 return pyro.sample(LATENT, self.posterior(x, y1h))
 
     @torch.no_grad()
-    def sample(self, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
-        """Mean of p(x | z) at n prior draws z ~ p(z): ``[n, X]`` (y ``[n]`` if conditional)."""
+    def sample(self, n: int, y: torch.Tensor | None = None, mean: bool = True) -> torch.Tensor:
+        """x for n prior draws z ~ p(z): the mean of p(x | z), or (``mean=False``) a draw
+        x ~ p(x | z); ``[n, X]`` (labels y ``[n]`` if conditional)."""
         z = self.prior_dist().sample((n,))
-        return self.likelihood_dist(z, self.onehot(y)).mean
+        px = self.likelihood_dist(z, self.onehot(y))
+        return px.mean if mean else px.sample()
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,7 @@ from pyro_vae.cli import main
 from pyro_vae.inspection import to_inference_data
 from pyro_vae.mcmc import compare, energy_distance, toy_setting
 
-SMALL = dict(chains=4, warmup=200, draws=300, iw_k=2000)
+SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000)
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ def test_nuts_matches_the_closed_form_posterior(linear):
     nuts = r["_objects"]["nuts"]
     draws = nuts.samples.flatten(0, 1)  # (C*S, N, D)
     exact = setting.exact
-    ess = torch.as_tensor(az.ess(nuts.idata, method="bulk")["z"].values, dtype=torch.float32)
-    se = exact.variance.sqrt() / ess.sqrt()
-    assert ((draws.mean(0) - exact.mean).abs() < 4 * se).all()
+    mcse = torch.as_tensor(az.mcse(nuts.idata, method="mean")["z"].values, dtype=torch.float32)
+    err = (draws.mean(0) - exact.mean).abs()  # (N, D)
+    assert (err < 4 * mcse).all(), (err / mcse)
     cov = torch.stack([torch.cov(draws[:, n].T) for n in range(draws.shape[1])])
     assert torch.allclose(cov, exact.covariance_matrix, rtol=0.15, atol=0.15 * exact.variance.min().item())
     assert r["nuts"]["passed"]
