@@ -22,10 +22,10 @@ from typing import Callable
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .config import LikelihoodConfig
 from .data import DataError, Dataset
+from .networks import softplus
 
 MIN_SCALE = 1e-3
 
@@ -51,10 +51,21 @@ class Likelihood(nn.Module):
         return self.make(*params, **self.learnable).to_event(1)
 
 
+class Bernoulli(dist.Bernoulli):
+    """Pyro's Bernoulli (logits), its log-density computed as x l - softplus(l) with the
+    vectorized :func:`pyro_vae.networks.softplus`: the same value as torch's
+    ``-binary_cross_entropy_with_logits`` (to float rounding), several times faster on CPU."""
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        return value * self.logits - softplus(self.logits)
+
+
 def bernoulli(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
     """x_i ~ Bernoulli(sigmoid(h_i)). On grey x in [0, 1] the log-probability is the
     cross-entropy x log p + (1 - x) log(1 - p) (Pyro's VAE example), not a normalised density."""
-    make = lambda logits: dist.Bernoulli(logits=logits, validate_args=False)  # noqa: E731
+    make = lambda logits: Bernoulli(logits=logits, validate_args=False)  # noqa: E731
     return Likelihood(make, 1, "unit")
 
 
@@ -73,7 +84,7 @@ def _located(family, cfg: LikelihoodConfig) -> Likelihood:
         make = lambda loc, log_scale: family(loc, log_scale.exp())  # noqa: E731
         return Likelihood(make, 1, "real",
                           learnable={"log_scale": torch.tensor(float(cfg.sigma)).log()})
-    make = lambda loc, raw: family(loc, F.softplus(raw) + MIN_SCALE)  # noqa: E731
+    make = lambda loc, raw: family(loc, softplus(raw) + MIN_SCALE)  # noqa: E731
     return Likelihood(make, 2, "real")
 
 
@@ -89,7 +100,7 @@ def laplace(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
 
 def beta(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
     """x_i ~ Beta(a_i, b_i), a, b = softplus(h) + 1e-3: needs x strictly inside (0, 1)."""
-    make = lambda a, b: dist.Beta(F.softplus(a) + MIN_SCALE, F.softplus(b) + MIN_SCALE)  # noqa: E731
+    make = lambda a, b: dist.Beta(softplus(a) + MIN_SCALE, softplus(b) + MIN_SCALE)  # noqa: E731
     return Likelihood(make, 2, "open-unit")
 
 

@@ -7,16 +7,50 @@ Decoder: z ``[B, D]`` (and optional y) -> ``[B, K * X]`` raw likelihood paramete
 
 ``mlp`` is the default (Pyro's VAE example: 784-400-50 softplus; Burda et al. 2015:
 784-200-200-50 tanh); ``conv`` is a small conv / transposed-conv pair for 28x28 images.
+
+:func:`softplus` is log(1 + e^x) as one autograd node with a vectorized forward; torch's
+CPU softplus spends most of a training step's elementwise time in an unvectorized log1p.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+class _Softplus(torch.autograd.Function):
+    """softplus(x) = max(x, 0) + log1p(u), u = exp(-|x|) in (0, 1]; log1p(u) is computed
+    as log(w) - ((w - 1) - u) / w with w = 1 + u (the rounding error of w corrected to
+    first order), which needs only the vectorized log. d softplus / dx = sigmoid(x)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        u = x.abs().neg_().exp_()
+        w = u + 1
+        correction = (w - 1).sub_(u).div_(w)
+        return w.log_().sub_(correction).add_(x.clamp(min=0))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^x) elementwise, any shape; agrees with float64 to ~1e-7 relative over
+    the whole float32 range (no threshold switch), gradient sigmoid(x)."""
+    return _Softplus.apply(x)
+
+
+class Softplus(nn.Module):
+    """:func:`softplus` as a layer (no parameters: state dicts match ``nn.Softplus``)."""
+
+    def forward(self, x):
+        return softplus(x)
+
 
 ACTIVATIONS = {
-    "softplus": nn.Softplus,
+    "softplus": Softplus,
     "tanh": nn.Tanh,
     "relu": nn.ReLU,
     "elu": nn.ELU,
@@ -63,7 +97,7 @@ class Encoder(nn.Module):
     def forward(self, x, y=None):
         h = self.features(x.reshape(-1, 1, 28, 28)) if self.conv else x
         loc, raw = self.net(_with_label(h, y)).chunk(2, dim=-1)  # (B, D) each
-        return loc, F.softplus(raw) + MIN_SCALE
+        return loc, softplus(raw) + MIN_SCALE
 
 
 class Decoder(nn.Module):
