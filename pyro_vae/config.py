@@ -85,6 +85,7 @@ class TrainConfig:
     lr: float = _spec(1e-3, low=0.0, low_open=True)
     elbo: str = _spec("trace", choices="pyro_vae.train:ELBOS")
     num_particles: int = _spec(1, low=1)
+    compile: bool = _spec(False, doc="torch.compile the loss (train.elbo trace or meanfield)")
     seed: int = _spec(0, low=0)
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
     beta: float = _spec(1.0, low=0.0, doc="weight of the KL term")

@@ -13,6 +13,12 @@ ELBO estimators (``ELBOS``, by ``train.elbo``):
 - ``meanfield``: ``TraceMeanField_ELBO`` (closed-form KL where torch has one, else MC),
 - ``jit``: ``JitTrace_ELBO`` (the same estimator, traced with the PyTorch JIT),
 - ``iwae``: ``RenyiELBO(alpha=0)`` = the IWAE bound log (1/K) sum_k w_k, K = num_particles.
+
+``train.compile = true`` (with ``trace`` or ``meanfield``) computes the same estimator with
+:func:`negative_elbo`, the ELBO of ``VAE.model``/``VAE.guide`` written out as one torch
+function, compiled once by ``torch.compile`` (forward and backward fused by Inductor). Its
+noise eps is drawn outside the compiled graph from torch's RNG in the order Pyro draws it,
+so a compiled step computes the eager step's loss on the same seed (tested).
 """
 
 from __future__ import annotations
@@ -51,6 +57,32 @@ ELBOS: dict[str, Callable[[TrainConfig], pyro.infer.ELBO]] = {
     "jit": lambda c: JitTrace_ELBO(**_particles(c), ignore_jit_warnings=True),
     "iwae": lambda c: RenyiELBO(alpha=0.0, **{**_particles(c), "vectorize_particles": True}),
 }
+
+
+COMPILABLE = ("trace", "meanfield")  # train.elbo values that train.compile supports
+
+
+def negative_elbo(vae: VAE, x: torch.Tensor, eps: torch.Tensor, y1h: torch.Tensor | None,
+                  weight: torch.Tensor, analytic_kl: bool) -> torch.Tensor:
+    """-ELBO of the minibatch as ``Trace_ELBO`` computes it for ``VAE.model``/``VAE.guide``
+    (``analytic_kl``: as ``TraceMeanField_ELBO`` does), without Pyro's tracing::
+
+        z_k = loc(x) + scale(x) * eps_k                         eps ``[K, B, D]`` ~ N(0, I)
+        loss = -(1/K) sum_k sum_b [log p(x_b | z_kb) - w (log q(z_kb | x_b) - log p(z_kb))]
+
+    with ``KL(q(z|x_b) || p(z))`` in closed form in place of the bracketed log-ratio when
+    ``analytic_kl``. ``weight`` w (a 0-d tensor, so changing beta does not recompile) is
+    the KL weight of :func:`pyro_vae.model.kl_scaled`; ``y1h``: one-hot labels ``[B, C]`` or
+    None. Returns a scalar; meant for ``torch.compile`` (one graph: no data-dependent Python).
+    """
+    q = vae.posterior(x, y1h)  # batch [B], event [D]
+    z = q.base_dist.loc + q.base_dist.scale * eps  # (K, B, D), the reparameterized draw
+    log_lik = vae.likelihood_dist(z, y1h).log_prob(x)  # (K, B)
+    if analytic_kl:
+        kl = kl_divergence(q, vae.prior_dist().expand(q.batch_shape))  # (B,)
+    else:
+        kl = q.log_prob(z) - vae.prior_dist().log_prob(z)  # (K, B)
+    return -(log_lik - weight * kl).sum() / eps.shape[0]
 
 
 class MonteCarloKLWarning(UserWarning):
@@ -179,6 +211,9 @@ def train(
     ``on_epoch(metrics)`` is called with each epoch's metrics dict as it is recorded.
     """
     tc = cfg.train
+    if tc.compile and tc.elbo not in COMPILABLE:
+        raise ConfigError(f"train.compile = true with train.elbo = {tc.elbo!r}: compiled "
+                          f"training supports train.elbo = {' or '.join(map(repr, COMPILABLE))}")
     device = resolve_device(tc.device)
     run_dir = None if run_dir is None else Path(run_dir)
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python
@@ -197,12 +232,31 @@ def train(
     if tc.elbo in ("jit", "iwae"):  # these find parameters through Pyro's param store
         pyro.clear_param_store()
         model, guide = registered(vae.model, vae), registered(vae.guide, vae)
+    compiled = torch.compile(negative_elbo, dynamic=False) if tc.compile else None
+    analytic_kl = tc.elbo == "meanfield" and has_closed_form_kl(vae)
+    params = list(vae.parameters())
 
-    def loss_and_grads(*args, **kwargs) -> torch.Tensor:
-        """-ELBO estimate of the minibatch (a scalar tensor); gradients left in .grad."""
+    def loss_and_grads(x, y, weight: float, validate: bool) -> torch.Tensor:
+        """-ELBO estimate of the minibatch (a scalar tensor); gradients left in .grad.
+        ``validate``: run Pyro's program eagerly with its shape and support checks (the
+        first step; the compiled loss computes the same value, unchecked)."""
+        if compiled is not None and not validate:
+            # eps as Pyro draws it: [B, D] for one particle, [K, B, D] for K vectorized ones
+            eps = torch.randn(tc.num_particles, x.shape[0], vae.latent_dim, device=x.device)
+            try:
+                loss = compiled(vae, x, eps, vae.onehot(y),
+                                torch.tensor(weight, device=x.device), analytic_kl)
+            except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
+                raise ConfigError(f"train.compile = true: torch.compile failed on this machine "
+                                  f"({type(err.inner_exception).__name__}: "
+                                  f"{str(err.inner_exception).splitlines()[0]}); "
+                                  "allowed here: train.compile = false") from err
+            loss.backward()
+            return loss.detach()
+        args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
         if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
-            return torch.tensor(elbo.loss_and_grads(model, guide, *args, **kwargs))
-        loss = elbo.differentiable_loss(model, guide, *args, **kwargs)
+            return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight))
+        loss = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
         loss.backward()
         return loss.detach()
 
@@ -261,17 +315,19 @@ def train(
         for i in bar:
             idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]
             x = x_epoch[idx]  # (B, X)
-            args = (x,) if labels is None else (x, labels[idx])
+            y = None if labels is None else labels[idx]
             optimizer.zero_grad(set_to_none=True)
-            with pyro.validation_enabled(pos["step"] == 0):  # validate shapes/supports once
-                loss = loss_and_grads(*args, kl_weight=weight)
+            validate = pos["step"] == 0  # validate shapes and supports once
+            with pyro.validation_enabled(validate):
+                loss = loss_and_grads(x, y, weight, validate)
+            # one fused reduction over all gradients: finite iff every gradient entry is
             grad_norm = torch.stack(torch._foreach_norm(
-                [p.grad for p in vae.parameters() if p.grad is not None])).sum()
+                [p.grad for p in params if p.grad is not None])).sum()
             loss_value, norm_value = torch.stack([loss.to(grad_norm), grad_norm]).tolist()
             if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                 raise NonFiniteError(
                     f"non-finite loss or gradient at epoch {epoch + 1}, step {pos['step'] + 1} "
-                    f"(loss = {loss_value}): {diagnose_nonfinite(vae, args, weight)}. "
+                    f"(loss = {loss_value}): {diagnose_nonfinite(vae, (x, y), weight)}. "
                     "No update was applied; the last checkpoint is intact. Try a smaller "
                     "train.lr, train.on_nan = 'rollback', or check the data."
                 )

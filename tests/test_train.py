@@ -113,3 +113,67 @@ def test_one_training_step_equals_pyro_infer_svi_step():
     for a, b in zip(vae.parameters(), vae2.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
     assert not torch.equal(vae.state_dict()["encoder.net.0.weight"], initial["encoder.net.0.weight"])
+
+
+@pytest.mark.parametrize("overrides", [
+    ("train.elbo=trace",),
+    ("train.elbo=meanfield",),
+    ("train.elbo=meanfield", "prior.name=mixture"),  # no closed form: Monte Carlo KL
+    ("train.elbo=trace", "train.num_particles=3"),
+    ("train.elbo=trace", "model.conditional=true"),
+])
+def test_written_out_elbo_equals_pyros_estimator_on_the_same_draws(overrides):
+    """negative_elbo (what train.compile compiles) is Trace_ELBO / TraceMeanField_ELBO of
+    VAE.model and VAE.guide: same value and same gradients from the same random numbers."""
+    from pyro_vae.train import negative_elbo
+
+    cfg, ds, vae = build_vae(*overrides)
+    tc = cfg.train
+    x, y = ds.x_test[:32], (ds.y_test[:32] if vae.num_classes else None)
+    args = (x,) if y is None else (x, y)
+    for weight in (1.0, 0.3):
+        torch.manual_seed(5)
+        ref = ELBOS[tc.elbo](tc).differentiable_loss(vae.model, vae.guide, *args, kl_weight=weight)
+        ref_grads = torch.autograd.grad(ref, list(vae.parameters()))
+        torch.manual_seed(5)
+        eps = torch.randn(tc.num_particles, 32, vae.latent_dim)
+        analytic = tc.elbo == "meanfield" and has_closed_form_kl(vae)
+        ours = negative_elbo(vae, x, eps, vae.onehot(y), torch.tensor(weight), analytic)
+        grads = torch.autograd.grad(ours, list(vae.parameters()))
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+        for a, b in zip(grads, ref_grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["trace", "meanfield"])
+def test_compiled_training_gives_the_eager_losses_on_the_same_seed(name):
+    # 500 images in batches of 125: one batch shape, so one compilation per estimator
+    eager = train(small_config(f"train.elbo={name}", "train.batch_size=125", epochs=2))
+    compiled = train(small_config(f"train.elbo={name}", "train.batch_size=125",
+                                  "train.compile=true", epochs=2))
+    assert compiled.config.train.compile and not eager.config.train.compile
+    for a, b in zip(eager.metrics, compiled.metrics, strict=True):
+        assert b["train_elbo"] == pytest.approx(a["train_elbo"], rel=1e-5)
+        assert b["test_elbo"] == pytest.approx(a["test_elbo"], rel=1e-5)
+    for pa, pb in zip(eager.vae.parameters(), compiled.vae.parameters(), strict=True):
+        assert torch.allclose(pa, pb, atol=1e-5)
+
+
+def test_compile_with_an_estimator_it_does_not_support_is_refused():
+    with pytest.raises(ConfigError, match="train.compile = true with train.elbo = 'jit'.*"
+                                          "'trace' or 'meanfield'"):
+        train(small_config("train.elbo=jit", "train.compile=true"))
+
+
+def test_a_compiler_failure_is_one_clear_error(monkeypatch):
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    def broken_compile(fn, **kwargs):
+        def call(*args):
+            raise BackendCompilerFailed(broken_compile, RuntimeError("no C++ compiler found"), None)
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with pytest.raises(ConfigError, match="train.compile = true: torch.compile failed on this "
+                                          "machine .*no C\\+\\+ compiler.*train.compile = false"):
+        train(small_config("train.compile=true", epochs=1))
