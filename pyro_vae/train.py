@@ -320,7 +320,7 @@ def train(
             validate = pos["step"] == 0  # validate shapes and supports once
             with pyro.validation_enabled(validate):
                 loss = loss_and_grads(x, y, weight, validate)
-            # one fused reduction over all gradients: finite iff every gradient entry is
+            # one fused reduction over all gradients: non-finite if any gradient entry is
             grad_norm = torch.stack(torch._foreach_norm(
                 [p.grad for p in params if p.grad is not None])).sum()
             loss_value, norm_value = torch.stack([loss.to(grad_norm), grad_norm]).tolist()
