@@ -45,6 +45,14 @@ def seeded(seed: int | None, device: torch.device | str = "cpu"):
         yield
 
 
+def log_terms(vae: VAE, x: torch.Tensor, z: torch.Tensor, y1h: torch.Tensor | None,
+              q) -> LogWeights:
+    """The terms of log w at given draws z ``[K, B, D]`` from ``q`` (batch [B], event [D]),
+    each ``[K, B]``; differentiable (the compiled training loss is built on it too)."""
+    log_lik = vae.likelihood_dist(z, y1h).log_prob(x)
+    return LogWeights(log_lik, vae.prior_dist().log_prob(z), q.log_prob(z))
+
+
 @torch.no_grad()
 def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int = 1,
                 q=None) -> LogWeights:
@@ -52,9 +60,7 @@ def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int
     [B], event [D]) replaces the amortized guide as the proposal when given."""
     y1h = vae.onehot(y)
     q = vae.posterior(x, y1h) if q is None else q  # batch [B], event [D]
-    z = q.rsample((k,))  # (K, B, D)
-    log_lik = vae.likelihood_dist(z, y1h).log_prob(x)  # (K, B)
-    return LogWeights(log_lik, vae.prior_dist().log_prob(z), q.log_prob(z))
+    return log_terms(vae, x, q.rsample((k,)), y1h, q)  # z: (K, B, D)
 
 
 def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt_io
 from .config import Config, ConfigError, TrainConfig, config_hash, dumps, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
-from .evaluate import elbo_terms
+from .evaluate import elbo_terms, log_terms
 from .likelihoods import check_data
 from .model import VAE, registered
 
@@ -77,12 +77,12 @@ def negative_elbo(vae: VAE, x: torch.Tensor, eps: torch.Tensor, y1h: torch.Tenso
     """
     q = vae.posterior(x, y1h)  # batch [B], event [D]
     z = q.base_dist.loc + q.base_dist.scale * eps  # (K, B, D), the reparameterized draw
-    log_lik = vae.likelihood_dist(z, y1h).log_prob(x)  # (K, B)
+    lw = log_terms(vae, x, z, y1h, q)  # each (K, B); unused terms are dropped when compiled
     if analytic_kl:
         kl = kl_divergence(q, vae.prior_dist().expand(q.batch_shape))  # (B,)
     else:
-        kl = q.log_prob(z) - vae.prior_dist().log_prob(z)  # (K, B)
-    return -(log_lik - weight * kl).sum() / eps.shape[0]
+        kl = lw.log_q - lw.log_prior  # (K, B)
+    return -(lw.log_lik - weight * kl).sum() / eps.shape[0]
 
 
 class MonteCarloKLWarning(UserWarning):
