@@ -105,6 +105,13 @@ class _StopFlag:
         return self.signum is not None
 
 
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    """Refuse the first ``(flag, value, low)`` with ``value < low``, naming flag and value."""
+    for flag, value, low in checks:
+        if value < low:
+            raise ConfigError(f"{flag} = {value}: must be >= {low}")
+
+
 def _run_dir(args) -> Path:
     name = args.name or time.strftime("%Y%m%d-%H%M%S")
     path = Path(args.runs_dir) / name
@@ -154,8 +161,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    if args.n < 1:
-        raise ConfigError(f"--n = {args.n}: must be >= 1")
+    _at_least(("--n", args.n, 1))
     run = load_run(args.run)
     if args.label is not None and not run.vae.num_classes:
         raise ConfigError(f"--label = {args.label}: run {args.run!r} is not conditional "
@@ -174,9 +180,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    for flag, value in (("--k", args.k), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ConfigError(f"{flag} = {value}: must be >= 1")
+    _at_least(("--k", args.k, 1), ("--batch-size", args.batch_size, 1))
     run = load_run(args.run, device=args.device)
     ds = run.dataset
     result = evaluate_model(run.vae, ds.x_test, ds.y_test if run.vae.num_classes else None,
@@ -212,11 +216,8 @@ def cmd_inspect(args) -> int:
 def cmd_compare(args) -> int:
     from .mcmc import compare, run_setting, toy_setting, write_comparison
 
-    for flag, value, low in (("--points", args.points, 1), ("--chains", args.chains, 2),
-                             ("--warmup", args.warmup, 1), ("--draws", args.draws, 10),
-                             ("--iw-k", args.iw_k, 1)):
-        if value < low:
-            raise ConfigError(f"{flag} = {value}: must be >= {low}")
+    _at_least(("--points", args.points, 1), ("--chains", args.chains, 2),
+              ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 1))
     if args.setting == "run":
         if not args.run:
             raise ConfigError("--setting run needs --run RUN (a trained run directory)")

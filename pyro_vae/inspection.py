@@ -26,6 +26,15 @@ def tile(images: torch.Tensor, image_shape: tuple[int, ...], nrow: int) -> torch
     return canvas.reshape(rows, nrow, h, w).permute(0, 2, 1, 3).reshape(rows * h, nrow * w)
 
 
+def _label(ax, xlabel: str, ylabel: str, title: str | None = None):
+    """Axis labels, and the title when one is given; returns the Axes."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    return ax
+
+
 def image_grid(images, image_shape, nrow: int = 8, ax=None, title: str | None = None):
     """Draw images ``[N, X]`` as a grid of ``nrow`` columns; returns the Axes."""
     ax = ax or plt.figure(figsize=(nrow * 0.6, max(1, -(-len(images) // nrow)) * 0.6)).gca()
@@ -41,12 +50,8 @@ def scatter(points: torch.Tensor, ax=None, c=None, title: str | None = None, **k
     ax = ax or plt.figure(figsize=(4, 4)).gca()
     p = points.detach().cpu().numpy()
     ax.scatter(p[:, 0], p[:, 1], s=kw.pop("s", 3), c=None if c is None else c.cpu().numpy(), **kw)
-    ax.set_xlabel("dim 1")
-    ax.set_ylabel("dim 2")
     ax.set_aspect("equal", adjustable="datalim")
-    if title:
-        ax.set_title(title)
-    return ax
+    return _label(ax, "dim 1", "dim 2", title)
 
 
 def reconstructions_figure(x, recon, image_shape=None):
@@ -122,12 +127,8 @@ def marginal_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
         pdf = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
         ax.plot(grid, pdf, color=APPROX_COLOURS.get(name), label=name,
                 ls="--" if name == "exact" else "-")
-    ax.set_xlabel("z")
-    ax.set_ylabel("density")
-    if title:
-        ax.set_title(title)
     ax.legend(fontsize=7)
-    return ax
+    return _label(ax, "z", "density", title)
 
 
 def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
@@ -146,12 +147,8 @@ def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
             e = np.asarray(mean)[:, None] + k * chol @ circle
             ax.plot(e[0], e[1], color=APPROX_COLOURS.get(name), ls=ls,
                     label=name if k == 1 else None)
-    ax.set_xlabel("z[0]")
-    ax.set_ylabel("z[1]")
-    if title:
-        ax.set_title(title)
     ax.legend(fontsize=7)
-    return ax
+    return _label(ax, "z[0]", "z[1]", title)
 
 
 # --------------------------------------------------------------------------- ArviZ
@@ -258,21 +255,14 @@ def latent_scatter(points: torch.Tensor, labels=None, ax=None, title=None, xlabe
     sc = ax.scatter(p[:, 0], p[:, 1], c=c, cmap="tab10" if c is not None else None, s=4)
     if c is not None:
         ax.figure.colorbar(sc, ax=ax, label="label")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    return ax
+    return _label(ax, xlabel, ylabel, title)
 
 
 def kl_bars(kl: torch.Tensor, ax=None, title="KL(q(z_d|x) || p(z_d)) per dimension"):
     """Bar chart of the mean KL per latent dimension ``[D]``."""
     ax = ax or plt.figure(figsize=(max(4, 0.15 * len(kl) + 2), 3)).gca()
     ax.bar(range(len(kl)), kl.detach().cpu().numpy(), color="tab:purple")
-    ax.set_xlabel("latent dimension")
-    ax.set_ylabel("nats")
-    ax.set_title(title)
-    return ax
+    return _label(ax, "latent dimension", "nats", title)
 
 
 def posterior_ellipses(means: torch.Tensor, stds: torch.Tensor, ax=None, dims=(0, 1), title=None):
@@ -293,10 +283,8 @@ def posterior_ellipses(means: torch.Tensor, stds: torch.Tensor, ax=None, dims=(0
     pad = 2.5 * s.max()
     ax.set_xlim(m[:, 0].min() - pad, m[:, 0].max() + pad)
     ax.set_ylim(m[:, 1].min() - pad, m[:, 1].max() + pad)
-    ax.set_xlabel(f"z[{dims[0]}]")
-    ax.set_ylabel(f"z[{dims[1]}]")
-    ax.set_title(title or "q(z|x) of test points: 1 and 2 sigma")
-    return ax
+    return _label(ax, f"z[{dims[0]}]", f"z[{dims[1]}]",
+                  title or "q(z|x) of test points: 1 and 2 sigma")
 
 
 @torch.no_grad()

@@ -240,12 +240,13 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         ref_mean, ref_std = setting.exact.mean, setting.exact.variance.sqrt()
     else:
         ref_mean, ref_std = draws_all.mean(0), draws_all.std(0)
-    best = qs.get("gaussian-full", qs["gaussian-diag"])
+    best_name = "gaussian-full" if "gaussian-full" in qs else "gaussian-diag"
     with seeded(seed):
         if setting.log_px is not None:
             log_px = setting.log_px
         else:
-            log_px = iw_bound(all_log_weights(setting.vae, setting.x, setting.y, iw_k, q=best))
+            log_px = iw_bound(all_log_weights(setting.vae, setting.x, setting.y, iw_k,
+                                              q=qs[best_name]))
         elbos = {k: all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q).mean(0)
                  for k, q in qs.items()}
         thin = draws_all[:: max(1, draws_all.shape[0] // 1000)]  # (<=1000, N, D)
@@ -272,7 +273,6 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         "energy_distance_chain_vs_chain": floor,
         "seconds_per_point": seconds["nuts"],
     }
-    best_name = "gaussian-full" if "gaussian-full" in qs else "gaussian-diag"
     gaps = {
         "log_px": log_px.tolist(),
         "log_px_source": "exact" if setting.log_px is not None else f"importance-weighted, K={iw_k}, proposal {best_name}",

@@ -219,7 +219,8 @@ def train(
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python
     ds, vae = build(cfg, device)
     optimizer = make_optimizer(vae.parameters(), tc.lr)
-    if tc.elbo == "meanfield" and not has_closed_form_kl(vae):
+    closed_form_kl = has_closed_form_kl(vae)
+    if tc.elbo == "meanfield" and not closed_form_kl:
         warnings.warn(
             f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
             f"prior {cfg.prior.name!r}; TraceMeanField_ELBO uses the Monte Carlo estimate "
@@ -233,7 +234,7 @@ def train(
         pyro.clear_param_store()
         model, guide = registered(vae.model, vae), registered(vae.guide, vae)
     compiled = torch.compile(negative_elbo, dynamic=False) if tc.compile else None
-    analytic_kl = tc.elbo == "meanfield" and has_closed_form_kl(vae)
+    analytic_kl = tc.elbo == "meanfield" and closed_form_kl
     params = list(vae.parameters())
 
     def loss_and_grads(x, y, weight: float, validate: bool) -> torch.Tensor:
@@ -251,12 +252,11 @@ def train(
                                   f"({type(err.inner_exception).__name__}: "
                                   f"{str(err.inner_exception).splitlines()[0]}); "
                                   "allowed here: train.compile = false") from err
-            loss.backward()
-            return loss.detach()
-        args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
-        if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
-            return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight))
-        loss = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
+        else:
+            args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
+            if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
+                return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight))
+            loss = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
         loss.backward()
         return loss.detach()
 
