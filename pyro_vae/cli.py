@@ -197,7 +197,8 @@ def cmd_evaluate(args) -> int:
          f"{result['iw_log_likelihood']:.2f} +- {result['iw_log_likelihood_se']:.2f}"),
         ("log p(x) (bits/dim)", f"{result['iw_bits_per_dim']:.4f}"),
         ("active units (Cov > 0.01)", f"{result['active_units']} / {result['latent_dim']}"),
-        ("PSIS k-hat > 0.7 (share)", f"{result['khat_share_above_0.7']:.3f}"),
+        ("PSIS k-hat > 0.7 (share)", result["khat_note"] if result["khat_mean"] is None
+         else f"{result['khat_share_above_0.7']:.3f}" + (f" ({result['khat_note']})" if result["khat_note"] else "")),
     ]
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))

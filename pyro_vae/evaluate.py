@@ -143,14 +143,64 @@ def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tenso
     return total / x.shape[0]
 
 
-def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
-    """Pareto-smoothed importance sampling k-hat per data point from log weights ``[K, B]``
-    (ArviZ's ``psislw``); k-hat > 0.7 says q(z|x) is an unreliable proposal for that x."""
-    import arviz as az
-    import numpy as np
+PSIS_MIN_TAIL = 10  # fewest tail draws a Pareto fit is trusted on (as Pyro's psis_diagnostic)
 
-    _, khat = az.psislw(np.ascontiguousarray(log_w.detach().T.double().cpu().numpy()))
-    return torch.as_tensor(np.asarray(khat))
+
+def psis_tail_size(k: int) -> int:
+    """Draws in the Pareto tail of K importance weights: ceil(min(0.2 K, 3 sqrt(K)))
+    (Vehtari et al., "Pareto Smoothed Importance Sampling", 2024)."""
+    return math.ceil(min(0.2 * k, 3 * math.sqrt(k)))
+
+
+def psis_khat_unavailable(k: int) -> str | None:
+    """Why k-hat cannot be estimated from K draws per point, or None when it can."""
+    m = psis_tail_size(k)
+    if m >= PSIS_MIN_TAIL:
+        return None
+    return (f"not available: K={k} draws leave a tail of {m} < {PSIS_MIN_TAIL} weights for "
+            "the Pareto fit (needs K >= 50)")
+
+
+def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
+    """PSIS k-hat per data point from log importance weights ``[K, B]`` -> ``[B]``.
+
+    The M = :func:`psis_tail_size` (K) largest weights of each point, in excess of the
+    (M+1)-th, are fitted by a generalized Pareto distribution (Zhang & Stephens 2009, Pyro's
+    ``fit_generalized_pareto``); k-hat is its shape xi. The weights then have about
+    1/xi finite moments: k-hat > 0.7 says q(z|x) is an unreliable proposal for that x.
+    NaN (not available) where M < ``PSIS_MIN_TAIL`` (see :func:`psis_khat_unavailable`), or
+    where fewer than ``PSIS_MIN_TAIL`` tail weights exceed the cutoff (ties)."""
+    from pyro.ops.stats import fit_generalized_pareto
+
+    k = log_w.shape[0]
+    m = psis_tail_size(k)
+    if psis_khat_unavailable(k):
+        return log_w.new_full(log_w.shape[1:], float("nan"))
+    top = log_w.detach().double().topk(m + 1, dim=0).values  # (M+1, B), descending
+    # exceedances over the cutoff weight, divided by it (xi is scale-free): no underflow
+    excess = torch.expm1((top[:-1] - top[-1]).clamp(max=700.0)).cpu()  # (M, B)
+
+    def fit(tail: torch.Tensor) -> float:
+        tail = tail[tail > 0]  # weights tied with the cutoff are not in the tail
+        return fit_generalized_pareto(tail)[0] if len(tail) >= PSIS_MIN_TAIL else float("nan")
+
+    return torch.tensor([fit(excess[:, b]) for b in range(excess.shape[1])],
+                        dtype=log_w.dtype, device=log_w.device)
+
+
+def _khat_summary(khat: torch.Tensor, k: int) -> dict:
+    """k-hat share above 0.7 and mean over the data points where it was fitted, or None
+    and the reason; ``khat_note`` says what is missing."""
+    reason = psis_khat_unavailable(k)
+    fitted = khat[khat.isfinite()]
+    if reason or fitted.numel() == 0:
+        reason = reason or "not available: no data point has a tail of distinct weights"
+        return {"khat_share_above_0.7": None, "khat_mean": None, "khat_note": reason}
+    missing = khat.numel() - fitted.numel()
+    note = (f"{missing} of {khat.numel()} points have fewer than {PSIS_MIN_TAIL} distinct "
+            "tail weights: k-hat not available there, share over the rest") if missing else None
+    return {"khat_share_above_0.7": (fitted > 0.7).float().mean().item(),
+            "khat_mean": fitted.mean().item(), "khat_note": note}
 
 
 def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, chunk: int = 100,
@@ -158,7 +208,8 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     """Every evaluation number for data ``x`` ``[N, X]`` (nats per data point unless named):
     ELBO with its reconstruction and KL terms (1 draw), importance-weighted log p(x) with K
     draws (mean and standard error over data points), bits per dimension, KL per dimension,
-    active units and the share of data points with PSIS k-hat > 0.7."""
+    active units and the share of data points with PSIS k-hat > 0.7 (None, with
+    ``khat_note`` saying why, when K is too small to fit a Pareto tail)."""
     rec, kl = elbo_terms(vae, x, y, k=1, batch_size=batch_size, seed=seed)
     iw, khat = [], []
     with seeded(seed, x.device):
@@ -185,6 +236,5 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
         "latent_dim": vae.latent_dim,
         "posterior_mean_variance": variances.tolist(),
         "kl_per_dimension": None if per_dim is None else per_dim.tolist(),
-        "khat_share_above_0.7": (khat > 0.7).float().mean().item(),
-        "khat_mean": khat.mean().item(),
+        **_khat_summary(khat, k),
     }

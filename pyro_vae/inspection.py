@@ -151,18 +151,6 @@ def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
     return _label(ax, "z[0]", "z[1]", title)
 
 
-# --------------------------------------------------------------------------- ArviZ
-
-
-def to_inference_data(samples: torch.Tensor):
-    """Draws ``[C, S, N, D]`` (chains, draws, points, latent dims) as ArviZ InferenceData
-    with variable ``z`` and dims ``(point, latent)``: the names NUTS' data uses too."""
-    import arviz as az
-
-    return az.from_dict(posterior={"z": samples.detach().cpu().numpy()},
-                        dims={"z": ["point", "latent"]})
-
-
 # --------------------------------------------------------------------------- data preparation
 
 

@@ -20,13 +20,11 @@ per-point Gaussian as proposal.
 
 from __future__ import annotations
 
-import math
 import time
-import warnings
 from pathlib import Path
+from statistics import NormalDist
 from typing import NamedTuple
 
-import arviz as az
 import pyro
 import pyro.distributions as dist
 import torch
@@ -34,13 +32,13 @@ from pyro.infer import MCMC, NUTS, Trace_ELBO
 from pyro.infer.autoguide.initialization import init_to_value
 from torch.nn import functional as F
 
+from . import arviz_bridge
 from .config import load_config
 from .data import LinearGaussian
 from .evaluate import all_log_weights, iw_bound, seeded
-from .inspection import to_inference_data
 from .model import LATENT, PLATE, VAE
 from .toys import linear_gaussian_evidence, linear_gaussian_posterior
-from .train import train
+from .train import jit_notice_silenced, train
 
 # Toy settings: the training overrides of the VAE whose decoder is then held fixed.
 SETTINGS = {
@@ -116,7 +114,7 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
     loc = q0.mean.clone().requires_grad_()
     raw = (q0.stddev.expm1().log()).clone().requires_grad_()  # softplus^-1(scale)
     n, d = loc.shape
-    off = torch.zeros(n, d, d, requires_grad=True)
+    off = loc.new_zeros(n, d, d).requires_grad_()  # (N, D, D) strictly lower part
     params = [loc, raw, off] if full else [loc, raw]
 
     def q():
@@ -146,10 +144,11 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
 
 
 class NutsResult(NamedTuple):
-    """NUTS draws ``samples [C, S, N, D]``, ArviZ InferenceData, divergences, seconds/point."""
+    """NUTS draws ``samples [C, S, N, D]``, the same as ArviZ data (``arviz_bridge``, with
+    sample_stats/diverging), the number of divergences and seconds per point."""
 
     samples: torch.Tensor
-    idata: az.InferenceData
+    idata: object
     divergences: int
     seconds_per_point: float
 
@@ -158,12 +157,12 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
              jit: bool = True, seed: int = 0, progress: bool = False) -> NutsResult:
     """(c) NUTS on ``VAE.model`` conditioned on the points, chains run one after another,
     each started at its own draw from the amortized guide with doubled scale (dispersed
-    starts make R-hat meaningful). ArviZ data via ``az.from_pyro`` per chain, concatenated."""
+    starts make R-hat meaningful)."""
     vae, x = setting.vae, setting.x
     args = (x,) if setting.y is None else (x, setting.y)
     with torch.no_grad():
         q = vae.posterior(x, vae.onehot(setting.y))
-    idatas, samples, divergences = [], [], 0
+    samples, diverging = [], []
     t0 = time.perf_counter()
     for c in range(chains):
         pyro.set_rng_seed(seed + c)
@@ -172,15 +171,16 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
         kernel = NUTS(vae.model, jit_compile=jit, ignore_jit_warnings=True,
                       init_strategy=init_to_value(values={LATENT: start}), max_plate_nesting=1)
         mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=not progress)
-        with warnings.catch_warnings():  # Pyro's jit_compile still uses torch.jit.trace
-            warnings.filterwarnings("ignore", message=".*torch.jit.trace.*deprecated", category=FutureWarning)
+        with jit_notice_silenced():  # Pyro's jit_compile traces with torch.jit
             mcmc.run(*args)
         samples.append(mcmc.get_samples()[LATENT])  # (S, N, D)
-        divergences += int(sum(len(v) for v in mcmc.diagnostics()["divergences"].values()))
-        idatas.append(az.from_pyro(mcmc, log_likelihood=False, dims={"z": ["point", "latent"]}))
+        flags = torch.zeros(draws, dtype=torch.bool)  # (S,)
+        flags[[i for v in mcmc.diagnostics()["divergences"].values() for i in v]] = True
+        diverging.append(flags)
     seconds = (time.perf_counter() - t0) / x.shape[0]
-    idata = az.concat(*idatas, dim="chain") if len(idatas) > 1 else idatas[0]
-    return NutsResult(torch.stack(samples), idata, divergences, seconds)
+    samples, diverging = torch.stack(samples), torch.stack(diverging)  # (C, S, N, D), (C, S)
+    idata = arviz_bridge.from_draws(samples, diverging)
+    return NutsResult(samples, idata, int(diverging.sum()), seconds)
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -197,7 +197,7 @@ def coverage(q: dist.Distribution, draws: torch.Tensor, level: float = 0.9) -> t
     """Share of reference draws ``[S, N, D]`` inside q's central ``level`` marginal
     intervals, averaged over dims: ``[N]`` (``level`` when q is right)."""
     mean, std = q.mean, q.variance.sqrt()  # (N, D)
-    half = std * math.sqrt(2) * torch.erfinv(torch.tensor(level))
+    half = std * NormalDist().inv_cdf((1 + level) / 2)  # (N, D)
     inside = ((draws - mean).abs() <= half).float()  # (S, N, D)
     return inside.mean((0, 2))
 
@@ -226,8 +226,8 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
     seconds["nuts"] = nuts.seconds_per_point
     draws_all = nuts.samples.flatten(0, 1)  # (C*S, N, D)
 
-    rhat = az.rhat(nuts.idata)["z"].values  # (N, D)
-    ess = az.ess(nuts.idata, method="bulk")["z"].values
+    rhat = arviz_bridge.rhat(nuts.idata)  # (N, D)
+    ess = arviz_bridge.ess_bulk(nuts.idata)
     gates = {
         "max_rhat": float(rhat.max()), "min_ess_bulk": float(ess.min()),
         "divergences": nuts.divergences,
@@ -362,13 +362,11 @@ def write_comparison(r: dict, out: str | Path, dims: int = 3) -> list[Path]:
     written = [out / "report.md", out / "comparison.json"]
     written[0].write_text(report_markdown(r))
     written[1].write_text(json.dumps({k: v for k, v in r.items() if k != "_objects"}, indent=1))
-    nuts.idata.to_netcdf(str(out / "nuts.nc"))
-    written.append(out / "nuts.nc")
+    written.append(arviz_bridge.save(nuts.idata, out / "nuts.nc"))
     s = nuts.samples.shape[1]
     for name, q in qs.items():
-        path = out / f"{name}.nc"
-        to_inference_data(q.sample((s,)).unsqueeze(0)).to_netcdf(str(path))
-        written.append(path)
+        draws_q = q.sample((s,)).unsqueeze(0)  # (1, S, N, D)
+        written.append(arviz_bridge.save(arviz_bridge.from_draws(draws_q), out / f"{name}.nc"))
 
     draws = nuts.samples.flatten(0, 1)[:, 0]  # (C*S, D) of point 0
     gauss = {name: q for name, q in qs.items()}
@@ -384,11 +382,10 @@ def write_comparison(r: dict, out: str | Path, dims: int = 3) -> list[Path]:
     if draws.shape[1] >= 2:
         def cov2(q):
             c = q.covariance_matrix[0] if hasattr(q, "covariance_matrix") else torch.diag(q.variance[0])
-            return c[:2, :2].numpy()
+            return c[:2, :2].cpu().numpy()
 
-        pairs = {name: (q.mean[0, :2].numpy(), cov2(q)) for name, q in gauss.items()}
+        pairs = {name: (q.mean[0, :2].cpu().numpy(), cov2(q)) for name, q in gauss.items()}
         ax = pair_overlay(draws[:, :2], pairs, title="point 0: Gaussian ellipses over NUTS")
         written.append(save_figure(ax.figure, out / "pair.png"))
-    axes = az.plot_trace(nuts.idata, var_names=["z"], coords={"point": [0]}, compact=True)
-    written.append(save_figure(axes.ravel()[0].figure, out / "trace.png"))
+    written.append(save_figure(arviz_bridge.plot_trace(nuts.idata, point=0), out / "trace.png"))
     return written

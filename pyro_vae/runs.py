@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from . import arviz_bridge
 from . import checkpoint as ckpt_io
 from .config import Config, from_dict
 from .data import Dataset, load_dataset
-from .inspection import to_inference_data
 from .model import VAE
 from .train import resolve_device
 
@@ -53,8 +53,9 @@ class Run:
     checkpoint: dict
 
     def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        """q(z | x) as a torch distribution: batch_shape [B], event_shape [D]."""
-        return self.vae.posterior(x, self.vae.onehot(y))
+        """q(z | x) as a torch distribution on the run's device: batch_shape [B], event_shape
+        [D]. ``x`` ``[B, X]`` (and labels ``y`` ``[B]``) may be on any device."""
+        return self.vae.posterior(x.to(self.device), self.vae.onehot(y))
 
     def sample(self, n: int, label: int | None = None) -> torch.Tensor:
         """n decoded prior samples ``[n, X]`` (all of class ``label`` if conditional)."""
@@ -70,14 +71,15 @@ class Run:
 
     @torch.no_grad()
     def to_inference_data(self, x: torch.Tensor, num_samples: int = 500, y=None):
-        """Draws z ~ q(z | x) for x ``[N, X]`` as ArviZ InferenceData: one chain of
-        ``num_samples`` draws, variable ``z`` with dims (point, latent), as NUTS' data."""
+        """Draws z ~ q(z | x) for x ``[N, X]`` as ArviZ data (``arviz_bridge``: DataTree
+        under ArviZ 1.x, InferenceData under 0.x): one chain of ``num_samples`` draws,
+        variable ``z`` with dims (point, latent), as NUTS' data."""
         z = self.posterior(x, y).sample((num_samples,))  # (S, N, D)
-        return to_inference_data(z.unsqueeze(0))
+        return arviz_bridge.from_draws(z.unsqueeze(0))
 
     @property
     def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+        return self.vae.device
 
 
 def load_run(path: str | Path, device: str = "cpu") -> Run:

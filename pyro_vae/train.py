@@ -23,6 +23,7 @@ so a compiled step computes the eager step's loss on the same seed (tested).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -57,6 +58,17 @@ ELBOS: dict[str, Callable[[TrainConfig], pyro.infer.ELBO]] = {
     "jit": lambda c: JitTrace_ELBO(**_particles(c), ignore_jit_warnings=True),
     "iwae": lambda c: RenyiELBO(alpha=0.0, **{**_particles(c), "vectorize_particles": True}),
 }
+
+
+@contextlib.contextmanager
+def jit_notice_silenced():
+    """Silence exactly torch's deprecation notice for ``torch.jit.trace`` (torch >= 2.11),
+    which Pyro's ``JitTrace_ELBO`` and ``NUTS(jit_compile=True)`` still call when they
+    trace; every other warning is raised as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated",
+                                category=FutureWarning)
+        yield
 
 
 COMPILABLE = ("trace", "meanfield")  # train.elbo values that train.compile supports
@@ -121,6 +133,18 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def refuse_compile_on_cuda(cfg: TrainConfig, device: torch.device) -> None:
+    """``train.compile = true`` on CUDA is refused: measured on an H100 (torch 2.11) the
+    compiled loss diverged (test ELBO -324,332 against eager -107.2) while it equals the
+    eager loss on the CPU. Until ``tests/test_cuda.py`` shows compiled == eager on a GPU,
+    a wrong result is not offered; there is no silent fallback to eager."""
+    if cfg.compile and device.type == "cuda":
+        raise ConfigError(
+            f"train.compile = true on CUDA (torch {torch.__version__}): the compiled loss gives "
+            "wrong gradients on CUDA (training diverges; cause not yet found, see README), so "
+            "it is refused; allowed on CUDA: train.compile = false (eager), or train.device = cpu")
 
 
 def kl_weight(cfg: TrainConfig, epoch: int) -> float:
@@ -215,6 +239,7 @@ def train(
         raise ConfigError(f"train.compile = true with train.elbo = {tc.elbo!r}: compiled "
                           f"training supports train.elbo = {' or '.join(map(repr, COMPILABLE))}")
     device = resolve_device(tc.device)
+    refuse_compile_on_cuda(tc, device)
     run_dir = None if run_dir is None else Path(run_dir)
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python
     ds, vae = build(cfg, device)
@@ -254,9 +279,10 @@ def train(
                                   "allowed here: train.compile = false") from err
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
-            if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
-                return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight))
-            loss = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
+            with jit_notice_silenced():  # train.elbo = "jit" traces with torch.jit
+                if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
+                    return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight))
+                loss = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
         loss.backward()
         return loss.detach()
 

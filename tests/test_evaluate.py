@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pyro_vae.evaluate import (active_units, all_log_weights, elbo, elbo_terms, iw_bound, iw_log_likelihood,
-                               kl_per_dimension, log_weights, posterior_means, psis_khat)
+                               kl_per_dimension, log_weights, posterior_means, psis_khat,
+                               psis_khat_unavailable)
 from pyro_vae.toys import linear_gaussian_evidence, linear_gaussian_posterior
 
 from conftest import build_vae
@@ -87,8 +88,24 @@ def test_psis_khat_is_small_for_the_exact_posterior_and_flags_a_poor_proposal():
     z = q.sample((2000,))  # (K, B, D)
     lw_exact = (vae.likelihood_dist(z).log_prob(x) + vae.prior_dist().log_prob(z) - q.log_prob(z))
     assert torch.allclose(lw_exact, exact.expand_as(lw_exact), atol=1e-3)
+    lw_exact = lw_exact.double()  # float64: the 1e-6 jitter below survives rounding
     assert (psis_khat(lw_exact + 1e-6 * torch.randn_like(lw_exact)) < 0.5).all()
+    assert psis_khat(lw_exact.round()).isnan().all()  # all weights tied: no tail to fit
     assert (psis_khat(good) > 0.7).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("xi", [0.3, 0.7, 1.2])
+def test_psis_khat_recovers_the_tail_shape_of_pareto_weights(xi):
+    # w = U^-xi is Pareto with tail index xi: k-hat estimates xi (sd about 0.1 per point)
+    log_w = -xi * torch.rand(4000, 40, dtype=torch.float64).log()  # (K, B)
+    khat = psis_khat(log_w)
+    assert khat.shape == (40,) and khat.dtype == torch.float64
+    assert khat.mean().item() == pytest.approx(xi, abs=0.06)
+
+
+def test_psis_khat_is_not_available_from_too_few_draws():
+    assert psis_khat(torch.randn(10, 3)).isnan().all()
+    assert "not available" in psis_khat_unavailable(10) and psis_khat_unavailable(50) is None
 
 
 def test_evaluate_cli_writes_eval_json(tmp_path, capsys):
@@ -100,5 +117,9 @@ def test_evaluate_cli_writes_eval_json(tmp_path, capsys):
     out = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert out["iw_log_likelihood"] >= out["elbo"] - 0.5 and out["k"] == 50 and out["n"] == 1000
     assert 0 <= out["active_units"] <= 50 and len(out["kl_per_dimension"]) == 50
+    assert out["khat_share_above_0.7"] is not None and out["khat_note"] is None
     assert "log p(x), IW K=50" in capsys.readouterr().out
+    assert main(["evaluate", str(tmp_path / "r"), "--k", "10", "--batch-size", "500"]) == 0
+    assert json.loads((tmp_path / "r" / "eval.json").read_text())["khat_share_above_0.7"] is None
+    assert "not available: K=10" in capsys.readouterr().out
     assert main(["evaluate", str(tmp_path / "r"), "--k", "0"]) == 2

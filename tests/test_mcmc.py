@@ -1,11 +1,10 @@
 """VI versus MCMC on settings where the answer is known (pPCA) or NUTS is affordable (ring)."""
 
-import arviz as az
 import pytest
 import torch
 
+from pyro_vae import arviz_bridge
 from pyro_vae.cli import main
-from pyro_vae.inspection import to_inference_data
 from pyro_vae.mcmc import compare, energy_distance, toy_setting
 
 SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000)
@@ -32,7 +31,7 @@ def test_nuts_matches_the_closed_form_posterior(linear):
     nuts = r["_objects"]["nuts"]
     draws = nuts.samples.flatten(0, 1)  # (C*S, N, D)
     exact = setting.exact
-    mcse = torch.as_tensor(az.mcse(nuts.idata, method="mean")["z"].values, dtype=torch.float32)
+    mcse = torch.as_tensor(arviz_bridge.mcse_mean(nuts.idata), dtype=torch.float32)
     err = (draws.mean(0) - exact.mean).abs()  # (N, D)
     assert (err < 4 * mcse).all(), (err / mcse)
     cov = torch.stack([torch.cov(draws[:, n].T) for n in range(draws.shape[1])])
@@ -76,12 +75,15 @@ def test_ring_posterior_is_not_gaussian_and_nuts_passes_the_gates(ring):
 def test_guide_and_nuts_inference_data_share_names_and_dims(ring):
     setting, r = ring
     nuts = r["_objects"]["nuts"]
-    guide = to_inference_data(r["_objects"]["q"]["amortized"].sample((300,)).unsqueeze(0))
-    assert set(nuts.idata.posterior.data_vars) == set(guide.posterior.data_vars) == {"z"}
-    assert nuts.idata.posterior["z"].dims == guide.posterior["z"].dims == ("chain", "draw", "point", "latent")
+    guide = arviz_bridge.from_draws(r["_objects"]["q"]["amortized"].sample((300,)).unsqueeze(0))
+    post_nuts, post_guide = arviz_bridge.group(nuts.idata), arviz_bridge.group(guide)
+    assert set(post_nuts.data_vars) == set(post_guide.data_vars) == {"z"}
+    assert post_nuts["z"].dims == post_guide["z"].dims == ("chain", "draw", "point", "latent")
     for idata in (nuts.idata, guide):
-        summary = az.summary(idata)
+        summary = arviz_bridge.summary(idata)
         assert len(summary) == 3 * 2  # points x latent dims
+    diverging = arviz_bridge.group(nuts.idata, "sample_stats")["diverging"]
+    assert diverging.dims == ("chain", "draw") and int(diverging.sum()) == r["nuts"]["divergences"]
 
 
 def test_energy_distance_is_zero_for_equal_samples_and_grows_with_a_shift():

@@ -1,0 +1,115 @@
+"""The one module that talks to ArviZ: draws in, ArviZ data, diagnostics, netCDF and plots out.
+
+ArviZ changed under us at 1.0. ArviZ 1.x (arviz-base, arviz-stats, arviz-plots; what pip
+resolves on Python >= 3.12) holds draws in an xarray ``DataTree``; ArviZ 0.x (what installs on
+Python 3.11) in an ``InferenceData``. Both are called "ArviZ data" here, and both carry the
+same groups, names and dims, so a netCDF file written under one major version loads under
+the other::
+
+    posterior/z              (chain, draw, point, latent)   draws z ~ p(z|x) or q(z|x)
+    sample_stats/diverging   (chain, draw)                  NUTS only
+
+Files are written with the h5netcdf engine (a dependency: ArviZ 1.x no longer installs one).
+Everything else in pyro_vae goes through these functions; ``import arviz`` happens only here,
+inside the functions, so ``import pyro_vae`` stays light.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DIMS = {"z": ["point", "latent"]}  # the latent draws' dims after (chain, draw)
+ENGINE = "h5netcdf"
+
+
+def _arviz():
+    import arviz
+
+    return arviz
+
+
+def major_version() -> int:
+    """ArviZ's major version (0 or 1): the one switch this module branches on."""
+    return int(_arviz().__version__.split(".")[0])
+
+
+def from_draws(z: torch.Tensor, diverging: torch.Tensor | None = None):
+    """ArviZ data from draws ``z [C, S, N, D]`` (chains, draws per chain, data points,
+    latent dims) and, for MCMC, divergence flags ``diverging [C, S]`` (bool)."""
+    groups = {"posterior": {"z": z.detach().cpu().numpy()}}
+    if diverging is not None:
+        groups["sample_stats"] = {"diverging": diverging.detach().cpu().numpy().astype(bool)}
+    if major_version() >= 1:
+        return _arviz().from_dict(groups, dims=DIMS)
+    return _arviz().from_dict(**groups, dims=DIMS)
+
+
+def group(data, name: str = "posterior"):
+    """One group of ArviZ data as an ``xarray.Dataset`` (both major versions)."""
+    node = data[name]
+    return node.to_dataset() if major_version() >= 1 else node
+
+
+def draws(data, var: str = "z") -> np.ndarray:
+    """The posterior draws of ``var`` as an array ``[C, S, ...]``."""
+    return np.asarray(group(data)[var].values)
+
+
+def rhat(data, var: str = "z") -> np.ndarray:
+    """Rank-normalised split R-hat of ``var`` per element, ``[N, D]`` for z."""
+    return np.asarray(_arviz().rhat(group(data))[var].values)
+
+
+def ess_bulk(data, var: str = "z") -> np.ndarray:
+    """Bulk effective sample size of ``var`` per element, ``[N, D]`` for z."""
+    return np.asarray(_arviz().ess(group(data), method="bulk")[var].values)
+
+
+def mcse_mean(data, var: str = "z") -> np.ndarray:
+    """Monte Carlo standard error of the posterior mean of ``var``, ``[N, D]`` for z."""
+    return np.asarray(_arviz().mcse(group(data), method="mean")[var].values)
+
+
+def summary(data, kind: str = "all"):
+    """ArviZ's summary table (a pandas DataFrame, one row per element of z); ``kind``:
+    all | stats | diagnostics."""
+    return _arviz().summary(data, kind=kind)
+
+
+def save(data, path: str | Path) -> Path:
+    """Write ArviZ data to netCDF (one HDF5 group per ArviZ group)."""
+    data.to_netcdf(str(path), engine=ENGINE)
+    return Path(path)
+
+
+def load(path: str | Path):
+    """Read a netCDF file written by :func:`save` under either ArviZ major version."""
+    return _arviz().from_netcdf(str(path), engine=ENGINE)
+
+
+def plot_trace(data, var: str = "z", point: int = 0):
+    """ArviZ's trace plot (marginal densities and traces per chain) of ``var`` at data
+    point ``point``; returns the matplotlib Figure."""
+    az, coords = _arviz(), {"point": [point]}
+    if major_version() >= 1:
+        pc = az.plot_trace_dist(data, var_names=[var], coords=coords, backend="matplotlib")
+        return pc.viz["figure"].item()
+    axes = az.plot_trace(data, var_names=[var], coords=coords, compact=True)
+    return np.asarray(axes).ravel()[0].figure
+
+
+def plot_forest(named: dict, var: str = "z", point: int = 0):
+    """ArviZ's forest plot of ``var`` at data point ``point`` for several ArviZ data side by
+    side (``{"NUTS": data, "guide": data}``); returns the matplotlib Figure. Give every entry
+    the same number of chains (chains are combined)."""
+    az, coords = _arviz(), {"point": [point]}
+    if major_version() >= 1:
+        pc = az.plot_forest(named, var_names=[var], coords=coords, combined=True,
+                            backend="matplotlib")
+        return pc.viz["figure"].item()
+    axes = az.plot_forest(list(named.values()), model_names=list(named), var_names=[var],
+                          coords=coords, combined=True)
+    return np.asarray(axes).ravel()[0].figure

@@ -1,0 +1,68 @@
+"""The ArviZ boundary: the same names, dims, diagnostics and files under ArviZ 0.x and 1.x."""
+
+from pathlib import Path
+
+import matplotlib.figure
+import pytest
+import torch
+
+from pyro_vae import arviz_bridge
+
+DATA = Path(__file__).parent / "data"
+
+
+def fixture_draws():
+    """The draws and divergences stored in tests/data/draws_arviz{0,1}.nc. Those files were
+    written by ``arviz_bridge.save(arviz_bridge.from_draws(z, diverging), path)`` under
+    ArviZ 0.23 (Python 3.11) and ArviZ 1.3 (Python 3.13)."""
+    z = torch.arange(2 * 5 * 2 * 3, dtype=torch.float64).reshape(2, 5, 2, 3).sin()  # (C, S, N, D)
+    diverging = torch.zeros(2, 5, dtype=torch.bool)
+    diverging[1, 3] = True
+    return z, diverging
+
+
+@pytest.mark.parametrize("written_by", [0, 1])
+def test_a_file_written_under_either_major_version_loads_with_the_same_names(written_by):
+    z, diverging = fixture_draws()
+    data = arviz_bridge.load(DATA / f"draws_arviz{written_by}.nc")
+    post = arviz_bridge.group(data)
+    assert post["z"].dims == ("chain", "draw", "point", "latent")
+    assert torch.equal(torch.as_tensor(arviz_bridge.draws(data)), z)
+    flags = arviz_bridge.group(data, "sample_stats")["diverging"]
+    assert flags.dims == ("chain", "draw")
+    assert torch.equal(torch.as_tensor(flags.values), diverging)
+
+
+def test_save_then_load_round_trips_under_the_installed_version(tmp_path):
+    z, diverging = fixture_draws()
+    path = arviz_bridge.save(arviz_bridge.from_draws(z, diverging), tmp_path / "d.nc")
+    back = arviz_bridge.load(path)
+    assert torch.equal(torch.as_tensor(arviz_bridge.draws(back)), z)
+    assert int(arviz_bridge.group(back, "sample_stats")["diverging"].sum()) == 1
+
+
+def test_rhat_ess_and_mcse_tell_mixed_chains_from_stuck_ones():
+    torch.manual_seed(0)
+    mixed = torch.randn(4, 1000, 2, 3)  # iid N(0, 1): every chain the same target
+    stuck = mixed + torch.arange(4.0).view(4, 1, 1, 1)  # chains at different means
+    good, bad = arviz_bridge.from_draws(mixed), arviz_bridge.from_draws(stuck)
+    assert arviz_bridge.rhat(good).shape == (2, 3)
+    assert (arviz_bridge.rhat(good) < 1.01).all() and (arviz_bridge.rhat(bad) > 1.5).all()
+    ess = arviz_bridge.ess_bulk(good)
+    assert ((ess > 3000) & (ess < 5000)).all()  # iid draws: ESS about the 4000 draws
+    mcse = arviz_bridge.mcse_mean(good)  # sd / sqrt(4000) = 0.0158
+    assert ((mcse > 0.013) & (mcse < 0.019)).all()
+    assert len(arviz_bridge.summary(good, kind="stats")) == 2 * 3
+
+
+def test_plots_return_a_figure_for_the_requested_point():
+    torch.manual_seed(0)
+    nuts = arviz_bridge.from_draws(torch.randn(2, 50, 3, 2))
+    guide = arviz_bridge.from_draws(torch.randn(2, 50, 3, 2) + 1)
+    trace = arviz_bridge.plot_trace(nuts, point=1)
+    forest = arviz_bridge.plot_forest({"NUTS": nuts, "guide": guide}, point=0)
+    for fig in (trace, forest):
+        assert isinstance(fig, matplotlib.figure.Figure) and fig.axes
+    # the trace plot shows one line per chain and latent dim of point 1, no other point
+    lines = [line for ax in trace.axes for line in ax.get_lines() if len(line.get_xdata()) == 50]
+    assert len(lines) == 2 * 2
