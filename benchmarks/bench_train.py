@@ -113,6 +113,9 @@ def main():
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--verbose", action="store_true", help="print every round's seconds")
     args = p.parse_args()
+    if "compiled" in args.phases and resolve_device(args.device).type == "cuda":
+        print("compiled phase skipped: train.compile is refused on CUDA (see README, Status)")
+        args.phases = [ph for ph in args.phases if ph != "compiled"]
     rows = []  # (phase, network, variant, times, ratios, ratio of fastest epochs, test ELBO)
     for phase in args.phases:  # every eager measurement before the first compilation
         variants = PHASES[phase]

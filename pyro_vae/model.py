@@ -77,8 +77,14 @@ class VAE(nn.Module):
 
     # ---------------------------------------------------------------- distributions
 
+    @property
+    def device(self) -> torch.device:
+        """The device of the parameters (where every input must live)."""
+        return next(self.parameters()).device
+
     def onehot(self, y: torch.Tensor | None) -> torch.Tensor | None:
-        """Labels ``[B]`` -> one-hot ``[B, C]`` for a conditional model, else None."""
+        """Labels ``[B]`` -> one-hot ``[B, C]`` on the model's device for a conditional
+        model, else None."""
         if not self.num_classes:
             return None
         if y is None:
@@ -87,7 +93,7 @@ class VAE(nn.Module):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes - 1}], got [{y.min()}, {y.max()}]"
             )
-        return F.one_hot(y, self.num_classes).float()
+        return F.one_hot(y.to(self.device), self.num_classes).float()
 
     def prior_dist(self) -> dist.Distribution:
         """p(z): batch_shape (), event_shape [D]."""

@@ -133,7 +133,7 @@ def test_nan_stops_training_and_keeps_the_last_checkpoint(trained_run, capsys):
 def test_load_run_round_trips_the_test_elbo(trained_run):
     from pyro_vae.evaluate import elbo
 
-    run = load_run(trained_run)
+    run = load_run(trained_run, device="auto")  # the device that trained it (train.device = auto)
     last = run.metrics[-1]
     value = elbo(run.vae, run.dataset.x_test, seed=run.config.train.seed,
                  batch_size=run.config.train.eval_batch_size)

@@ -1,0 +1,86 @@
+"""What only a GPU can show (marked ``cuda``: skipped, with the reason, without one).
+
+Devices meet: a CPU tensor given to a CUDA run is moved; a CUDA-trained checkpoint scores the
+same on the CPU within float32 rounding; compiled training on CUDA is refused until the
+compiled loss equals the eager one there.
+"""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from pyro_vae.cli import main
+from pyro_vae.config import ConfigError
+from pyro_vae.evaluate import elbo_terms, log_terms
+from pyro_vae.runs import load_run
+from pyro_vae.train import make_optimizer, negative_elbo, train
+
+from conftest import small_config
+
+pytestmark = pytest.mark.cuda
+
+QUICK = ["--quiet", "--set", "data.subset=500", "--set", "model.hidden=[64]",
+         "--set", "model.latent_dim=4", "--set", "train.epochs=2", "--set", "train.device=cuda"]
+
+
+def test_a_cuda_trained_run_scores_the_same_on_the_cpu(tmp_path):
+    assert main(["train", *QUICK, "--runs-dir", str(tmp_path), "--name", "r"]) == 0
+    gpu, cpu = load_run(tmp_path / "r", device="cuda"), load_run(tmp_path / "r", device="cpu")
+    x = cpu.dataset.x_test[:200]  # (N, X) on the CPU
+    q_gpu, q_cpu = gpu.posterior(x), cpu.posterior(x)  # a CPU x given to the CUDA run: moved
+    assert q_gpu.mean.device.type == "cuda"
+    # the same float32 computation on two devices: equal up to rounding (cuBLAS vs CPU sums)
+    torch.testing.assert_close(q_gpu.mean.cpu(), q_cpu.mean, rtol=1e-4, atol=1e-5)
+    z = q_cpu.sample((4,))  # (K, N, D): the same draws scored on both devices
+    t_cpu = log_terms(cpu.vae, x, z, None, q_cpu)
+    t_gpu = log_terms(gpu.vae, x.cuda(), z.cuda(), None, q_gpu)
+    torch.testing.assert_close(t_gpu.log_w.cpu(), t_cpu.log_w, rtol=1e-4, atol=1e-3)
+    # each device draws its own noise (CUDA and CPU RNG streams): ELBOs agree within MC error
+    rec_c, kl_c = elbo_terms(cpu.vae, x)
+    rec_g, kl_g = elbo_terms(gpu.vae, x.cuda())
+    e_c, e_g = rec_c - kl_c, (rec_g - kl_g).cpu()  # (N,) one-draw ELBOs
+    se = math.sqrt((e_c.var() + e_g.var()).item() / x.shape[0])
+    assert abs(e_c.mean().item() - e_g.mean().item()) < 4 * se
+
+
+def test_a_conditional_cuda_run_samples_a_label_from_the_cli(tmp_path):
+    assert main(["train", *QUICK, "--set", "model.conditional=true",
+                 "--runs-dir", str(tmp_path), "--name", "c"]) == 0
+    assert main(["sample", str(tmp_path / "c"), "--label", "3", "--n", "8"]) == 0
+    run = load_run(tmp_path / "c", device="cuda")
+    images = [run.sample(8, label) for label in (1, 8)]  # labels made on the run's device
+    assert images[0].device.type == "cuda" and (images[0] - images[1]).abs().mean() > 0.01
+
+
+def test_compiled_training_is_refused_on_cuda_with_one_clear_error():
+    with pytest.raises(ConfigError, match=r"train.compile = true on CUDA \(torch .*allowed on CUDA"):
+        train(small_config("train.device=cuda", "train.compile=true"))
+
+
+@pytest.mark.xfail(strict=True, reason="measured wrong on CUDA (torch 2.11, H100); when this "
+                   "passes, lift train.refuse_compile_on_cuda and drop this mark")
+def test_compiled_loss_equals_eager_on_cuda_over_200_steps():
+    cfg = small_config("train.device=cuda")
+    from pyro_vae.train import build
+
+    ds, eager_vae = build(cfg, "cuda")
+    compiled_vae = copy.deepcopy(eager_vae)
+    compiled = torch.compile(negative_elbo, dynamic=False)
+    opts = [make_optimizer(v.parameters(), 1e-3) for v in (eager_vae, compiled_vae)]
+    weight = torch.tensor(1.0, device="cuda")
+    losses = []
+    for step in range(200):
+        x = ds.x_train[(step * 64) % 448 : (step * 64) % 448 + 64]  # (64, X)
+        eps = torch.randn(1, x.shape[0], eager_vae.latent_dim, device="cuda")
+        pair = []
+        for fn, vae, opt in ((negative_elbo, eager_vae, opts[0]), (compiled, compiled_vae, opts[1])):
+            opt.zero_grad()
+            loss = fn(vae, x, eps, None, weight, False)
+            loss.backward()
+            opt.step()
+            pair.append(loss.detach())
+        losses.append(torch.stack(pair))
+    losses = torch.stack(losses).cpu()  # (200, 2): eager, compiled
+    torch.testing.assert_close(losses[:, 1], losses[:, 0], rtol=1e-3, atol=1e-2)
