@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyro_vae import checkpoint as ckpt_io
 from pyro_vae.config import load_config
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 
 def main():

@@ -35,7 +35,7 @@ from pyro_vae.config import load_config
 from pyro_vae.data import epoch_inputs
 from pyro_vae.evaluate import elbo
 from pyro_vae.likelihoods import Bernoulli
-from pyro_vae.train import build, epoch_generator, make_optimizer, resolve_device, train
+from pyro_vae.training import build, epoch_generator, make_optimizer, resolve_device, train
 
 NETWORKS = {"784-400-50 softplus": ["model.hidden=[400]", "model.activation=softplus"],
             "784-200-200-50 tanh": ["model.hidden=[200,200]", "model.activation=tanh"]}

@@ -11,7 +11,7 @@ import time
 
 from pyro_vae.config import load_config
 from pyro_vae.evaluate import iw_log_likelihood
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 
 def main():

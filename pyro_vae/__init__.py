@@ -1,7 +1,8 @@
 """pyro_vae: the variational autoencoder as variational inference, in Pyro.
 
 Data flow: config -> data -> networks -> priors / likelihoods -> model (model + guide)
--> train (SVI) -> evaluate -> inspection -> cli.
+-> objectives (ELBOs) -> training (SVI) -> evaluate -> mcmc -> inspection -> cli.
+ArviZ is spoken to in arviz_bridge alone.
 """
 
 from .config import Config, ConfigError, load_config
@@ -9,7 +10,7 @@ from .likelihoods import LIKELIHOODS, Likelihood, register_likelihood
 from .model import VAE
 from .priors import PRIORS, Prior, register_prior
 from .runs import Run, load_run
-from .train import TrainResult, train
+from .training import TrainResult, train
 
 __all__ = [
     "Config", "ConfigError", "load_config", "LIKELIHOODS", "Likelihood", "register_likelihood",

@@ -8,8 +8,11 @@ A checkpoint is one ``torch.save`` dict::
     epoch_loss, epoch_seconds (of an interrupted epoch so far), lr_factor (train.lr is
     multiplied by it after rollbacks), metrics (list of dicts), x_dim, num_classes
 
-Writes go to a temporary file in the same folder, are flushed and fsync'ed, then renamed
-over the old file, so a crash mid-write leaves the previous checkpoint intact.
+It is written by ``training.TrainState.state_dict`` and read back by its
+``load_state_dict``; :func:`resume_checkpoint` is the resume policy (a changed config is
+refused unless forced). Writes go to a temporary file in the same folder, are flushed and
+fsync'ed, then renamed over the old file, so a crash mid-write leaves the previous
+checkpoint intact.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .config import Config, ConfigError, diff, from_dict
 
 FORMAT = 1
 REQUIRED = ("format", "config", "model", "optimizer", "rng", "epoch", "step", "metrics", "x_dim")
@@ -95,6 +100,20 @@ def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
     if ckpt["format"] != FORMAT:
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format {ckpt['format']}; this version reads {FORMAT}"
+        )
+    return ckpt
+
+
+def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> dict:
+    """The checkpoint of the run at ``run_dir``, to continue with config ``cfg``: the resume
+    policy. A ``cfg`` that differs from the run's own config is refused, naming the keys that
+    differ, unless ``force`` (then ``cfg`` applies from the next step on)."""
+    ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
+    changed = diff(from_dict(ckpt["config"]), cfg)
+    if changed and not force:
+        raise ConfigError(
+            f"resuming {str(run_dir)!r} with a changed config ({', '.join(changed)}); "
+            "drop those overrides, or pass --force (force=True) to accept them"
         )
     return ckpt
 

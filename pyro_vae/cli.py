@@ -26,12 +26,12 @@ import matplotlib
 matplotlib.use("Agg")  # the CLI only writes files: never a window
 
 from . import checkpoint as ckpt_io  # noqa: E402
-from .config import ConfigError, diff, from_dict, load_config
+from .config import ConfigError, load_config
 from .data import DataError
 from .evaluate import evaluate_model
 from .inspection import samples_figure, save_figure, write_basic_figures, write_figures
 from .runs import RunError, check_run_dir, load_run
-from .train import Interrupted, NonFiniteError, train
+from .training import Interrupted, NonFiniteError, train
 
 BAD_INPUT = (ConfigError, DataError, ckpt_io.CheckpointError, RunError)
 
@@ -124,21 +124,13 @@ def _run_dir(args) -> Path:
 
 
 def cmd_train(args) -> int:
-    resume = None
     if args.resume:
         run_dir = check_run_dir(args.resume)
-        resume = ckpt_io.load_checkpoint(run_dir / "checkpoint.pt")
-        saved = from_dict(resume["config"])
         cfg = load_config(args.config or run_dir / "config.toml", args.set)
-        changed = diff(saved, cfg)
-        if changed and not args.force:
-            raise ConfigError(
-                f"resuming {str(run_dir)!r} with a changed config ({', '.join(changed)}); "
-                "drop those overrides, or pass --force to accept them"
-            )
     else:
         cfg = load_config(args.config, args.set)
         run_dir = _run_dir(args)
+
     def report(m: dict) -> None:
         if not args.quiet:
             print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
@@ -146,7 +138,8 @@ def cmd_train(args) -> int:
 
     try:
         with _StopFlag() as stop:
-            result = train(cfg, run_dir, progress=not args.quiet, resume=resume,
+            result = train(cfg, run_dir, progress=not args.quiet,
+                           resume=run_dir if args.resume else None, force=args.force,
                            should_stop=stop, on_epoch=report)
     except Interrupted as err:
         print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "

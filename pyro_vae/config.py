@@ -14,11 +14,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
-import importlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import tomli_w
 
@@ -27,10 +26,21 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 
+REGISTRY = "registry"  # choices=REGISTRY: the names of the registry kept for that key
+_REGISTRIES: dict[str, Mapping[str, Any]] = {}
+
+
+def register_choices(key: str, registry: Mapping[str, Any]) -> None:
+    """Validate config key ``key`` ("section.name") against the names of ``registry``, a dict
+    kept by the module that owns it (and extended by ``register_prior`` and the like). Config
+    receives the names as data: it imports nothing from the floors above it."""
+    _REGISTRIES[key] = registry
+
+
 def _spec(default, *, choices=None, low=None, low_open=False, doc=""):
     """A dataclass field with validation metadata.
 
-    ``choices`` is a tuple of names or ``"module:ATTR"`` naming a registry dict.
+    ``choices`` is a tuple of names, or ``REGISTRY`` for a registry's live names.
     ``low`` bounds numbers from below (``low_open`` makes the bound strict).
     """
     meta = dict(choices=choices, low=low, low_open=low_open, doc=doc)
@@ -41,7 +51,7 @@ def _spec(default, *, choices=None, low=None, low_open=False, doc=""):
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = _spec("mnist-10k", choices="pyro_vae.data:DATASETS")
+    name: str = _spec("mnist-10k", choices=REGISTRY)
     root: str = _spec("~/.cache/pyro_vae", doc="where torchvision data sets live")
     download: bool = _spec(False, doc="allow torchvision to download missing files")
     binarize: str = _spec("dynamic", choices=("none", "dynamic", "static"))
@@ -58,14 +68,14 @@ class DataConfig:
 class ModelConfig:
     latent_dim: int = _spec(50, low=1)
     hidden: tuple[int, ...] = _spec((400,), low=1, doc="hidden widths of the MLPs ([] = linear)")
-    activation: str = _spec("softplus", choices="pyro_vae.networks:ACTIVATIONS")
+    activation: str = _spec("softplus", choices=REGISTRY)
     network: str = _spec("mlp", choices=("mlp", "conv"))
     conditional: bool = _spec(False, doc="condition encoder, decoder and prior on y")
 
 
 @dataclass(frozen=True)
 class PriorConfig:
-    name: str = _spec("normal", choices="pyro_vae.priors:PRIORS")
+    name: str = _spec("normal", choices=REGISTRY)
     learnable: bool = _spec(False, doc="normal: learn loc and scale")
     df: float = _spec(5.0, low=0.0, low_open=True, doc="student-t degrees of freedom")
     components: int = _spec(10, low=1, doc="mixture components / VampPrior pseudo-inputs")
@@ -73,7 +83,7 @@ class PriorConfig:
 
 @dataclass(frozen=True)
 class LikelihoodConfig:
-    name: str = _spec("bernoulli", choices="pyro_vae.likelihoods:LIKELIHOODS")
+    name: str = _spec("bernoulli", choices=REGISTRY)
     scale: str = _spec("fixed", choices=("fixed", "learned", "per-pixel"))
     sigma: float = _spec(0.1, low=0.0, low_open=True, doc="fixed Gaussian/Laplace scale")
 
@@ -83,7 +93,7 @@ class TrainConfig:
     epochs: int = _spec(40, low=1)
     batch_size: int = _spec(128, low=1)
     lr: float = _spec(1e-3, low=0.0, low_open=True)
-    elbo: str = _spec("trace", choices="pyro_vae.train:ELBOS")
+    elbo: str = _spec("trace", choices=REGISTRY)
     num_particles: int = _spec(1, low=1)
     compile: bool = _spec(False, doc="torch.compile the loss (train.elbo trace or meanfield)")
     seed: int = _spec(0, low=0)
@@ -120,10 +130,9 @@ def _closest(word: str, options: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def _allowed(choices) -> list[str]:
-    if isinstance(choices, str):
-        module, attr = choices.split(":")
-        return sorted(getattr(importlib.import_module(module), attr))
+def _allowed(key: str, choices) -> list[str]:
+    if choices == REGISTRY:
+        return sorted(_REGISTRIES[key])
     return list(choices)
 
 
@@ -158,7 +167,7 @@ def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
                 op = ">" if meta["low_open"] else ">="
                 raise ConfigError(f"{key} = {value!r}: out of range, must be {op} {low}")
     if meta.get("choices") is not None:
-        allowed = _allowed(meta["choices"])
+        allowed = _allowed(key, meta["choices"])
         if value not in allowed:
             raise ConfigError(
                 f"{key} = {value!r}: unknown name{_closest(value, allowed)}; "

@@ -29,7 +29,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from .config import DataConfig
+from .config import DataConfig, register_choices
 
 BUNDLED_MNIST = {
     "t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
@@ -196,6 +196,7 @@ DATASETS: dict[str, Callable[[DataConfig], Dataset]] = {
     "ring": ring,
     "linear-gaussian": linear_gaussian,
 }
+register_choices("data.name", DATASETS)
 
 
 # --------------------------------------------------------------------------- binarization

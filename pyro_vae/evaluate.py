@@ -59,7 +59,7 @@ def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int
     """K draws z_k ~ q(z|x) for x ``[B, X]``; returns the terms ``[K, B]``. ``q`` (batch
     [B], event [D]) replaces the amortized guide as the proposal when given."""
     y1h = vae.onehot(y)
-    q = vae.posterior(x, y1h) if q is None else q  # batch [B], event [D]
+    q = vae.q_z_onehot(x, y1h) if q is None else q  # batch [B], event [D]
     return log_terms(vae, x, q.rsample((k,)), y1h, q)  # z: (K, B, D)
 
 
@@ -115,7 +115,7 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
 @torch.no_grad()
 def posterior_means(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor:
     """E_q[z | x] for every data point ``[N, D]``."""
-    return torch.cat([vae.posterior(xb, vae.onehot(yb)).mean for xb, yb in _batches(x, y, batch_size)])
+    return torch.cat([vae.q_z(xb, yb).mean for xb, yb in _batches(x, y, batch_size)])
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
@@ -136,7 +136,7 @@ def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tenso
     total = torch.zeros(vae.latent_dim, device=x.device)
     try:
         for xb, yb in _batches(x, y, batch_size):
-            q = vae.posterior(xb, vae.onehot(yb)).base_dist  # batch [B, D]
+            q = vae.q_z(xb, yb).base_dist  # batch [B, D]
             total += torch.distributions.kl_divergence(q, base.expand(q.batch_shape)).sum(0)
     except NotImplementedError:
         return None

@@ -186,7 +186,7 @@ def traversal_data(vae: VAE, x0, dims, steps: int = 9, span: float = 3.0, scale=
     """Decoded means moving one latent dim at a time from z = E_q[z | x0], over
     ``span`` standard deviations (``scale [D]``, default 1): ``[len(dims) * steps, X]``."""
     y1h = vae.onehot(y0)
-    z0 = vae.posterior(x0[None], y1h).mean[0]  # (D,)
+    z0 = vae.q_z_onehot(x0[None], y1h).mean[0]  # (D,)
     scale = torch.ones_like(z0) if scale is None else scale
     offsets = torch.linspace(-span, span, steps, device=z0.device)
     rows = []
@@ -201,8 +201,8 @@ def traversal_data(vae: VAE, x0, dims, steps: int = 9, span: float = 3.0, scale=
 def interpolation_data(vae: VAE, xa, xb, steps: int = 10, ya=None):
     """Decoded means along the straight line between E_q[z | xa] and E_q[z | xb]: ``[steps, X]``."""
     y1h = vae.onehot(ya)
-    za = vae.posterior(xa[None], y1h).mean
-    zb = vae.posterior(xb[None], y1h).mean
+    za = vae.q_z_onehot(xa[None], y1h).mean
+    zb = vae.q_z_onehot(xb[None], y1h).mean
     t = torch.linspace(0, 1, steps, device=za.device)[:, None]
     return vae.likelihood_dist(za + t * (zb - za), None if y1h is None else y1h.expand(steps, -1)).mean
 
@@ -309,7 +309,7 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
         ax = image_grid(interpolation_data(vae, ds.x_test[0], ds.x_test[1], ya=y0), shape,
                         nrow=10, title="latent interpolation between two test images")
         written.append(save_figure(ax.figure, out / "interpolation.png"))
-    q = vae.posterior(ds.x_test[:8], vae.onehot(None if y is None else y[:8]))
+    q = vae.q_z(ds.x_test[:8], None if y is None else y[:8])
     ax = posterior_ellipses(q.mean, q.stddev, dims=tuple(active[:2].tolist()),
                             title="q(z|x) of 8 test points in the two most active dims")
     written.append(save_figure(ax.figure, out / "posterior_uncertainty.png"))

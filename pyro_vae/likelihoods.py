@@ -23,11 +23,11 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .config import LikelihoodConfig
+from .config import LikelihoodConfig, register_choices
 from .data import DataError, Dataset
 from .networks import softplus
 
-MIN_SCALE = 1e-3
+MIN_LIKELIHOOD_SCALE = 1e-3  # floor of learned likelihood scales and Beta concentrations
 
 
 class DataWarning(UserWarning):
@@ -84,7 +84,7 @@ def _located(family, cfg: LikelihoodConfig) -> Likelihood:
         make = lambda loc, log_scale: family(loc, log_scale.exp())  # noqa: E731
         return Likelihood(make, 1, "real",
                           learnable={"log_scale": torch.tensor(float(cfg.sigma)).log()})
-    make = lambda loc, raw: family(loc, softplus(raw) + MIN_SCALE)  # noqa: E731
+    make = lambda loc, raw: family(loc, softplus(raw) + MIN_LIKELIHOOD_SCALE)  # noqa: E731
     return Likelihood(make, 2, "real")
 
 
@@ -100,7 +100,8 @@ def laplace(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
 
 def beta(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
     """x_i ~ Beta(a_i, b_i), a, b = softplus(h) + 1e-3: needs x strictly inside (0, 1)."""
-    make = lambda a, b: dist.Beta(softplus(a) + MIN_SCALE, softplus(b) + MIN_SCALE)  # noqa: E731
+    floor = MIN_LIKELIHOOD_SCALE
+    make = lambda a, b: dist.Beta(softplus(a) + floor, softplus(b) + floor)  # noqa: E731
     return Likelihood(make, 2, "open-unit")
 
 
@@ -111,6 +112,7 @@ LIKELIHOODS: dict[str, Callable[[LikelihoodConfig, int], Likelihood]] = {
     "laplace": laplace,
     "beta": beta,
 }
+register_choices("likelihood.name", LIKELIHOODS)
 
 
 def register_likelihood(name: str, builder: Callable[[LikelihoodConfig, int], Likelihood]) -> None:

@@ -38,7 +38,8 @@ from .data import LinearGaussian
 from .evaluate import all_log_weights, iw_bound, seeded
 from .model import LATENT, PLATE, VAE
 from .toys import linear_gaussian_evidence, linear_gaussian_posterior
-from .train import jit_notice_silenced, train
+from .objectives import jit_notice_silenced
+from .training import train
 
 # Toy settings: the training overrides of the VAE whose decoder is then held fixed.
 SETTINGS = {
@@ -96,9 +97,9 @@ def run_setting(run, points: int = 3) -> Setting:
 def amortized(setting: Setting) -> tuple[dist.Distribution, float]:
     """(a) q_phi(z | x) for all points and the seconds per point of one encoder pass."""
     vae, x = setting.vae, setting.x
-    vae.posterior(x, vae.onehot(setting.y))  # warm-up
+    vae.q_z(x, setting.y)  # warm-up
     t0 = time.perf_counter()
-    q = vae.posterior(x, vae.onehot(setting.y))
+    q = vae.q_z(x, setting.y)
     return q, (time.perf_counter() - t0) / x.shape[0]
 
 
@@ -110,7 +111,7 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
     per point."""
     vae, x = setting.vae, setting.x
     with torch.no_grad():
-        q0 = vae.posterior(x, vae.onehot(setting.y))
+        q0 = vae.q_z(x, setting.y)
     loc = q0.mean.clone().requires_grad_()
     raw = (q0.stddev.expm1().log()).clone().requires_grad_()  # softplus^-1(scale)
     n, d = loc.shape
@@ -161,7 +162,7 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
     vae, x = setting.vae, setting.x
     args = (x,) if setting.y is None else (x, setting.y)
     with torch.no_grad():
-        q = vae.posterior(x, vae.onehot(setting.y))
+        q = vae.q_z(x, setting.y)
     samples, diverging = [], []
     t0 = time.perf_counter()
     for c in range(chains):

@@ -103,8 +103,15 @@ class VAE(nn.Module):
         """p(x | z): z ``[..., B, D]`` -> batch_shape [..., B], event_shape [X]."""
         return self.likelihood(self.decoder(z, y1h))
 
-    def posterior(self, x: torch.Tensor, y1h: torch.Tensor | None = None) -> dist.Distribution:
-        """q(z | x) = N(loc(x), diag(scale(x)^2)): batch_shape [B], event_shape [D]."""
+    def q_z(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
+        """The guide's q(z | x) = N(loc(x), diag(scale(x)^2)) for x ``[B, X]`` (and labels y
+        ``[B]`` if conditional): batch_shape [B], event_shape [D]. ("Posterior" is kept for
+        the model's p(z | x), which q approximates.)"""
+        return self.q_z_onehot(x, self.onehot(y))
+
+    def q_z_onehot(self, x: torch.Tensor, y1h: torch.Tensor | None) -> dist.Distribution:
+        """:meth:`q_z` from one-hot labels ``[B, C]`` (or None): for callers that hold them
+        already, and for the compiled loss (no label check, so no host synchronisation)."""
         loc, scale = self.encoder(x, y1h)
         return dist.Normal(loc, scale).to_event(1)
 
@@ -124,7 +131,7 @@ class VAE(nn.Module):
         y1h = self.onehot(y)
         with pyro.plate(PLATE, x.shape[0]):
             with kl_scaled(kl_weight):
-                return pyro.sample(LATENT, self.posterior(x, y1h))
+                return pyro.sample(LATENT, self.q_z_onehot(x, y1h))
 
     @torch.no_grad()
     def sample(self, n: int, y: torch.Tensor | None = None, mean: bool = True) -> torch.Tensor:
@@ -138,7 +145,7 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of p(x | z = E_q[z | x]): ``[B, X]``."""
         y1h = self.onehot(y)
-        return self.likelihood_dist(self.posterior(x, y1h).mean, y1h).mean
+        return self.likelihood_dist(self.q_z_onehot(x, y1h).mean, y1h).mean
 
 
 def registered(fn, vae: VAE, name: str = "vae"):

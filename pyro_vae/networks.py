@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .config import register_choices
+
+
 class _Softplus(torch.autograd.Function):
     """softplus(x) = max(x, 0) + log1p(u), u = exp(-|x|) in (0, 1]; log1p(u) is computed
     as log(w) - ((w - 1) - u) / w with w = 1 + u (the rounding error of w corrected to
@@ -56,8 +59,9 @@ ACTIVATIONS = {
     "elu": nn.ELU,
     "gelu": nn.GELU,
 }
+register_choices("model.activation", ACTIVATIONS)
 
-MIN_SCALE = 1e-4
+MIN_ENCODER_SCALE = 1e-4  # floor of q(z|x)'s scale
 
 
 def mlp(sizes: list[int], activation: str) -> nn.Sequential:
@@ -97,7 +101,7 @@ class Encoder(nn.Module):
     def forward(self, x, y=None):
         h = self.features(x.reshape(-1, 1, 28, 28)) if self.conv else x
         loc, raw = self.net(_with_label(h, y)).chunk(2, dim=-1)  # (B, D) each
-        return loc, softplus(raw) + MIN_SCALE
+        return loc, softplus(raw) + MIN_ENCODER_SCALE
 
 
 class Decoder(nn.Module):

@@ -21,7 +21,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from .config import PriorConfig
+from .config import PriorConfig, register_choices
 
 
 class Prior(nn.Module):
@@ -103,6 +103,7 @@ PRIORS: dict[str, Callable[[PriorConfig, int, int], Prior]] = {
     "mixture": mixture,
     "vamp": vamp,
 }
+register_choices("prior.name", PRIORS)
 
 
 def register_prior(name: str, builder: Callable[[PriorConfig, int, int], Prior]) -> None:

@@ -18,7 +18,7 @@ from . import checkpoint as ckpt_io
 from .config import Config, from_dict
 from .data import Dataset, load_dataset
 from .model import VAE
-from .train import resolve_device
+from .training import resolve_device
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt")
 
@@ -52,10 +52,10 @@ class Run:
     metrics: list[dict]
     checkpoint: dict
 
-    def posterior(self, x: torch.Tensor, y: torch.Tensor | None = None):
-        """q(z | x) as a torch distribution on the run's device: batch_shape [B], event_shape
-        [D]. ``x`` ``[B, X]`` (and labels ``y`` ``[B]``) may be on any device."""
-        return self.vae.posterior(x.to(self.device), self.vae.onehot(y))
+    def q_z(self, x: torch.Tensor, y: torch.Tensor | None = None):
+        """The guide's q(z | x) as a torch distribution on the run's device: batch_shape
+        [B], event_shape [D]. ``x`` ``[B, X]`` (and labels ``y`` ``[B]``) may be on any device."""
+        return self.vae.q_z(x.to(self.device), y)
 
     def sample(self, n: int, label: int | None = None) -> torch.Tensor:
         """n decoded prior samples ``[n, X]`` (all of class ``label`` if conditional)."""
@@ -74,7 +74,7 @@ class Run:
         """Draws z ~ q(z | x) for x ``[N, X]`` as ArviZ data (``arviz_bridge``: DataTree
         under ArviZ 1.x, InferenceData under 0.x): one chain of ``num_samples`` draws,
         variable ``z`` with dims (point, latent), as NUTS' data."""
-        z = self.posterior(x, y).sample((num_samples,))  # (S, N, D)
+        z = self.q_z(x, y).sample((num_samples,))  # (S, N, D)
         return arviz_bridge.from_draws(z.unsqueeze(0))
 
     @property

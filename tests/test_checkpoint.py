@@ -12,7 +12,11 @@ import torch
 
 from pyro_vae import checkpoint as ckpt_io
 from pyro_vae.cli import main
+from pyro_vae.config import ConfigError
 from pyro_vae.runs import load_run
+from pyro_vae.training import Interrupted, train
+
+from conftest import small_config
 
 ARGS = ["--set", "data.subset=1000", "--set", "train.batch_size=16", "--set", "model.hidden=[32]",
         "--set", "model.latent_dim=2", "--set", "train.epochs=8"]
@@ -51,6 +55,22 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
     assert a["step"] == b["step"]
+
+
+def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tmp_path):
+    cfg = small_config("train.batch_size=64", subset=300, epochs=2)
+    full = train(cfg, tmp_path / "full")
+    polls = iter(range(10**6))  # should_stop is polled after every step: stop after the 3rd
+    with pytest.raises(Interrupted, match="stopped at epoch 1, step 3"):
+        train(cfg, tmp_path / "cut", should_stop=lambda: next(polls) >= 2)
+    changed = small_config("train.batch_size=64", "train.lr=0.01", subset=300, epochs=2)
+    with pytest.raises(ConfigError, match=r"changed config \(train.lr\).*force"):
+        train(changed, resume=tmp_path / "cut")
+    resumed = train(cfg, resume=tmp_path / "cut")
+    assert resumed.run_dir == tmp_path / "cut" and _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")
+    for name, value in full.vae.state_dict().items():
+        assert torch.equal(resumed.vae.state_dict()[name], value), name
+    assert train(changed, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 2
 
 
 def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):
@@ -138,7 +158,7 @@ def test_load_run_round_trips_the_test_elbo(trained_run):
     value = elbo(run.vae, run.dataset.x_test, seed=run.config.train.seed,
                  batch_size=run.config.train.eval_batch_size)
     assert value == pytest.approx(last["test_elbo"], abs=1e-4)
-    assert run.posterior(run.dataset.x_test[:5]).batch_shape == (5,)
+    assert run.q_z(run.dataset.x_test[:5]).batch_shape == (5,)
     assert run.sample(3).shape == (3, 784)
 
 
@@ -173,7 +193,7 @@ def test_rollback_recovers_from_a_transient_nan_and_halves_the_learning_rate(tmp
     import pyro.distributions as dist
 
     from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, register_likelihood
-    from pyro_vae.train import RollbackWarning, train
+    from pyro_vae.training import RollbackWarning, train
 
     from conftest import small_config
 
@@ -201,7 +221,7 @@ def test_rollback_recovers_from_a_transient_nan_and_halves_the_learning_rate(tmp
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_rollback_gives_up_after_max_rollbacks():
-    from pyro_vae.train import NonFiniteError, RollbackWarning, train
+    from pyro_vae.training import NonFiniteError, RollbackWarning, train
 
     from conftest import small_config
 

@@ -73,7 +73,7 @@ def test_active_units_count_collapsed_and_informative_encoders():
 def test_kl_per_dimension_sums_to_the_closed_form_kl():
     cfg, ds, vae = build_vae()
     x = ds.x_test[:64]
-    q = vae.posterior(x)
+    q = vae.q_z(x)
     total = torch.distributions.kl_divergence(q, vae.prior_dist().expand([64])).mean()
     assert kl_per_dimension(vae, x).sum().item() == pytest.approx(total.item(), rel=1e-5)
     assert kl_per_dimension(build_vae("prior.name=mixture")[2], x) is None

@@ -9,7 +9,7 @@ from pyro_vae.config import load_config
 from pyro_vae.inspection import (image_grid, kl_bars, latent_scatter, marginal_overlay, pair_overlay,
                                  pca, posterior_ellipses, principal_angles, scatter, training_curves)
 from pyro_vae.runs import load_run
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 COMMON = ["--quiet", "--set", "data.subset=300", "--set", "train.epochs=2", "--set", "model.hidden=[32]"]
 
@@ -87,7 +87,7 @@ def test_linear_vae_decoder_spans_the_principal_subspace():
 def test_run_api_gives_posterior_samples_and_inference_data(runs):
     run = load_run(runs / "z6")
     x = run.dataset.x_test[:4]
-    q = run.posterior(x)
+    q = run.q_z(x)
     assert q.batch_shape == (4,) and q.event_shape == (6,)
     idata = run.to_inference_data(x, num_samples=100)
     assert idata.posterior["z"].shape == (1, 100, 4, 6)

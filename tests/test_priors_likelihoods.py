@@ -14,7 +14,7 @@ from pyro_vae.data import DataError, load_dataset
 from pyro_vae.likelihoods import LIKELIHOODS, DataWarning, Likelihood, check_data, register_likelihood
 from pyro_vae.model import LATENT, OBS, VAE
 from pyro_vae.priors import PRIORS, Prior, register_prior
-from pyro_vae.train import train
+from pyro_vae.training import train
 
 from conftest import small_config, write_torchvision_set
 

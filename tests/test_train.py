@@ -5,8 +5,8 @@ from pyro.infer import Trace_ELBO
 
 from pyro_vae.config import ConfigError, load_config
 from pyro_vae.evaluate import elbo, log_weights
-from pyro_vae.train import (ELBOS, NonFiniteError, build, has_closed_form_kl, kl_weight,
-                            resolve_device, train)
+from pyro_vae.objectives import ELBOS, has_closed_form_kl
+from pyro_vae.training import NonFiniteError, build, kl_weight, resolve_device, train
 
 from conftest import build_vae, small_config
 
@@ -125,7 +125,7 @@ def test_one_training_step_equals_pyro_infer_svi_step():
 def test_written_out_elbo_equals_pyros_estimator_on_the_same_draws(overrides):
     """negative_elbo (what train.compile compiles) is Trace_ELBO / TraceMeanField_ELBO of
     VAE.model and VAE.guide: same value and same gradients from the same random numbers."""
-    from pyro_vae.train import negative_elbo
+    from pyro_vae.objectives import negative_elbo
 
     cfg, ds, vae = build_vae(*overrides)
     tc = cfg.train

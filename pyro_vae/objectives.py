@@ -1,0 +1,97 @@
+"""Objectives: the ELBO estimators SVI minimises, by name, and the compiled negative ELBO.
+
+Every estimator targets the ELBO of ``VAE.model`` / ``VAE.guide`` on a minibatch x ``[B, X]``,
+
+    ELBO(x) = E_q[log p(x|z)] - beta KL(q(z|x) || p(z))  <=  log p(x)   (summed over B)
+
+``ELBOS`` (``train.elbo``): name -> builder ``TrainConfig -> pyro.infer.ELBO``:
+- ``trace``: ``Trace_ELBO`` (Monte Carlo KL),
+- ``meanfield``: ``TraceMeanField_ELBO`` (closed-form KL where torch has one, else MC),
+- ``jit``: ``JitTrace_ELBO`` (the same estimator, traced with the PyTorch JIT),
+- ``iwae``: ``RenyiELBO(alpha=0)`` = the IWAE bound log (1/K) sum_k w_k, K = num_particles.
+
+:func:`negative_elbo` is the same estimator written out as one torch function, for
+``torch.compile`` (``train.compile = true``, with ``trace`` or ``meanfield``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable
+
+import pyro
+import torch
+from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
+from torch.distributions import kl_divergence
+
+from .config import TrainConfig, register_choices
+from .evaluate import log_terms
+from .model import VAE
+
+
+def _particles(cfg: TrainConfig) -> dict:
+    return dict(num_particles=cfg.num_particles, vectorize_particles=cfg.num_particles > 1,
+                max_plate_nesting=1)
+
+
+ELBOS: dict[str, Callable[[TrainConfig], pyro.infer.ELBO]] = {
+    "trace": lambda c: Trace_ELBO(**_particles(c)),
+    "meanfield": lambda c: TraceMeanField_ELBO(**_particles(c)),
+    "jit": lambda c: JitTrace_ELBO(**_particles(c), ignore_jit_warnings=True),
+    "iwae": lambda c: RenyiELBO(alpha=0.0, **{**_particles(c), "vectorize_particles": True}),
+}
+register_choices("train.elbo", ELBOS)
+
+COMPILABLE = ("trace", "meanfield")  # train.elbo values that train.compile supports
+
+
+class MonteCarloKLWarning(UserWarning):
+    """The analytic-KL ELBO falls back to a Monte Carlo KL for this prior."""
+
+
+@contextlib.contextmanager
+def jit_notice_silenced():
+    """Silence exactly torch's deprecation notice for ``torch.jit.trace`` (torch >= 2.11),
+    which Pyro's ``JitTrace_ELBO`` and ``NUTS(jit_compile=True)`` still call when they
+    trace; every other warning is raised as before."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`torch.jit.trace` is deprecated",
+                                category=FutureWarning)
+        yield
+
+
+def has_closed_form_kl(vae: VAE) -> bool:
+    """Whether torch knows KL(q(z|x) || p(z)) for this guide and prior in closed form."""
+    x = torch.zeros(1, vae.x_dim, device=vae.device)
+    y1h = torch.zeros(1, vae.num_classes, device=x.device) if vae.num_classes else None
+    try:
+        kl_divergence(vae.q_z_onehot(x, y1h), vae.prior_dist().expand([1]))
+    except NotImplementedError:
+        return False
+    return True
+
+
+def negative_elbo(vae: VAE, x: torch.Tensor, eps: torch.Tensor, y1h: torch.Tensor | None,
+                  weight: torch.Tensor, analytic_kl: bool) -> torch.Tensor:
+    """-ELBO of the minibatch as ``Trace_ELBO`` computes it for ``VAE.model``/``VAE.guide``
+    (``analytic_kl``: as ``TraceMeanField_ELBO`` does), without Pyro's tracing::
+
+        z_k = loc(x) + scale(x) * eps_k                         eps ``[K, B, D]`` ~ N(0, I)
+        loss = -(1/K) sum_k sum_b [log p(x_b | z_kb) - w (log q(z_kb | x_b) - log p(z_kb))]
+
+    with ``KL(q(z|x_b) || p(z))`` in closed form in place of the bracketed log-ratio when
+    ``analytic_kl``. ``weight`` w (a 0-d tensor, so changing beta does not recompile) is
+    the KL weight of :func:`pyro_vae.model.kl_scaled`; ``y1h``: one-hot labels ``[B, C]`` or
+    None. Returns a scalar; meant for ``torch.compile`` (one graph: no data-dependent Python).
+    Its noise eps is drawn by the caller, outside the compiled graph, in the order Pyro
+    draws it, so a compiled step computes the eager step's loss on the same seed (tested).
+    """
+    q = vae.q_z_onehot(x, y1h)  # batch [B], event [D]
+    z = q.base_dist.loc + q.base_dist.scale * eps  # (K, B, D), the reparameterized draw
+    lw = log_terms(vae, x, z, y1h, q)  # each (K, B); unused terms are dropped when compiled
+    if analytic_kl:
+        kl = kl_divergence(q, vae.prior_dist().expand(q.batch_shape))  # (B,)
+    else:
+        kl = lw.log_q - lw.log_prior  # (K, B)
+    return -(lw.log_lik - weight * kl).sum() / eps.shape[0]
