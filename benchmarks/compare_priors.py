@@ -23,7 +23,7 @@ def main():
     print(f"| prior | test ELBO | test log p(x) (IW, K={args.k}) | train s |")
     print("| --- | --- | --- | --- |")
     for prior in args.priors:
-        cfg = load_config(f"configs/mnist_{'bernoulli' if prior == 'normal' else prior + '_prior'}.toml",
+        cfg = load_config(f"mnist_{'bernoulli' if prior == 'normal' else prior + '_prior'}",
                           [f"train.epochs={args.epochs}"])
         t0 = time.perf_counter()
         result = train(cfg)

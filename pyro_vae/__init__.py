@@ -1,7 +1,8 @@
 """pyro_vae: the variational autoencoder as variational inference, in Pyro.
 
 Data flow: config -> data -> networks -> priors / likelihoods -> model (model + guide)
--> objectives (ELBOs) -> training (SVI) -> evaluate -> mcmc -> inspection -> cli.
+-> objectives (ELBOs) -> training (SVI) -> evaluate -> settings -> fits / mcmc -> comparison
+-> report / inspection -> cli.
 ArviZ is spoken to in arviz_bridge alone.
 """
 

@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a VAE by SVI and write a run directory")
-    t.add_argument("--config", help="TOML file with [data] [model] [prior] [likelihood] [train]")
+    t.add_argument("--config", help="TOML file with [data] [model] [prior] [likelihood] "
+                   "[train], or a bundled config's name (ring_2d, mnist_vamp_prior, ...)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     t.add_argument("--name", help="run name (default: a timestamp)")
@@ -208,7 +209,9 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .mcmc import compare, run_setting, toy_setting, write_comparison
+    from .comparison import compare
+    from .report import write_comparison
+    from .settings import run_setting, toy_setting
 
     _at_least(("--points", args.points, 1), ("--chains", args.chains, 2),
               ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 1))

@@ -225,13 +225,29 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"  # one TOML file per named setting
+
+
+def config_file(path: str | Path) -> Path:
+    """A config file: ``path`` itself, or the bundled config of that name (``ring_2d`` ->
+    ``pyro_vae/configs/ring_2d.toml``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_CONFIGS / f"{path.name}.toml"
+    if path.parent == Path(".") and not path.suffix and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.toml")))
+    raise ConfigError(f"config file {str(path)!r} does not exist; bundled configs, "
+                      f"by name: {names}")
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults <- TOML file at ``path`` <- ``section.key=value`` overrides; validated."""
+    """Defaults <- TOML file at ``path`` (or a bundled config's name, see
+    :func:`config_file`) <- ``section.key=value`` overrides; validated."""
     tree: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = config_file(path)
         try:
             tree = tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as err:

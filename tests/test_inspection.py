@@ -76,7 +76,7 @@ def test_pca_and_principal_angles_recover_known_subspaces():
 
 
 def test_linear_vae_decoder_spans_the_principal_subspace():
-    cfg = load_config("configs/linear_gaussian.toml", ["train.epochs=15"])
+    cfg = load_config("linear_gaussian", ["train.epochs=15"])
     result = train(cfg)
     x = torch.cat([result.dataset.x_train, result.dataset.x_test])
     _, directions, _ = pca(x, k=2)

@@ -2,14 +2,13 @@
 
 import math
 import tomllib
-from pathlib import Path
 
 import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
 
-from pyro_vae.config import LikelihoodConfig, PriorConfig, load_config
+from pyro_vae.config import BUNDLED_CONFIGS, LikelihoodConfig, PriorConfig, load_config
 from pyro_vae.data import DataError, load_dataset
 from pyro_vae.likelihoods import LIKELIHOODS, DataWarning, Likelihood, check_data, register_likelihood
 from pyro_vae.model import LATENT, OBS, VAE
@@ -18,7 +17,6 @@ from pyro_vae.training import train
 
 from conftest import small_config, write_torchvision_set
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # likelihood -> (data overrides that it accepts)
 DATA_FOR = {
@@ -191,7 +189,7 @@ def test_conv_networks_train_on_28x28_and_refuse_other_shapes():
                            "likelihood.name=gaussian"))
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(BUNDLED_CONFIGS.glob("*.toml")), ids=lambda p: p.name)
 def test_every_bundled_config_validates_and_trains_a_few_steps(path, tmp_path):
     tree = tomllib.loads(path.read_text())
     name = tree.get("data", {}).get("name", "mnist-10k")

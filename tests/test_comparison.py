@@ -5,7 +5,8 @@ import torch
 
 from pyro_vae import arviz_bridge
 from pyro_vae.cli import main
-from pyro_vae.mcmc import compare, energy_distance, toy_setting
+from pyro_vae.comparison import compare, energy_distance
+from pyro_vae.settings import toy_setting
 
 SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000)
 
@@ -28,7 +29,7 @@ def _mean(xs):
 
 def test_nuts_matches_the_closed_form_posterior(linear):
     setting, r = linear
-    nuts = r["_objects"]["nuts"]
+    nuts = r.nuts
     draws = nuts.samples.flatten(0, 1)  # (C*S, N, D)
     exact = setting.exact
     mcse = torch.as_tensor(arviz_bridge.mcse_mean(nuts.idata), dtype=torch.float32)
@@ -36,18 +37,18 @@ def test_nuts_matches_the_closed_form_posterior(linear):
     assert (err < 4 * mcse).all(), (err / mcse)
     cov = torch.stack([torch.cov(draws[:, n].T) for n in range(draws.shape[1])])
     assert torch.allclose(cov, exact.covariance_matrix, rtol=0.15, atol=0.15 * exact.variance.min().item())
-    assert r["nuts"]["passed"]
+    assert r.summary["nuts"]["passed"]
 
 
 def test_full_covariance_gaussian_reaches_log_evidence_and_every_elbo_is_below_it(linear):
     setting, r = linear
-    log_px = torch.tensor(r["gaps"]["log_px"])
-    assert r["gaps"]["log_px_source"] == "exact"
+    log_px = torch.tensor(r.summary["gaps"]["log_px"])
+    assert r.summary["gaps"]["log_px_source"] == "exact"
     assert torch.allclose(log_px, setting.log_px)
-    assert all(abs(g) < 0.01 for g in r["gaps"]["approximation_gap"])
-    for name, m in r["methods"].items():
+    assert all(abs(g) < 0.01 for g in r.summary["gaps"]["approximation_gap"])
+    for name, m in r.summary["methods"].items():
         assert (torch.tensor(m["elbo"]) <= log_px + 0.005).all(), name
-    assert _mean(r["gaps"]["amortization_gap"]) > -0.005  # per-point fit is at least as good
+    assert _mean(r.summary["gaps"]["amortization_gap"]) > -0.005  # per-point fit is at least as good
 
 
 def test_diagonal_guide_kl_is_at_least_the_analytic_floor(linear):
@@ -56,26 +57,27 @@ def test_diagonal_guide_kl_is_at_least_the_analytic_floor(linear):
     # best diagonal Gaussian: variances 1 / Lambda_ii, KL = 1/2 (sum log Lambda_ii + log det Sigma)
     floor = 0.5 * (torch.diagonal(precision, dim1=-2, dim2=-1).log().sum(-1)
                    + torch.logdet(setting.exact.covariance_matrix))
-    kl_diag = torch.tensor(r["methods"]["gaussian-diag"]["kl_to_exact"])
-    kl_amortized = torch.tensor(r["methods"]["amortized"]["kl_to_exact"])
+    kl_diag = torch.tensor(r.summary["methods"]["gaussian-diag"]["kl_to_exact"])
+    kl_amortized = torch.tensor(r.summary["methods"]["amortized"]["kl_to_exact"])
     assert (kl_diag >= floor - 1e-4).all() and (kl_diag < floor + 0.02).all()
     assert (kl_amortized >= floor - 1e-4).all()
-    assert _mean(r["methods"]["gaussian-full"]["kl_to_exact"]) < 0.01
+    assert _mean(r.summary["methods"]["gaussian-full"]["kl_to_exact"]) < 0.01
 
 
 def test_ring_posterior_is_not_gaussian_and_nuts_passes_the_gates(ring):
     setting, r = ring
-    assert r["reference"] == "NUTS" and r["nuts"]["passed"], r["nuts"]
-    assert r["nuts"]["max_rhat"] <= 1.01 and r["nuts"]["min_ess_bulk"] >= 400
-    gaps = r["gaps"]["approximation_gap_diag"]
+    nuts = r.summary["nuts"]
+    assert r.summary["reference"] == "NUTS" and nuts["passed"], nuts
+    assert nuts["max_rhat"] <= 1.01 and nuts["min_ess_bulk"] >= 400
+    gaps = r.summary["gaps"]["approximation_gap_diag"]
     assert min(gaps) > 0.02  # well above the MC error (2000 draws) of the ELBO estimate
-    assert _mean(r["gaps"]["approximation_gap"]) > 0.01
+    assert _mean(r.summary["gaps"]["approximation_gap"]) > 0.01
 
 
 def test_guide_and_nuts_inference_data_share_names_and_dims(ring):
     setting, r = ring
-    nuts = r["_objects"]["nuts"]
-    guide = arviz_bridge.from_draws(r["_objects"]["q"]["amortized"].sample((300,)).unsqueeze(0))
+    nuts = r.nuts
+    guide = arviz_bridge.from_draws(r.q["amortized"].sample((300,)).unsqueeze(0))
     post_nuts, post_guide = arviz_bridge.group(nuts.idata), arviz_bridge.group(guide)
     assert set(post_nuts.data_vars) == set(post_guide.data_vars) == {"z"}
     assert post_nuts["z"].dims == post_guide["z"].dims == ("chain", "draw", "point", "latent")
@@ -83,7 +85,7 @@ def test_guide_and_nuts_inference_data_share_names_and_dims(ring):
         summary = arviz_bridge.summary(idata)
         assert len(summary) == 3 * 2  # points x latent dims
     diverging = arviz_bridge.group(nuts.idata, "sample_stats")["diverging"]
-    assert diverging.dims == ("chain", "draw") and int(diverging.sum()) == r["nuts"]["divergences"]
+    assert diverging.dims == ("chain", "draw") and int(diverging.sum()) == r.summary["nuts"]["divergences"]
 
 
 def test_energy_distance_is_zero_for_equal_samples_and_grows_with_a_shift():

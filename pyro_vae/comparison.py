@@ -1,0 +1,163 @@
+"""VI versus MCMC: the amortized guide against per-point Gaussians, NUTS and the truth.
+
+For a :class:`~pyro_vae.settings.Setting` (a decoder held fixed and a few points x_n), the
+posterior p(z | x_n) of the *same* Pyro model (``VAE.model``) is approximated three ways,
+each timed: (a) the amortized guide, (b) a Gaussian fitted per point (``fits.py``), (c) NUTS
+(``mcmc.py``), the reference for everything else. Where the posterior is known in closed
+form it is the reference instead. The gaps (Cremer, Li & Duvenaud 2018)::
+
+    log p(x) - ELBO(b)      approximation gap (what a Gaussian family cannot capture)
+    ELBO(b)  - ELBO(a)      amortization gap (what sharing one encoder costs)
+
+log p(x) is exact where known, else the importance-weighted estimate with the best
+per-point Gaussian as proposal.
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+from typing import NamedTuple
+
+import pyro.distributions as dist
+import torch
+
+from . import arviz_bridge
+from .evaluate import all_log_weights, iw_bound, seeded
+from .fits import amortized, fit_gaussian
+from .mcmc import NutsResult, run_nuts
+from .settings import Setting
+
+
+class Comparison(NamedTuple):
+    """What :func:`compare` returns. ``summary``: JSON-ready (``comparison.json``): setting,
+    NUTS health and metrics, per-approximation metrics, gaps. ``q``: each approximation
+    (batch [N], event [D]); ``nuts``: the NUTS run; ``exact``: p(z | x) where known."""
+
+    summary: dict
+    q: dict[str, dist.Distribution]
+    nuts: NutsResult
+    exact: dist.Distribution | None
+
+
+def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Energy distance 2 E|A-B| - E|A-A'| - E|B-B'| between samples ``[n, D]``, ``[m, D]``
+    (0 iff the distributions agree; V-statistic)."""
+    ab = torch.cdist(a, b).mean()
+    return (2 * ab - torch.cdist(a, a).mean() - torch.cdist(b, b).mean()).item()
+
+
+def coverage(q: dist.Distribution, draws: torch.Tensor, level: float = 0.9) -> torch.Tensor:
+    """Share of reference draws ``[S, N, D]`` inside q's central ``level`` marginal
+    intervals, averaged over dims: ``[N]`` (``level`` when q is right)."""
+    mean, std = q.mean, q.variance.sqrt()  # (N, D)
+    half = std * NormalDist().inv_cdf((1 + level) / 2)  # (N, D)
+    inside = ((draws - mean).abs() <= half).float()  # (S, N, D)
+    return inside.mean((0, 2))
+
+
+def gaussian_kl_to_exact(q: dist.Distribution, exact: dist.Distribution) -> torch.Tensor:
+    """KL(q || p(z|x)) ``[N]`` for a Gaussian q against the exact Gaussian posterior."""
+    if isinstance(q, dist.Independent):
+        q = dist.MultivariateNormal(q.mean, scale_tril=torch.diag_embed(q.stddev))
+    return torch.distributions.kl_divergence(q, exact)
+
+
+def nuts_health(nuts: NutsResult, n_points: int, max_rhat: float = 1.01,
+                min_ess: float = 400) -> dict:
+    """NUTS' gates: max R-hat, min bulk ESS (and per second), divergences, passed or not."""
+    rhat = arviz_bridge.rhat(nuts.idata)  # (N, D)
+    ess = arviz_bridge.ess_bulk(nuts.idata)
+    return {
+        "max_rhat": float(rhat.max()), "min_ess_bulk": float(ess.min()),
+        "divergences": nuts.divergences,
+        "min_ess_bulk_per_second": float(ess.min() / (nuts.seconds_per_point * n_points)),
+        "passed": bool(rhat.max() <= max_rhat and ess.min() >= min_ess and nuts.divergences == 0),
+        "thresholds": {"rhat": max_rhat, "ess_bulk": min_ess},
+    }
+
+
+def _accuracy(mean: torch.Tensor, std: torch.Tensor, ref_mean, ref_std) -> dict:
+    """Mean error in units of the reference std and std ratio, per point ``[N]``."""
+    return {"mean_error_in_ref_std": ((mean - ref_mean).abs() / ref_std).mean(1).tolist(),
+            "std_ratio": (std / ref_std).mean(1).tolist()}
+
+
+def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
+                   elbo: torch.Tensor, exact: dist.Distribution | None) -> dict:
+    """Accuracy of approximation ``q`` against the reference ``ref`` = (mean, std) ``[N, D]``
+    and NUTS draws ``[S, N, D]``: errors, energy distance, 90% coverage, ELBO ``[N]``, and
+    the KL to the exact posterior where known. Lists over points."""
+    thin = nuts_draws[:: max(1, nuts_draws.shape[0] // 1000)]  # (<=1000, N, D)
+    z = q.sample((thin.shape[0],))
+    m = {**_accuracy(q.mean, q.variance.sqrt(), *ref),
+         "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n])
+                                     for n in range(thin.shape[1])],
+         "coverage_90": coverage(q, nuts_draws).tolist(), "elbo": elbo.tolist()}
+    if exact is not None:
+        m["kl_to_exact"] = gaussian_kl_to_exact(q, exact).tolist()
+    return m
+
+
+def gaps(log_px: torch.Tensor, elbos: dict, source: str) -> dict:
+    """The gap decomposition per point ``[N]``, nats: approximation gap of the best
+    per-point Gaussian and of the diagonal one, amortization gap."""
+    best = elbos.get("gaussian-full", elbos["gaussian-diag"])
+    return {
+        "log_px": log_px.tolist(), "log_px_source": source,
+        "approximation_gap": (log_px - best).tolist(),
+        "approximation_gap_diag": (log_px - elbos["gaussian-diag"]).tolist(),
+        "amortization_gap": (elbos["gaussian-diag"] - elbos["amortized"]).tolist(),
+    }
+
+
+def _approximations(setting: Setting) -> tuple[dict, dict]:
+    """(a) and (b) for every point: distributions and seconds per point, by name."""
+    qs, seconds = {}, {}
+    qs["amortized"], seconds["amortized"] = amortized(setting)
+    qs["gaussian-diag"], seconds["gaussian-diag"] = fit_gaussian(setting)
+    if setting.vae.latent_dim <= 10:
+        qs["gaussian-full"], seconds["gaussian-full"] = fit_gaussian(setting, full=True)
+    return qs, seconds
+
+
+def _log_px(setting: Setting, qs: dict, iw_k: int) -> tuple[torch.Tensor, str]:
+    """log p(x) ``[N]``, exact where known, else importance-weighted with the best fit."""
+    if setting.log_px is not None:
+        return setting.log_px, "exact"
+    best = "gaussian-full" if "gaussian-full" in qs else "gaussian-diag"
+    lw = all_log_weights(setting.vae, setting.x, setting.y, iw_k, q=qs[best])
+    return iw_bound(lw), f"importance-weighted, K={iw_k}, proposal {best}"
+
+
+def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1000,
+            jit: bool = True, iw_k: int = 5000, seed: int = 0, progress: bool = False,
+            min_ess: float = 400, max_rhat: float = 1.01) -> Comparison:
+    """All approximations, metrics, gaps, costs and NUTS health for ``setting``."""
+    n_points = setting.x.shape[0]
+    qs, seconds = _approximations(setting)
+    nuts = run_nuts(setting, chains, warmup, draws, jit, seed, progress)
+    nuts_draws = nuts.samples.flatten(0, 1)  # (C*S, N, D)
+    if setting.exact is not None:
+        ref = (setting.exact.mean, setting.exact.variance.sqrt())
+    else:
+        ref = (nuts_draws.mean(0), nuts_draws.std(0))
+    with seeded(seed, setting.x.device):
+        log_px, source = _log_px(setting, qs, iw_k)
+        elbos = {k: all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q).mean(0)
+                 for k, q in qs.items()}
+        methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k], setting.exact),
+                       "seconds_per_point": seconds[k]} for k, q in qs.items()}
+        half = nuts.samples.shape[1] // 2
+        floor = [energy_distance(nuts.samples[0, :half, n],
+                                 nuts.samples[min(1, chains - 1), half:, n]) for n in range(n_points)]
+    summary = {
+        "setting": setting.name, "points": n_points, "latent_dim": setting.vae.latent_dim,
+        "reference": "exact posterior" if setting.exact is not None else "NUTS",
+        "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "jit": jit,
+                 **nuts_health(nuts, n_points, max_rhat, min_ess),
+                 **_accuracy(nuts_draws.mean(0), nuts_draws.std(0), *ref),
+                 "energy_distance_chain_vs_chain": floor,
+                 "seconds_per_point": nuts.seconds_per_point},
+        "methods": methods, "gaps": gaps(log_px, elbos, source),
+    }
+    return Comparison(summary, qs, nuts, setting.exact)

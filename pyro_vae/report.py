@@ -1,0 +1,109 @@
+"""The VI-versus-MCMC report: markdown tables, comparison.json, netCDF files and figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import arviz_bridge
+from .comparison import Comparison
+
+
+def _mean(values) -> float:
+    return float(sum(values) / len(values))
+
+
+def report_markdown(r: dict) -> str:
+    """The report: NUTS gates first, then accuracy, gaps and cost tables."""
+    n = r["nuts"]
+    status = "PASSED" if n["passed"] else "FAILED"
+    lines = [
+        f"# VI versus MCMC: {r['setting']}",
+        "",
+        f"**NUTS health gates {status}**: max R-hat {n['max_rhat']:.4f} (<= {n['thresholds']['rhat']}), "
+        f"min bulk ESS {n['min_ess_bulk']:.0f} (>= {n['thresholds']['ess_bulk']:.0f}), "
+        f"{n['divergences']} divergences; {n['chains']} chains x {n['draws']} draws "
+        f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s {n['min_ess_bulk_per_second']:.0f}.",
+        "",
+        f"{r['points']} data points, latent dimension {r['latent_dim']}, reference: {r['reference']}. "
+        "Means over points; errors in units of the reference posterior std.",
+        "",
+        "| approximation | mean error | std ratio | energy dist. to NUTS | 90% coverage of NUTS |"
+        + (" KL to exact |" if "kl_to_exact" in r["methods"]["amortized"] else "")
+        + " ELBO | s / point | cost vs NUTS |",
+        "| --- | --- | --- | --- | --- |" + (" --- |" if "kl_to_exact" in r["methods"]["amortized"] else "")
+        + " --- | --- | --- |",
+    ]
+    for name, m in r["methods"].items():
+        kl = f" {_mean(m['kl_to_exact']):.4f} |" if "kl_to_exact" in m else ""
+        lines.append(
+            f"| {name} | {_mean(m['mean_error_in_ref_std']):.3f} | {_mean(m['std_ratio']):.3f} | "
+            f"{_mean(m['energy_distance_to_nuts']):.4f} | {_mean(m['coverage_90']):.3f} |{kl} "
+            f"{_mean(m['elbo']):.3f} | {m['seconds_per_point']:.2e} | "
+            f"{m['seconds_per_point'] / n['seconds_per_point']:.1e}x |")
+    lines.append(
+        f"| NUTS | {_mean(n['mean_error_in_ref_std']):.3f} | {_mean(n['std_ratio']):.3f} | "
+        f"{_mean(n['energy_distance_chain_vs_chain']):.4f} (chain vs chain: noise floor) | - |"
+        + (" - |" if "kl_to_exact" in r["methods"]["amortized"] else "")
+        + f" - | {n['seconds_per_point']:.2e} | 1x |")
+    g = r["gaps"]
+    lines += [
+        "",
+        f"Gaps (nats per point; log p(x): {g['log_px_source']}):",
+        "",
+        "| quantity | mean | per point |",
+        "| --- | --- | --- |",
+    ]
+    for key in ("log_px", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
+        lines.append(f"| {key} | {_mean(g[key]):.4f} | {', '.join(f'{v:.3f}' for v in g[key])} |")
+    lines += ["", "approximation_gap = log p(x) - ELBO(best per-point Gaussian); "
+              "approximation_gap_diag uses the diagonal one; amortization_gap = "
+              "ELBO(per-point diagonal Gaussian) - ELBO(amortized guide)."]
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path]:
+    """Write report.md, comparison.json, netCDF ArviZ data per approximation (NUTS with its
+    divergences) and the figures of :func:`write_figures` to ``out``; returns the paths."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.md", out / "comparison.json"]
+    written[0].write_text(report_markdown(r.summary))
+    written[1].write_text(json.dumps(r.summary, indent=1))
+    written.append(arviz_bridge.save(r.nuts.idata, out / "nuts.nc"))
+    s = r.nuts.samples.shape[1]
+    for name, q in r.q.items():
+        draws_q = q.sample((s,)).unsqueeze(0)  # (1, S, N, D)
+        written.append(arviz_bridge.save(arviz_bridge.from_draws(draws_q), out / f"{name}.nc"))
+    return written + write_figures(r, out, dims)
+
+
+def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
+    """For point 0: marginal overlays of the first ``dims`` latent dims, the pair plot of
+    Gaussian ellipses over NUTS draws (D >= 2) and ArviZ's NUTS trace plot."""
+    import matplotlib.pyplot as plt
+
+    from .inspection import marginal_overlay, pair_overlay, save_figure
+
+    draws = r.nuts.samples.flatten(0, 1)[:, 0]  # (C*S, D) of point 0
+    gauss = dict(r.q) if r.exact is None else {**r.q, "exact": r.exact}
+    k = min(dims, draws.shape[1])
+    fig, axes = plt.subplots(1, k, figsize=(4 * k, 3), squeeze=False)
+    for dim in range(k):
+        marg = {name: (q.mean[0, dim].item(), q.variance[0, dim].sqrt().item())
+                for name, q in gauss.items()}
+        marginal_overlay(draws[:, dim], marg, ax=axes[0, dim], title=f"point 0, z[{dim}]")
+    fig.tight_layout()
+    written = [save_figure(fig, out / "marginals.png")]
+    if draws.shape[1] >= 2:
+        def cov2(q):
+            c = q.covariance_matrix[0] if hasattr(q, "covariance_matrix") else torch.diag(q.variance[0])
+            return c[:2, :2].cpu().numpy()
+
+        pairs = {name: (q.mean[0, :2].cpu().numpy(), cov2(q)) for name, q in gauss.items()}
+        ax = pair_overlay(draws[:, :2], pairs, title="point 0: Gaussian ellipses over NUTS")
+        written.append(save_figure(ax.figure, out / "pair.png"))
+    written.append(save_figure(arviz_bridge.plot_trace(r.nuts.idata, point=0), out / "trace.png"))
+    return written
