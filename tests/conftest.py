@@ -1,5 +1,7 @@
 """Shared test setup: Pyro validation on, param store cleared, one seed per test."""
 
+import json
+
 import matplotlib
 
 matplotlib.use("Agg")  # no windows from the tests
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from pyro_vae.config import load_config
-from pyro_vae.data import load_dataset
+from pyro_vae.data import linear_gaussian_params, load_dataset
 from pyro_vae.model import VAE
 
 torch.set_num_threads(2)
@@ -47,6 +49,27 @@ def build_vae(*overrides, subset=200):
     cfg = small_config(*overrides, subset=subset)
     ds = load_dataset(cfg.data)
     return cfg, ds, VAE(cfg, ds.x_dim, ds.num_classes)
+
+
+def linear_setup(noise=0.3):
+    """(vae, dataset, params): a linear VAE whose decoder and likelihood are exactly the
+    pPCA generative model of the linear-gaussian data (so p(z|x) and p(x) are known)."""
+    cfg = load_config(None, ["data.name=linear-gaussian", "data.binarize=none", f"data.noise={noise}",
+                             "model.latent_dim=2", "model.hidden=[]", "likelihood.name=gaussian",
+                             f"likelihood.sigma={noise}"])
+    ds = load_dataset(cfg.data)
+    params = linear_gaussian_params(cfg.data)
+    vae = VAE(cfg, ds.x_dim)
+    with torch.no_grad():
+        vae.decoder.net[0].weight.copy_(params.W)
+        vae.decoder.net[0].bias.copy_(params.b)
+    return vae, ds, params
+
+
+def metrics_without_seconds(run_dir):
+    """A run's metrics.jsonl without the wall-clock field: what must match across runs."""
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def write_idx(path, array):

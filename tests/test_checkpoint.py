@@ -1,6 +1,5 @@
 """Faults injected for real: signals, a writer killed mid-write, corrupted files, NaNs."""
 
-import json
 import signal
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from pyro_vae.config import ConfigError
 from pyro_vae.runs import load_run
 from pyro_vae.training import Interrupted, train
 
-from conftest import small_config
+from conftest import metrics_without_seconds, small_config
 
 ARGS = ["--set", "data.subset=1000", "--set", "train.batch_size=16", "--set", "model.hidden=[32]",
         "--set", "model.latent_dim=2", "--set", "train.epochs=8"]
@@ -26,11 +25,7 @@ def _cli(*args):
     return [sys.executable, "-m", "pyro_vae.cli", *args]
 
 
-def _metrics(run):
-    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-            for l in (run / "metrics.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     full = subprocess.run(_cli("train", "--quiet", *ARGS, "--runs-dir", str(tmp_path), "--name", "full"),
                           capture_output=True, text=True, timeout=300)
@@ -53,7 +48,7 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     a = ckpt_io.load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = ckpt_io.load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "cut")
+    assert metrics_without_seconds(tmp_path / "full") == metrics_without_seconds(tmp_path / "cut")
     assert a["step"] == b["step"]
 
 
@@ -67,7 +62,7 @@ def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tm
     with pytest.raises(ConfigError, match=r"changed config \(train.lr\).*force"):
         train(changed, resume=tmp_path / "cut")
     resumed = train(cfg, resume=tmp_path / "cut")
-    assert resumed.run_dir == tmp_path / "cut" and _metrics(tmp_path / "cut") == _metrics(tmp_path / "full")
+    assert resumed.run_dir == tmp_path / "cut" and metrics_without_seconds(tmp_path / "cut") == metrics_without_seconds(tmp_path / "full")
     for name, value in full.vae.state_dict().items():
         assert torch.equal(resumed.vae.state_dict()[name], value), name
     assert train(changed, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 2
@@ -81,7 +76,7 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys)
     assert main(["train", "--quiet", "--resume", run, "--set", "train.lr=0.01"]) == 2
     assert "changed config (train.lr); drop those overrides, or pass --force" in capsys.readouterr().err
     assert main(["train", "--quiet", "--resume", run, "--set", "train.epochs=2", "--force"]) == 0
-    assert len(_metrics(tmp_path / "r")) == 2
+    assert len(metrics_without_seconds(tmp_path / "r")) == 2
 
 
 @pytest.fixture()
@@ -260,4 +255,4 @@ def test_a_cuda_saved_checkpoint_loads_on_a_cpu_only_machine(trained_run, capsys
     assert elbo(run.vae, run.dataset.x_test, seed=0) == elbo(before.vae, before.dataset.x_test, seed=0)
     assert main(["train", "--quiet", "--resume", str(trained_run), "--force",
                  "--set", "train.epochs=2"]) == 0
-    assert len(_metrics(trained_run)) == 2
+    assert len(metrics_without_seconds(trained_run)) == 2

@@ -1,4 +1,3 @@
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -8,14 +7,11 @@ import torch
 
 from pyro_vae.cli import main
 
+from conftest import metrics_without_seconds
+
 SMALL = ["--set", "data.subset=300", "--set", "train.epochs=2", "--set", "model.hidden=[32]",
          "--set", "model.latent_dim=2"]
 RUN_FILES = ["config.toml", "metrics.jsonl", "checkpoint.pt", "reconstructions.png", "samples.png"]
-
-
-def _metrics(run):
-    return [{k: v for k, v in json.loads(l).items() if k != "seconds"}
-            for l in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_train_writes_every_file_and_its_config_reproduces_the_run(tmp_path, capsys):
@@ -24,10 +20,10 @@ def test_train_writes_every_file_and_its_config_reproduces_the_run(tmp_path, cap
     for name in RUN_FILES:
         assert (run / name).stat().st_size > 0, name
     assert f"wrote {run}/" in capsys.readouterr().out
-    assert len(_metrics(run)) == 2
+    assert len(metrics_without_seconds(run)) == 2
     assert main(["train", "--quiet", "--config", str(run / "config.toml"),
                  "--runs-dir", str(tmp_path), "--name", "b"]) == 0
-    assert _metrics(run) == _metrics(tmp_path / "b")
+    assert metrics_without_seconds(run) == metrics_without_seconds(tmp_path / "b")
     a = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -8,6 +8,8 @@ from pyro_vae.cli import main
 from pyro_vae.comparison import compare, energy_distance
 from pyro_vae.settings import toy_setting
 
+pytestmark = pytest.mark.slow
+
 SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000)
 
 
