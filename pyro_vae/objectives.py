@@ -22,6 +22,7 @@ from typing import Callable
 
 import pyro
 import torch
+from pyro import poutine
 from pyro.infer import JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceMeanField_ELBO
 from torch.distributions import kl_divergence
 
@@ -95,3 +96,25 @@ def negative_elbo(vae: VAE, x: torch.Tensor, eps: torch.Tensor, y1h: torch.Tenso
     else:
         kl = lw.log_q - lw.log_prior  # (K, B)
     return -(lw.log_lik - weight * kl).sum() / eps.shape[0]
+
+
+def diagnose_nonfinite(vae: VAE, args: tuple, weight: float) -> str:
+    """Name the sample sites whose log-probability is non-finite (model and guide traced
+    at this minibatch) and the parameters whose value or gradient is non-finite."""
+    parts = []
+    with pyro.validation_enabled(False), torch.no_grad():
+        guide_tr = poutine.trace(vae.guide).get_trace(*args, kl_weight=weight)
+        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(
+            *args, kl_weight=weight)
+        for label, tr in (("model", model_tr), ("guide", guide_tr)):
+            for name, site in tr.nodes.items():
+                if site["type"] == "sample":
+                    lp = site["fn"].log_prob(site["value"])
+                    if not torch.isfinite(lp).all():
+                        parts.append(f"{label} site {name!r} has non-finite log_prob")
+    for name, p in vae.named_parameters():
+        if not torch.isfinite(p).all():
+            parts.append(f"parameter {name} is non-finite")
+        elif p.grad is not None and not torch.isfinite(p.grad).all():
+            parts.append(f"gradient of {name} is non-finite")
+    return "; ".join(parts) or "no single site or parameter identified"

@@ -25,7 +25,6 @@ from typing import Callable, NamedTuple
 
 import pyro
 import torch
-from pyro import poutine
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
@@ -34,8 +33,8 @@ from .data import Dataset, epoch_inputs, load_dataset
 from .evaluate import elbo_terms
 from .likelihoods import check_data
 from .model import VAE, registered
-from .objectives import (COMPILABLE, ELBOS, MonteCarloKLWarning, has_closed_form_kl,
-                         jit_notice_silenced, negative_elbo)
+from .objectives import (COMPILABLE, ELBOS, MonteCarloKLWarning, diagnose_nonfinite,
+                         has_closed_form_kl, jit_notice_silenced, negative_elbo)
 
 
 class RollbackWarning(UserWarning):
@@ -113,28 +112,6 @@ def build(cfg: Config, device: torch.device | str = "cpu") -> tuple[Dataset, VAE
     vae = VAE(cfg, ds.x_dim, ds.num_classes).to(device)
     check_data(vae.likelihood, cfg.likelihood.name, ds)
     return ds, vae
-
-
-def diagnose_nonfinite(vae: VAE, args: tuple, weight: float) -> str:
-    """Name the sample sites whose log-probability is non-finite (model and guide traced
-    at this minibatch) and the parameters whose value or gradient is non-finite."""
-    parts = []
-    with pyro.validation_enabled(False), torch.no_grad():
-        guide_tr = poutine.trace(vae.guide).get_trace(*args, kl_weight=weight)
-        model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(
-            *args, kl_weight=weight)
-        for label, tr in (("model", model_tr), ("guide", guide_tr)):
-            for name, site in tr.nodes.items():
-                if site["type"] == "sample":
-                    lp = site["fn"].log_prob(site["value"])
-                    if not torch.isfinite(lp).all():
-                        parts.append(f"{label} site {name!r} has non-finite log_prob")
-    for name, p in vae.named_parameters():
-        if not torch.isfinite(p).all():
-            parts.append(f"parameter {name} is non-finite")
-        elif p.grad is not None and not torch.isfinite(p.grad).all():
-            parts.append(f"gradient of {name} is non-finite")
-    return "; ".join(parts) or "no single site or parameter identified"
 
 
 def _write_metrics(run_dir: Path, metrics: list[dict]) -> None:
@@ -226,7 +203,8 @@ def make_loss(cfg: Config, vae: VAE) -> LossFn:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
             with jit_notice_silenced():  # train.elbo = "jit" traces with torch.jit
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
-                    return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight))
+                    return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight),
+                                        device=x.device)
                 value = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
         value.backward()
         return value.detach()
@@ -381,13 +359,20 @@ class _Saver:
         self.last_good = copy.deepcopy(state.state_dict())
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.toml").write_text(dumps(state.cfg))
+            if not (run_dir / "config.toml").is_file():  # a resumed run's changes: at save()
+                self._write_config()
             _write_metrics(run_dir, state.metrics)
 
+    def _write_config(self) -> None:
+        text = dumps(self.state.cfg)
+        ckpt_io.atomic_write(self.run_dir / "config.toml", lambda f: f.write(text.encode()))
+
     def save(self) -> None:
+        """Write checkpoint.pt and, with it, config.toml (so they always agree)."""
         payload = self.state.state_dict()
         if self.run_dir is not None:
             ckpt_io.save_checkpoint(self.run_dir / "checkpoint.pt", payload)
+            self._write_config()
         self.last_good = copy.deepcopy(payload)
 
     def end_epoch(self) -> None:
@@ -405,8 +390,9 @@ class _Saver:
         if tc.on_nan != "rollback" or self.rollbacks >= tc.max_rollbacks:
             raise err
         self.rollbacks += 1
-        self.state.load_state_dict(self.last_good)
-        self.state.set_lr_factor(self.state.lr_factor / 2)
+        factor = self.state.lr_factor / 2  # halved again on each rollback to the same point
+        self.state.load_state_dict(copy.deepcopy(self.last_good))  # Adam's state is not shared
+        self.state.set_lr_factor(factor)
         warnings.warn(
             f"rollback {self.rollbacks}/{tc.max_rollbacks} to epoch {self.state.epoch}, step "
             f"{self.state.step} with train.lr halved to {tc.lr * self.state.lr_factor:g} after: "

@@ -65,7 +65,9 @@ def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tm
     assert resumed.run_dir == tmp_path / "cut" and metrics_without_seconds(tmp_path / "cut") == metrics_without_seconds(tmp_path / "full")
     for name, value in full.vae.state_dict().items():
         assert torch.equal(resumed.vae.state_dict()[name], value), name
-    assert train(changed, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 2
+    longer = small_config("train.batch_size=64", subset=300, epochs=3)
+    assert train(longer, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 3
+    assert "epochs = 3" in (tmp_path / "cut" / "config.toml").read_text()  # saved with it
 
 
 def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):
@@ -223,7 +225,9 @@ def test_rollback_gives_up_after_max_rollbacks():
     cfg = small_config("train.lr=1e30", "train.on_nan=rollback", "train.max_rollbacks=2", epochs=2)
     with pytest.warns(RollbackWarning) as record, pytest.raises(NonFiniteError, match="non-finite"):
         train(cfg)
-    assert len([w for w in record if w.category is RollbackWarning]) == 2
+    halved = [str(w.message).split("halved to ")[1].split()[0] for w in record
+              if w.category is RollbackWarning]
+    assert halved == ["5e+29", "2.5e+29"]  # halved again at each rollback
 
 
 def _as_if_saved_on_cuda(path):
