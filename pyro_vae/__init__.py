@@ -1,8 +1,9 @@
 """pyro_vae: the variational autoencoder as variational inference, in Pyro.
 
-Data flow: config -> data -> networks -> priors / likelihoods -> model (model + guide)
--> objectives (ELBOs) -> training (SVI) -> evaluate -> settings -> fits / mcmc -> comparison
--> report / inspection -> cli.
+Data flow (README's picture; tests/test_package.py checks that imports follow it):
+config -> data -> networks -> priors / likelihoods -> model (model + guide) -> evaluate
+-> ais -> objectives (ELBOs) -> checkpoint -> training (TrainState) -> runs -> toys
+-> settings -> fits / mcmc -> comparison -> inspection -> report -> cli.
 ArviZ is spoken to in arviz_bridge alone.
 """
 

@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=1000, help="importance samples per test point")
     e.add_argument("--batch-size", type=int, default=100, help="test points per batch")
     e.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    e.add_argument("--n", type=int, help="evaluate the first N test points (default: all)")
+    e.add_argument("--seed", type=int, help="seed of the draws (default: the run's train.seed)")
+    e.add_argument("--ais-steps", type=int, help="also estimate log p(x) by AIS with this many steps")
+    e.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point")
 
     i = sub.add_parser("inspect", help="write every figure of a run to RUN/figures/")
     i.add_argument("run")
@@ -173,30 +177,64 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _estimate(e: dict, digits: int = 2) -> str:
+    """``mean (Monte Carlo SE a, test-set SE b)`` for a :func:`evaluate.with_errors` dict."""
+    parts = [f"Monte Carlo SE {e['mc_se']:.2g}"] if e.get("mc_se") is not None else []
+    if e.get("test_set_se") is not None:
+        parts.append(f"test-set SE {e['test_set_se']:.2g}")
+    return f"{e['mean']:.{digits}f}" + (f"  ({', '.join(parts)})" if parts else "")
+
+
+def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
+    khat = r["khat_note"] if r["khat_mean"] is None else (
+        f"{r['khat_share_above_0.7']:.3f}" + (f" ({r['khat_note']})" if r["khat_note"] else ""))
+    return [
+        ("test points", f"{r['n']}"),
+        (f"ELBO, K={r['k']} draws (nats)", _estimate(r["elbo"])),
+        ("  reconstruction E_q[log p(x|z)]", _estimate(r["reconstruction"])),
+        ("  KL(q(z|x) || p(z))", _estimate(r["kl"])),
+        ("ELBO (bits/dim)", f"{r['elbo_bits_per_dim']:.4f}"),
+        (f"log p(x), IW K={r['k']} (nats)", _estimate(r["iw_log_likelihood"])),
+        ("log p(x) (bits/dim)", f"{r['iw_bits_per_dim']:.4f}"),
+        ("active units (Cov > 0.01)", f"{r['active_units']} / {r['latent_dim']}"),
+        ("PSIS k-hat > 0.7 (share)", khat),
+    ]
+
+
 def cmd_evaluate(args) -> int:
-    _at_least(("--k", args.k, 1), ("--batch-size", args.batch_size, 1))
+    _at_least(("--k", args.k, 1), ("--batch-size", args.batch_size, 1), ("--n", args.n or 1, 1))
+    if args.ais_steps is not None:
+        _at_least(("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2))
     run = load_run(args.run, device=args.device)
     ds = run.dataset
-    result = evaluate_model(run.vae, ds.x_test, ds.y_test if run.vae.num_classes else None,
-                            k=args.k, batch_size=args.batch_size, seed=run.config.train.seed)
+    n = ds.x_test.shape[0] if args.n is None else args.n
+    if n > ds.x_test.shape[0]:
+        raise ConfigError(f"--n = {n}: the test set has {ds.x_test.shape[0]} points; "
+                          f"allowed 1..{ds.x_test.shape[0]}")
+    x, y = ds.x_test[:n], ds.y_test[:n] if run.vae.num_classes else None
+    seed = run.config.train.seed if args.seed is None else args.seed
+    results = {f"iw k={args.k} n={n} seed={seed}": evaluate_model(
+        run.vae, x, y, k=args.k, batch_size=args.batch_size, seed=seed)}
+    rows = _evaluation_rows(next(iter(results.values())))
+    if args.ais_steps is not None:
+        from .ais import evaluate_ais
+
+        key = f"ais steps={args.ais_steps} chains={args.ais_chains} n={n} seed={seed}"
+        results[key] = evaluate_ais(run.vae, x, y, args.ais_steps, args.ais_chains,
+                                    batch_size=args.batch_size, seed=seed)
+        rows.append((f"log p(x), AIS {args.ais_steps} steps x {args.ais_chains} chains (nats)",
+                     _estimate(results[key]["log_px"])))
     out = run.path / "eval.json"
-    ckpt_io.atomic_write(out, lambda f: f.write(json.dumps(result, indent=1).encode()))
-    rows = [
-        ("test points", f"{result['n']}"),
-        ("ELBO (nats)", f"{result['elbo']:.2f}"),
-        ("  reconstruction E_q[log p(x|z)]", f"{result['reconstruction']:.2f}"),
-        ("  KL(q(z|x) || p(z))", f"{result['kl']:.2f}"),
-        ("ELBO (bits/dim)", f"{result['elbo_bits_per_dim']:.4f}"),
-        (f"log p(x), IW K={result['k']} (nats)",
-         f"{result['iw_log_likelihood']:.2f} +- {result['iw_log_likelihood_se']:.2f}"),
-        ("log p(x) (bits/dim)", f"{result['iw_bits_per_dim']:.4f}"),
-        ("active units (Cov > 0.01)", f"{result['active_units']} / {result['latent_dim']}"),
-        ("PSIS k-hat > 0.7 (share)", result["khat_note"] if result["khat_mean"] is None
-         else f"{result['khat_share_above_0.7']:.3f}" + (f" ({result['khat_note']})" if result["khat_note"] else "")),
-    ]
+    try:  # earlier settings' results stay; an unreadable or old-format file is replaced
+        saved = json.loads(out.read_text()) if out.is_file() else {}
+    except ValueError:
+        saved = {}
+    saved = saved if all(isinstance(v, dict) and "n" in v for v in saved.values()) else {}
+    payload = json.dumps({**saved, **results}, indent=1).encode()  # other settings' numbers stay
+    ckpt_io.atomic_write(out, lambda f: f.write(payload))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
-    print(f"wrote {out}")
+    print(f"wrote {', '.join(results)} to {out}")
     return 0
 
 
@@ -224,8 +262,8 @@ def cmd_compare(args) -> int:
     else:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
-        setting = toy_setting(args.setting, args.points, args.seed)
         out = Path(args.out or f"compare-{args.setting}")
+        setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run")
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
                      iw_k=args.iw_k, seed=args.seed, progress=not args.quiet)
     written = write_comparison(result, out)

@@ -22,7 +22,7 @@ import pyro.distributions as dist
 import torch
 
 from . import arviz_bridge
-from .evaluate import all_log_weights, iw_bound, seeded
+from .evaluate import all_log_weights, log_mean_exp, seeded
 from .fits import amortized, fit_gaussian
 from .mcmc import NutsResult, run_nuts
 from .settings import Setting
@@ -98,16 +98,32 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     return m
 
 
-def gaps(log_px: torch.Tensor, elbos: dict, source: str) -> dict:
-    """The gap decomposition per point ``[N]``, nats: approximation gap of the best
-    per-point Gaussian and of the diagonal one, amortization gap."""
-    best = elbos.get("gaussian-full", elbos["gaussian-diag"])
-    return {
-        "log_px": log_px.tolist(), "log_px_source": source,
-        "approximation_gap": (log_px - best).tolist(),
-        "approximation_gap_diag": (log_px - elbos["gaussian-diag"]).tolist(),
-        "amortization_gap": (elbos["gaussian-diag"] - elbos["amortized"]).tolist(),
-    }
+def gaps(log_px: tuple, elbos: dict, source: str) -> dict:
+    """The gap decomposition per point ``[N]``, nats, each with its Monte Carlo SE (``*_se``;
+    independent draws, so SEs add in quadrature): approximation gap of the best per-point
+    Gaussian and of the diagonal one, amortization gap. ``log_px`` and each ELBO are
+    (value ``[N]``, SE ``[N]``)."""
+    best = elbos[_best(elbos)]
+
+    def diff(a, b):
+        return (a[0] - b[0]).tolist(), (a[1] ** 2 + b[1] ** 2).sqrt().tolist()
+
+    out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source}
+    for key, (a, b) in {"approximation_gap": (log_px, best),
+                        "approximation_gap_diag": (log_px, elbos["gaussian-diag"]),
+                        "amortization_gap": (elbos["gaussian-diag"], elbos["amortized"])}.items():
+        out[key], out[f"{key}_se"] = diff(a, b)
+    return out
+
+
+def elbo_and_se(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ELBO per point ``[N]`` as the mean of log weights ``[K, N]``, and its Monte Carlo SE."""
+    return log_w.mean(0), log_w.std(0) / log_w.shape[0] ** 0.5
+
+
+def _best(qs: dict) -> str:
+    """The best per-point Gaussian of the approximations: full covariance where fitted."""
+    return "gaussian-full" if "gaussian-full" in qs else "gaussian-diag"
 
 
 def _approximations(setting: Setting) -> tuple[dict, dict]:
@@ -120,13 +136,14 @@ def _approximations(setting: Setting) -> tuple[dict, dict]:
     return qs, seconds
 
 
-def _log_px(setting: Setting, qs: dict, iw_k: int) -> tuple[torch.Tensor, str]:
-    """log p(x) ``[N]``, exact where known, else importance-weighted with the best fit."""
+def _log_px(setting: Setting, qs: dict, iw_k: int) -> tuple[tuple, str]:
+    """(log p(x), its Monte Carlo SE), each ``[N]``: exact (SE 0) where known, else
+    importance-weighted with the best per-point fit as proposal."""
     if setting.log_px is not None:
-        return setting.log_px, "exact"
-    best = "gaussian-full" if "gaussian-full" in qs else "gaussian-diag"
+        return (setting.log_px, torch.zeros_like(setting.log_px)), "exact"
+    best = _best(qs)
     lw = all_log_weights(setting.vae, setting.x, setting.y, iw_k, q=qs[best])
-    return iw_bound(lw), f"importance-weighted, K={iw_k}, proposal {best}"
+    return log_mean_exp(lw), f"importance-weighted, K={iw_k}, proposal {best}"
 
 
 def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1000,
@@ -143,9 +160,9 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         ref = (nuts_draws.mean(0), nuts_draws.std(0))
     with seeded(seed, setting.x.device):
         log_px, source = _log_px(setting, qs, iw_k)
-        elbos = {k: all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q).mean(0)
+        elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q))
                  for k, q in qs.items()}
-        methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k], setting.exact),
+        methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k][0], setting.exact),
                        "seconds_per_point": seconds[k]} for k, q in qs.items()}
         half = nuts.samples.shape[1] // 2
         floor = [energy_distance(nuts.samples[0, :half, n],

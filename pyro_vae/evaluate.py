@@ -63,7 +63,8 @@ def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int
     return log_terms(vae, x, q.rsample((k,)), y1h, q)  # z: (K, B, D)
 
 
-def _batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
+def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
+    """Consecutive slices (x ``[b, X]``, y ``[b]`` or None) of at most ``batch_size`` points."""
     for i in range(0, x.shape[0], batch_size):
         yield x[i : i + batch_size], None if y is None else y[i : i + batch_size]
 
@@ -74,7 +75,7 @@ def elbo_terms(vae: VAE, x, y=None, k: int = 1, batch_size: int = 1000, seed: in
     Monte Carlo with K draws; ELBO = reconstruction - KL."""
     recs, kls = [], []
     with seeded(seed, x.device):
-        for xb, yb in _batches(x, y, batch_size):
+        for xb, yb in batches(x, y, batch_size):
             lw = log_weights(vae, xb, yb, k)
             recs.append(lw.log_lik.mean(0))
             kls.append((lw.log_q - lw.log_prior).mean(0))
@@ -88,16 +89,44 @@ def elbo(vae: VAE, x, y=None, k: int = 1, batch_size: int = 1000, seed: int | No
 
 
 @torch.no_grad()
+def all_log_terms(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100, q=None) -> LogWeights:
+    """The terms of log w for K draws per data point, each ``[K, B]``, drawn ``chunk`` at a
+    time so the decoder never sees more than ``chunk * B`` latent samples at once (proposal
+    ``q`` as in :func:`log_weights`)."""
+    parts = [log_weights(vae, x, y, min(chunk, k - start), q) for start in range(0, k, chunk)]
+    return LogWeights(*(torch.cat(terms) for terms in zip(*parts)))
+
+
 def all_log_weights(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100, q=None) -> torch.Tensor:
-    """log w for K draws per data point ``[K, B]``, drawn ``chunk`` at a time so the decoder
-    never sees more than ``chunk * B`` latent samples at once (proposal ``q`` as above)."""
-    parts = [log_weights(vae, x, y, min(chunk, k - start), q).log_w for start in range(0, k, chunk)]
-    return torch.cat(parts)
+    """log w = log p(x|z) + log p(z) - log q(z|x) for K draws per data point ``[K, B]``."""
+    return all_log_terms(vae, x, y, k, chunk, q).log_w
 
 
 def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
     """The importance-weighted bound log (1/K) sum_k w_k from log weights ``[K, B]`` -> ``[B]``."""
     return log_w.logsumexp(0) - math.log(log_w.shape[0])
+
+
+def log_mean_exp(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`iw_bound` of log weights ``[K, B]`` and its Monte Carlo standard error by the
+    delta method, sd(w) / (sqrt(K) mean(w)), both ``[B]`` (overflow-free; NaN for K = 1).
+    The SE of the *estimator* at this K, not its bias (it is a stochastic lower bound)."""
+    k = log_w.shape[0]
+    w = (log_w - log_w.max(0).values).exp()  # (K, B), largest 1
+    se = w.std(0) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(w[0], math.nan)
+    return iw_bound(log_w), se
+
+
+def with_errors(values: torch.Tensor, mc_se: torch.Tensor | None = None) -> dict:
+    """Mean over data points of per-point estimates ``[N]``, with its two uncertainties named
+    apart: ``mc_se``, the Monte Carlo SE of the estimator (per-point SEs combined,
+    sqrt(sum se^2) / N), and ``test_set_se``, the spread over data points / sqrt(N)."""
+    n = values.shape[0]
+    out = {"mean": values.mean().item(),
+           "test_set_se": (values.std() / math.sqrt(n)).item() if n > 1 else None}
+    if mc_se is not None:
+        out["mc_se"] = (mc_se.pow(2).sum().sqrt() / n).item()
+    return out
 
 
 @torch.no_grad()
@@ -107,7 +136,7 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
     log (1/K) sum_k w_k, with memory bounded by ``chunk * batch_size`` draws for any K."""
     out = []
     with seeded(seed, x.device):
-        for xb, yb in _batches(x, y, batch_size):
+        for xb, yb in batches(x, y, batch_size):
             out.append(iw_bound(all_log_weights(vae, xb, yb, k, chunk)))
     return torch.cat(out)
 
@@ -115,7 +144,7 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
 @torch.no_grad()
 def posterior_means(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor:
     """E_q[z | x] for every data point ``[N, D]``."""
-    return torch.cat([vae.q_z(xb, yb).mean for xb, yb in _batches(x, y, batch_size)])
+    return torch.cat([vae.q_z(xb, yb).mean for xb, yb in batches(x, y, batch_size)])
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
@@ -135,7 +164,7 @@ def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tenso
         return None
     total = torch.zeros(vae.latent_dim, device=x.device)
     try:
-        for xb, yb in _batches(x, y, batch_size):
+        for xb, yb in batches(x, y, batch_size):
             q = vae.q_z(xb, yb).base_dist  # batch [B, D]
             total += torch.distributions.kl_divergence(q, base.expand(q.batch_shape)).sum(0)
     except NotImplementedError:
@@ -157,8 +186,9 @@ def psis_khat_unavailable(k: int) -> str | None:
     m = psis_tail_size(k)
     if m >= PSIS_MIN_TAIL:
         return None
+    least = next(n for n in range(k, 10 * PSIS_MIN_TAIL**2) if psis_tail_size(n) >= PSIS_MIN_TAIL)
     return (f"not available: K={k} draws leave a tail of {m} < {PSIS_MIN_TAIL} weights for "
-            "the Pareto fit (needs K >= 50)")
+            f"the Pareto fit (needs K >= {least})")
 
 
 def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
@@ -203,38 +233,50 @@ def _khat_summary(khat: torch.Tensor, k: int) -> dict:
             "khat_mean": fitted.mean().item(), "khat_note": note}
 
 
+def _per_point(vae: VAE, x, y, k: int, batch_size: int, chunk: int) -> dict:
+    """Per data point ``[N]`` from K draws of q(z|x): reconstruction, KL, ELBO and its Monte
+    Carlo SE sd_k(log w)/sqrt(K), the IW estimate of log p(x) and its SE, PSIS k-hat."""
+    out: dict[str, list] = {key: [] for key in ("rec", "kl", "elbo_se", "iw", "iw_se", "khat")}
+    for xb, yb in batches(x, y, batch_size):
+        t = all_log_terms(vae, xb, yb, k, chunk)  # each (K, B)
+        lw = t.log_w
+        iw, iw_se = log_mean_exp(lw)
+        out["rec"].append(t.log_lik.mean(0))
+        out["kl"].append((t.log_q - t.log_prior).mean(0))
+        out["elbo_se"].append(lw.std(0) / math.sqrt(k) if k > 1 else torch.full_like(iw, math.nan))
+        out["iw"].append(iw)
+        out["iw_se"].append(iw_se)
+        out["khat"].append(psis_khat(lw))
+    return {key: torch.cat(v) for key, v in out.items()}
+
+
+@torch.no_grad()
 def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, chunk: int = 100,
                    seed: int = 0) -> dict:
-    """Every evaluation number for data ``x`` ``[N, X]`` (nats per data point unless named):
-    ELBO with its reconstruction and KL terms (1 draw), importance-weighted log p(x) with K
-    draws (mean and standard error over data points), bits per dimension, KL per dimension,
-    active units and the share of data points with PSIS k-hat > 0.7 (None, with
-    ``khat_note`` saying why, when K is too small to fit a Pareto tail)."""
-    rec, kl = elbo_terms(vae, x, y, k=1, batch_size=batch_size, seed=seed)
-    iw, khat = [], []
+    """Every evaluation number for data ``x`` ``[N, X]``, from K draws of q(z|x) per point
+    (nats per data point unless named). Each estimate is a mean over points with its Monte
+    Carlo SE (of the estimator at this K) and its test-set SE (spread over points), named
+    apart (:func:`with_errors`): the ELBO with its reconstruction and KL terms, the
+    importance-weighted log p(x) (a stochastic lower bound; its SE says nothing of its bias),
+    bits per dimension, KL per dimension, active units and the share of points with PSIS
+    k-hat > 0.7 (None, with ``khat_note`` saying why, when K is too small for a Pareto fit)."""
     with seeded(seed, x.device):
-        for xb, yb in _batches(x, y, batch_size):
-            lw = all_log_weights(vae, xb, yb, k, chunk)  # (K, B)
-            iw.append(iw_bound(lw))
-            khat.append(psis_khat(lw))
-    iw, khat = torch.cat(iw), torch.cat(khat)
-    n, bits = x.shape[0], x.shape[1] * math.log(2)
+        p = _per_point(vae, x, y, k, batch_size, chunk)
+    elbo = p["rec"] - p["kl"]
+    bits = x.shape[1] * math.log(2)
     count, variances = active_units(posterior_means(vae, x, y))
     per_dim = kl_per_dimension(vae, x, y)
-    elbo_value = (rec - kl).mean().item()
     return {
-        "n": n,
-        "k": k,
-        "elbo": elbo_value,
-        "elbo_bits_per_dim": -elbo_value / bits,
-        "reconstruction": rec.mean().item(),
-        "kl": kl.mean().item(),
-        "iw_log_likelihood": iw.mean().item(),
-        "iw_log_likelihood_se": (iw.std() / math.sqrt(n)).item() if n > 1 else float("nan"),
-        "iw_bits_per_dim": -iw.mean().item() / bits,
+        "n": x.shape[0], "k": k, "seed": seed,
+        "elbo": with_errors(elbo, p["elbo_se"]),
+        "reconstruction": with_errors(p["rec"]),
+        "kl": with_errors(p["kl"]),
+        "iw_log_likelihood": with_errors(p["iw"], p["iw_se"]),
+        "elbo_bits_per_dim": -elbo.mean().item() / bits,
+        "iw_bits_per_dim": -p["iw"].mean().item() / bits,
         "active_units": count,
         "latent_dim": vae.latent_dim,
         "posterior_mean_variance": variances.tolist(),
         "kl_per_dimension": None if per_dim is None else per_dim.tolist(),
-        **_khat_summary(khat, k),
+        **_khat_summary(p["khat"], k),
     }

@@ -15,6 +15,12 @@ def _mean(values) -> float:
     return float(sum(values) / len(values))
 
 
+def _with_noise(value: float, se: float, is_gap: bool) -> str:
+    """``value +- se``; a gap within 2 SE of zero is said to be 0 within noise."""
+    text = f"{value:.4f} +- {se:.4f}"
+    return text + " (0 within noise)" if is_gap and abs(value) < 2 * se else text
+
+
 def report_markdown(r: dict) -> str:
     """The report: NUTS gates first, then accuracy, gaps and cost tables."""
     n = r["nuts"]
@@ -53,14 +59,19 @@ def report_markdown(r: dict) -> str:
         "",
         f"Gaps (nats per point; log p(x): {g['log_px_source']}):",
         "",
-        "| quantity | mean | per point |",
+        "| quantity | mean +- Monte Carlo SE | per point +- Monte Carlo SE |",
         "| --- | --- | --- |",
     ]
     for key in ("log_px", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
-        lines.append(f"| {key} | {_mean(g[key]):.4f} | {', '.join(f'{v:.3f}' for v in g[key])} |")
+        values, ses = g[key], g[f"{key}_se"]
+        mean_se = sum(se**2 for se in ses) ** 0.5 / len(ses)
+        lines.append(f"| {key} | {_with_noise(_mean(values), mean_se, key != 'log_px')} | "
+                     + ", ".join(_with_noise(v, se, key != "log_px") for v, se in zip(values, ses))
+                     + " |")
     lines += ["", "approximation_gap = log p(x) - ELBO(best per-point Gaussian); "
               "approximation_gap_diag uses the diagonal one; amortization_gap = "
-              "ELBO(per-point diagonal Gaussian) - ELBO(amortized guide)."]
+              "ELBO(per-point diagonal Gaussian) - ELBO(amortized guide). A gap within 2 "
+              "Monte Carlo SE of zero reads \"0 within noise\": gaps cannot be negative."]
     return "\n".join(lines) + "\n"
 
 

@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pyro.distributions as dist
 import torch
 
-from .config import load_config
+from .config import BUNDLED_CONFIGS, load_config
 from .data import LinearGaussian
 from .model import VAE
 from .toys import linear_gaussian_evidence, linear_gaussian_posterior
@@ -39,11 +39,12 @@ def _freeze(vae: VAE) -> VAE:
     return vae.requires_grad_(False)
 
 
-def toy_setting(name: str, points: int = 5, seed: int = 0) -> Setting:
-    """Train the toy VAE of the bundled config ``TOY_CONFIGS[name]`` and take ``points`` of
+def toy_setting(name: str, points: int = 5, seed: int = 0, run_dir=None) -> Setting:
+    """Train the toy VAE of the bundled config ``TOY_CONFIGS[name]`` (saved as a run in
+    ``run_dir`` when given, for ``pyro-vae evaluate`` and ``inspect``) and take ``points`` of
     its test points."""
-    cfg = load_config(TOY_CONFIGS[name], [f"train.seed={seed}"])
-    result = train(cfg)
+    cfg = load_config(BUNDLED_CONFIGS / f"{TOY_CONFIGS[name]}.toml", [f"train.seed={seed}"])
+    result = train(cfg, run_dir)
     vae, ds = _freeze(result.vae), result.dataset
     x = ds.x_test[:points]
     exact = log_px = None

@@ -6,6 +6,7 @@ import torch
 from pyro_vae import arviz_bridge
 from pyro_vae.cli import main
 from pyro_vae.comparison import compare, energy_distance
+from pyro_vae.report import report_markdown
 from pyro_vae.settings import toy_setting
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,18 @@ def test_full_covariance_gaussian_reaches_log_evidence_and_every_elbo_is_below_i
     assert _mean(r.summary["gaps"]["amortization_gap"]) > -0.005  # per-point fit is at least as good
 
 
+def test_every_gap_carries_its_monte_carlo_se_and_no_gap_is_negative_beyond_it(linear):
+    setting, r = linear
+    g = r.summary["gaps"]
+    assert g["log_px_se"] == [0.0] * len(g["log_px"])  # exact evidence
+    for key in ("approximation_gap", "approximation_gap_diag", "amortization_gap"):
+        ses = g[f"{key}_se"]
+        assert len(ses) == len(g[key]) and all(se > 0 for se in ses)
+        assert all(v > -3 * se for v, se in zip(g[key], ses)), key
+    # the full-covariance fit reaches the exact posterior: its gap is zero within noise
+    assert "(0 within noise)" in report_markdown(r.summary)
+
+
 def test_diagonal_guide_kl_is_at_least_the_analytic_floor(linear):
     setting, r = linear
     precision = torch.linalg.inv(setting.exact.covariance_matrix)  # (N, D, D)
@@ -86,8 +99,7 @@ def test_guide_and_nuts_inference_data_share_names_and_dims(ring):
     for idata in (nuts.idata, guide):
         summary = arviz_bridge.summary(idata)
         assert len(summary) == 3 * 2  # points x latent dims
-    diverging = arviz_bridge.group(nuts.idata, "sample_stats")["diverging"]
-    assert diverging.dims == ("chain", "draw") and int(diverging.sum()) == r.summary["nuts"]["divergences"]
+    assert arviz_bridge.group(nuts.idata, "sample_stats")["diverging"].dims == ("chain", "draw")
 
 
 def test_energy_distance_is_zero_for_equal_samples_and_grows_with_a_shift():
@@ -103,6 +115,7 @@ def test_compare_cli_writes_every_file(tmp_path, capsys):
     for name in ("report.md", "comparison.json", "nuts.nc", "amortized.nc", "gaussian-diag.nc",
                  "gaussian-full.nc", "marginals.png", "pair.png", "trace.png"):
         assert (out / name).stat().st_size > 0, name
+    assert main(["evaluate", str(out / "run"), "--k", "50"]) == 0  # the toy VAE is a run
     text = capsys.readouterr().out
     assert "NUTS health gates" in text.splitlines()[2]
     assert main(["compare", "--setting", "run"]) == 2

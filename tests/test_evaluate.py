@@ -1,9 +1,11 @@
 import json
+import math
 
 import pytest
 import torch
 
 from pyro_vae.evaluate import (active_units, all_log_weights, elbo, elbo_terms, iw_bound, iw_log_likelihood,
+                               log_mean_exp,
                                kl_per_dimension, log_weights, posterior_means, psis_khat,
                                psis_khat_unavailable)
 from pyro_vae.toys import linear_gaussian_evidence, linear_gaussian_posterior
@@ -104,21 +106,53 @@ def test_psis_khat_recovers_the_tail_shape_of_pareto_weights(xi):
 
 def test_psis_khat_is_not_available_from_too_few_draws():
     assert psis_khat(torch.randn(10, 3)).isnan().all()
-    assert "not available" in psis_khat_unavailable(10) and psis_khat_unavailable(50) is None
+    assert "not available" in psis_khat_unavailable(10) and "K >= 46" in psis_khat_unavailable(45)
+    assert psis_khat_unavailable(46) is None and not psis_khat(torch.randn(46, 3)).isnan().any()
 
 
-def test_evaluate_cli_writes_eval_json(tmp_path, capsys):
+def test_log_mean_exp_is_the_log_of_the_mean_weight_with_a_delta_method_se():
+    log_w = torch.tensor([[0.0, 1.0], [math.log(3.0), 1.0]])  # (K=2, B=2)
+    value, se = log_mean_exp(log_w)
+    assert torch.allclose(value, torch.tensor([math.log(2.0), 1.0]))
+    # w / max w = (1/3, 1): sd sqrt(2)/3 over sqrt(2) times the mean 2/3 gives 1/2
+    assert se[1] == 0 and se[0].item() == pytest.approx(0.5, rel=1e-5)
+
+
+def test_log_mean_exp_se_matches_the_spread_of_repeated_iw_estimates():
+    # the delta-method SE of one IW estimate predicts the sd of independent repeats
+    torch.manual_seed(0)
+    log_w = 0.5 * torch.randn(200, 400, 300, dtype=torch.float64)  # (repeats, K, B)
+    values, se = zip(*(log_mean_exp(lw) for lw in log_w))
+    spread = torch.stack(values).std(0)  # (B,) sd over repeats
+    assert torch.stack(se).mean().item() == pytest.approx(spread.mean().item(), rel=0.03)
+
+
+def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys):
     from pyro_vae.cli import main
 
     assert main(["train", "--quiet", "--set", "data.subset=200", "--set", "model.hidden=[16]",
                  "--set", "train.epochs=1", "--runs-dir", str(tmp_path), "--name", "r"]) == 0
-    assert main(["evaluate", str(tmp_path / "r"), "--k", "50", "--batch-size", "250"]) == 0
-    out = json.loads((tmp_path / "r" / "eval.json").read_text())
-    assert out["iw_log_likelihood"] >= out["elbo"] - 0.5 and out["k"] == 50 and out["n"] == 1000
+    run = str(tmp_path / "r")
+    assert main(["evaluate", run, "--k", "50", "--batch-size", "250"]) == 0
+    out = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=50 n=1000 seed=0"]
+    iw, elbo = out["iw_log_likelihood"], out["elbo"]
+    assert iw["mean"] >= elbo["mean"] - 0.5 and out["k"] == 50 and out["n"] == 1000
+    assert 0 < iw["mc_se"] < iw["test_set_se"] and 0 < elbo["mc_se"]
+    assert elbo["mean"] == pytest.approx(out["reconstruction"]["mean"] - out["kl"]["mean"], abs=1e-3)
     assert 0 <= out["active_units"] <= 50 and len(out["kl_per_dimension"]) == 50
     assert out["khat_share_above_0.7"] is not None and out["khat_note"] is None
-    assert "log p(x), IW K=50" in capsys.readouterr().out
-    assert main(["evaluate", str(tmp_path / "r"), "--k", "10", "--batch-size", "500"]) == 0
-    assert json.loads((tmp_path / "r" / "eval.json").read_text())["khat_share_above_0.7"] is None
+    text = capsys.readouterr().out
+    assert "log p(x), IW K=50" in text and "Monte Carlo SE" in text and "test-set SE" in text
+    assert main(["evaluate", run, "--k", "10", "--n", "20", "--ais-steps", "5",
+                 "--ais-chains", "4"]) == 0
+    saved = json.loads((tmp_path / "r" / "eval.json").read_text())
+    assert set(saved) == {"iw k=50 n=1000 seed=0", "iw k=10 n=20 seed=0",
+                          "ais steps=5 chains=4 n=20 seed=0"}  # nothing overwritten
+    assert saved["iw k=10 n=20 seed=0"]["khat_share_above_0.7"] is None
+    assert saved["ais steps=5 chains=4 n=20 seed=0"]["log_px"]["mc_se"] > 0
     assert "not available: K=10" in capsys.readouterr().out
-    assert main(["evaluate", str(tmp_path / "r"), "--k", "0"]) == 2
+    for bad, message in ((["--k", "0"], "--k = 0: must be >= 1"),
+                         (["--ais-steps", "0"], "--ais-steps = 0: must be >= 1"),
+                         (["--n", "1001"], "--n = 1001: the test set has 1000 points")):
+        assert main(["evaluate", run, *bad]) == 2
+        assert message in capsys.readouterr().err
