@@ -31,7 +31,7 @@ from typing import NamedTuple
 import pyro
 import torch
 
-from .evaluate import batches, log_mean_exp, seeded, with_errors
+from .evaluate import batches, log_mean_exp, log_terms, seeded, with_errors
 from .model import VAE
 
 
@@ -61,32 +61,31 @@ class _Path:
     def __init__(self, vae: VAE, x: torch.Tensor, y1h, q0):
         self.vae, self.x, self.y1h, self.q0 = vae, x, y1h, q0
 
-    def f_and_log_q0(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        log_joint = (self.vae.likelihood_dist(z, self.y1h).log_prob(self.x)
-                     + self.vae.prior_dist().log_prob(z))  # (C, B)
-        log_q0 = self.q0.log_prob(z)
-        return log_joint - log_q0, log_q0
+    def f(self, z: torch.Tensor) -> torch.Tensor:
+        """f(z) ``[C, B]``: the log importance weight of z under q0 (``evaluate.log_terms``)."""
+        return log_terms(self.vae, self.x, z, self.y1h, self.q0).log_w
 
-    def log_target_and_grad(self, z: torch.Tensor, beta) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_target_and_grad(self, z: torch.Tensor, beta):
+        """(log g_beta(z), its gradient in z, f(z)) from one pass through the decoder."""
         with torch.enable_grad():
             z = z.detach().requires_grad_()
-            f, log_q0 = self.f_and_log_q0(z)
-            log_g = log_q0 + beta * f  # (C, B)
+            t = log_terms(self.vae, self.x, z, self.y1h, self.q0)
+            log_g = t.log_q + beta * t.log_w  # (C, B)
             (grad,) = torch.autograd.grad(log_g.sum(), z)
-        return log_g.detach(), grad
+        return log_g.detach(), grad, t.log_w.detach()
 
 
-def _hmc(path: _Path, z, beta, step: torch.Tensor, leapfrogs: int):
-    """One HMC move leaving g_beta invariant: momentum ~ N(0, I), ``leapfrogs`` leapfrog
-    steps of size ``step`` ``[B]``, Metropolis accept per chain and point. Returns the new
-    z ``[C, B, D]`` and the acceptance indicator ``[C, B]``."""
+def _hmc(path: _Path, z, beta, step: torch.Tensor, leapfrogs: int, log_g0, grad):
+    """One HMC move leaving g_beta invariant from z ``[C, B, D]``, where log g_beta is
+    ``log_g0`` and its gradient ``grad``: momentum ~ N(0, I), ``leapfrogs`` leapfrog steps
+    of size ``step`` ``[B]``, Metropolis accept per chain and point. Returns the new z and
+    the acceptance indicator ``[C, B]``."""
     eps = step[None, :, None]  # broadcast over chains and latent dims
     p0 = torch.randn_like(z)
-    log_g0, grad = path.log_target_and_grad(z, beta)
     z1, p = z, p0 + 0.5 * eps * grad
     for i in range(leapfrogs):
         z1 = z1 + eps * p
-        log_g1, grad = path.log_target_and_grad(z1, beta)
+        log_g1, grad, _ = path.log_target_and_grad(z1, beta)
         p = p + (eps if i < leapfrogs - 1 else 0.5 * eps) * grad
     log_accept = (log_g1 - 0.5 * (p**2).sum(-1)) - (log_g0 - 0.5 * (p0**2).sum(-1))  # (C, B)
     accept = torch.rand_like(log_accept).log() < log_accept.nan_to_num(nan=-math.inf)
@@ -101,11 +100,12 @@ def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, step: torch.Tenso
     log_w = z.new_zeros(z.shape[:2])  # (C, B)
     accepted = z.new_zeros(z.shape[1])  # (B,)
     for t in range(1, len(betas)):
-        f, _ = path.f_and_log_q0(z)
+        if t == len(betas) - 1:  # the weights are complete: a last move would change nothing
+            log_w = log_w + (betas[t] - betas[t - 1]) * path.f(z)
+            break
+        log_g, grad, f = path.log_target_and_grad(z, betas[t])  # f is reused by the move
         log_w = log_w + (betas[t] - betas[t - 1]) * f
-        if t == len(betas) - 1:
-            break  # the weights are complete: a last move would change nothing
-        z, accept = _hmc(path, z, betas[t], step, leapfrogs)
+        z, accept = _hmc(path, z, betas[t], step, leapfrogs, log_g, grad)
         rate = accept.float().mean(0)  # (B,) over chains
         step = step * torch.where(rate > target_accept, 1.02, 0.98)
         accepted = accepted + rate
@@ -142,7 +142,7 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
         raise ValueError(f"z_exact has shape {list(z_exact.shape)}; expected [C, "
                          f"{x.shape[0]}, {vae.latent_dim}] (chains, points, latent dims)")
     z0 = q0.sample((chains,)) if z_exact is None else z_exact  # (C, B, D)
-    path.f_and_log_q0(z0)  # shapes and supports checked once (when Pyro validation is on)
+    path.f(z0)  # shapes and supports checked once (when Pyro validation is on)
     with pyro.validation_enabled(False):  # ... not in each of the steps * leapfrogs calls
         return _anneal(path, z0, betas, step, leapfrogs, target_accept, z_exact is not None)
 

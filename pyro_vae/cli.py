@@ -177,12 +177,12 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _estimate(e: dict, digits: int = 2) -> str:
+def _estimate(e: dict) -> str:
     """``mean (Monte Carlo SE a, test-set SE b)`` for a :func:`evaluate.with_errors` dict."""
     parts = [f"Monte Carlo SE {e['mc_se']:.2g}"] if e.get("mc_se") is not None else []
     if e.get("test_set_se") is not None:
         parts.append(f"test-set SE {e['test_set_se']:.2g}")
-    return f"{e['mean']:.{digits}f}" + (f"  ({', '.join(parts)})" if parts else "")
+    return f"{e['mean']:.2f}" + (f"  ({', '.join(parts)})" if parts else "")
 
 
 def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
