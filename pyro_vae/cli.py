@@ -202,7 +202,11 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
 
 
 def cmd_evaluate(args) -> int:
-    _at_least(("--k", args.k, 1), ("--batch-size", args.batch_size, 1), ("--n", args.n or 1, 1))
+    _at_least(("--k", args.k, 1), ("--batch-size", args.batch_size, 1))
+    if args.n is not None:
+        _at_least(("--n", args.n, 1))
+    if args.seed is not None:
+        _at_least(("--seed", args.seed, 0))
     if args.ais_steps is not None:
         _at_least(("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2))
     run = load_run(args.run, device=args.device)

@@ -151,8 +151,15 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert saved["iw k=10 n=20 seed=0"]["khat_share_above_0.7"] is None
     assert saved["ais steps=5 chains=4 n=20 seed=0"]["log_px"]["mc_se"] > 0
     assert "not available: K=10" in capsys.readouterr().out
+    assert main(["evaluate", run, "--k", "10", "--n", "20", "--seed", "1"]) == 0
+    other = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=10 n=20 seed=1"]
+    same = saved["iw k=10 n=20 seed=0"]
+    assert other["iw_log_likelihood"]["mean"] != same["iw_log_likelihood"]["mean"]  # new draws
+    assert other["active_units"] == same["active_units"]  # deterministic parts agree
     for bad, message in ((["--k", "0"], "--k = 0: must be >= 1"),
                          (["--ais-steps", "0"], "--ais-steps = 0: must be >= 1"),
-                         (["--n", "1001"], "--n = 1001: the test set has 1000 points")):
+                         (["--n", "1001"], "--n = 1001: the test set has 1000 points"),
+                         (["--n", "0"], "--n = 0: must be >= 1"),
+                         (["--seed", "-1"], "--seed = -1: must be >= 0")):
         assert main(["evaluate", run, *bad]) == 2
         assert message in capsys.readouterr().err
