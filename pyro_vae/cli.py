@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--draws", type=int, default=1000)
     c.add_argument("--no-jit", action="store_true", help="NUTS without jit_compile")
     c.add_argument("--iw-k", type=int, default=5000, help="draws for the IW log p(x) estimate")
+    c.add_argument("--ais-steps", type=int, default=500,
+                   help="AIS steps for the log p(x) reference (ring and run)")
+    c.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--quiet", action="store_true")
     return p
@@ -256,7 +259,8 @@ def cmd_compare(args) -> int:
     from .settings import run_setting, toy_setting
 
     _at_least(("--points", args.points, 1), ("--chains", args.chains, 2),
-              ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 1))
+              ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 1),
+              ("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2))
     if args.setting == "run":
         if not args.run:
             raise ConfigError("--setting run needs --run RUN (a trained run directory)")
@@ -269,7 +273,8 @@ def cmd_compare(args) -> int:
         out = Path(args.out or f"compare-{args.setting}")
         setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run")
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
-                     iw_k=args.iw_k, seed=args.seed, progress=not args.quiet)
+                     iw_k=args.iw_k, seed=args.seed, progress=not args.quiet,
+                     ais_steps=args.ais_steps, ais_chains=args.ais_chains)
     written = write_comparison(result, out)
     print((out / "report.md").read_text())
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")

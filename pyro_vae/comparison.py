@@ -9,8 +9,10 @@ form it is the reference instead. The gaps (Cremer, Li & Duvenaud 2018)::
     log p(x) - ELBO(b)      approximation gap (what a Gaussian family cannot capture)
     ELBO(b)  - ELBO(a)      amortization gap (what sharing one encoder costs)
 
-log p(x) is exact where known, else the importance-weighted estimate with the best
-per-point Gaussian as proposal.
+log p(x) is exact where known, else estimated by AIS (``ais.py``, the literature's reference,
+Wu et al. 2017), vouched for by BDMC on data simulated from the model, by quadrature for a
+2-D latent, and shown beside the importance-weighted estimate with the best per-point
+Gaussian as proposal.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import pyro.distributions as dist
 import torch
 
 from . import arviz_bridge
-from .evaluate import all_log_weights, log_mean_exp, seeded
+from .ais import ais, bdmc
+from .evaluate import all_log_weights, log_mean_exp, quadrature_log_px, seeded
 from .fits import amortized, fit_gaussian
 from .mcmc import NutsResult, run_nuts
 from .settings import Setting
@@ -136,20 +139,50 @@ def _approximations(setting: Setting) -> tuple[dict, dict]:
     return qs, seconds
 
 
-def _log_px(setting: Setting, qs: dict, iw_k: int) -> tuple[tuple, str]:
-    """(log p(x), its Monte Carlo SE), each ``[N]``: exact (SE 0) where known, else
-    importance-weighted with the best per-point fit as proposal."""
-    if setting.log_px is not None:
-        return (setting.log_px, torch.zeros_like(setting.log_px)), "exact"
+def _diff(a: tuple, b: tuple) -> tuple[list, list]:
+    """a - b per point and its SE (independent estimates: SEs add in quadrature)."""
+    return (a[0] - b[0]).tolist(), (a[1] ** 2 + b[1] ** 2).sqrt().tolist()
+
+
+def _ais_checks(setting: Setting, qs: dict, ais_run: tuple, iw_k: int) -> tuple[tuple, dict]:
+    """What vouches for an AIS reference: the IW estimate with the best per-point fit as
+    proposal (a lower bound too), BDMC on as many points simulated from the model, and, for a
+    2-D latent, numerical quadrature. Returns AIS's (log p(x), MC SE) ``[N]`` and the checks
+    (per-point lists with their Monte Carlo SEs)."""
+    vae, x, y = setting.vae, setting.x, setting.y
+    steps, chains = ais_run
+    r = ais(vae, x, y, steps, chains)
     best = _best(qs)
-    lw = all_log_weights(setting.vae, setting.x, setting.y, iw_k, q=qs[best])
-    return log_mean_exp(lw), f"importance-weighted, K={iw_k}, proposal {best}"
+    iw = log_mean_exp(all_log_weights(vae, x, y, iw_k, q=qs[best]))
+    checks = {"ais_acceptance": r.acceptance.mean().item(), "iw_source": f"K={iw_k}, proposal {best}",
+              "iw_log_px": iw[0].tolist(), "iw_log_px_se": iw[1].tolist()}
+    checks["iw_minus_ais"], checks["iw_minus_ais_se"] = _diff(iw, (r.log_px, r.mc_se))
+    checks["bdmc"] = bdmc(vae, x.shape[0], steps, chains)
+    if vae.latent_dim == 2:
+        quad = quadrature_log_px(vae, x, y)
+        checks["quadrature_log_px"] = quad.tolist()
+        checks["ais_minus_quadrature"], checks["ais_minus_quadrature_se"] = _diff(
+            (r.log_px, r.mc_se), (quad, torch.zeros_like(quad)))
+    return (r.log_px, r.mc_se), checks
+
+
+def _log_px(setting: Setting, qs: dict, iw_k: int, ais_run: tuple) -> tuple[tuple, str, dict]:
+    """(log p(x), its Monte Carlo SE), each ``[N]``, its source and its checks: exact (SE 0)
+    where known; else AIS from the guide with ``ais_run`` = (steps, chains), checked as
+    :func:`_ais_checks` says."""
+    if setting.log_px is not None:
+        return (setting.log_px, torch.zeros_like(setting.log_px)), "exact", {}
+    log_px, checks = _ais_checks(setting, qs, ais_run, iw_k)
+    steps, chains = ais_run
+    return log_px, f"AIS from the guide, {steps} steps x {chains} chains (HMC)", checks
 
 
 def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1000,
             jit: bool = True, iw_k: int = 5000, seed: int = 0, progress: bool = False,
-            min_ess: float = 400, max_rhat: float = 1.01) -> Comparison:
-    """All approximations, metrics, gaps, costs and NUTS health for ``setting``."""
+            min_ess: float = 400, max_rhat: float = 1.01, ais_steps: int = 500,
+            ais_chains: int = 16) -> Comparison:
+    """All approximations, metrics, gaps, costs and NUTS health for ``setting``; log p(x)
+    exact where known, else by AIS (``ais_steps`` x ``ais_chains``) with its checks."""
     n_points = setting.x.shape[0]
     qs, seconds = _approximations(setting)
     nuts = run_nuts(setting, chains, warmup, draws, jit, seed, progress)
@@ -159,7 +192,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
     else:
         ref = (nuts_draws.mean(0), nuts_draws.std(0))
     with seeded(seed, setting.x.device):
-        log_px, source = _log_px(setting, qs, iw_k)
+        log_px, source, checks = _log_px(setting, qs, iw_k, (ais_steps, ais_chains))
         elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q))
                  for k, q in qs.items()}
         methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k][0], setting.exact),
@@ -175,6 +208,6 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
                  **_accuracy(nuts_draws.mean(0), nuts_draws.std(0), *ref),
                  "energy_distance_chain_vs_chain": floor,
                  "seconds_per_point": nuts.seconds_per_point},
-        "methods": methods, "gaps": gaps(log_px, elbos, source),
+        "methods": methods, "gaps": gaps(log_px, elbos, source), "log_px_checks": checks,
     }
     return Comparison(summary, qs, nuts, setting.exact)

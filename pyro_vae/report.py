@@ -21,6 +21,32 @@ def _with_noise(value: float, se: float, is_gap: bool) -> str:
     return text + " (0 within noise)" if is_gap and abs(value) < 2 * se else text
 
 
+def _mean_and_se(values: list, ses: list) -> tuple[float, float]:
+    """Mean over points and its Monte Carlo SE (per-point SEs combined)."""
+    return _mean(values), sum(se**2 for se in ses) ** 0.5 / len(ses)
+
+
+def _checks_markdown(c: dict) -> list[str]:
+    """What vouches for an AIS log p(x) (``comparison._ais_checks``), as report lines."""
+    if not c:
+        return []
+    b = c["bdmc"]
+    lines = ["", f"Checks of the AIS log p(x) (mean HMC acceptance {c['ais_acceptance']:.2f}):", "",
+             f"- BDMC on {b['points']} points simulated from the model, same AIS settings: "
+             f"lower {b['lower']['mean']:.3f} +- {b['lower']['mc_se']:.3f}, upper "
+             f"{b['upper']['mean']:.3f} +- {b['upper']['mc_se']:.3f}; gap upper - lower "
+             f"{_with_noise(b['gap']['mean'], b['gap']['mc_se'], True)} nats (Monte Carlo SE): "
+             "how far AIS can sit below log p(x) on data like the model's.",
+             "- importance-weighted, " + c["iw_source"] + ": IW - AIS = "
+             + _with_noise(*_mean_and_se(c["iw_minus_ais"], c["iw_minus_ais_se"]), True)
+             + " (IW is a lower bound too; clearly above zero would mean AIS is too low)."]
+    if "quadrature_log_px" in c:
+        lines.append("- quadrature on a grid (2-D latent): AIS - quadrature = "
+                     + _with_noise(*_mean_and_se(c["ais_minus_quadrature"],
+                                                 c["ais_minus_quadrature_se"]), True) + ".")
+    return lines
+
+
 def report_markdown(r: dict) -> str:
     """The report: NUTS gates first, then accuracy, gaps and cost tables."""
     n = r["nuts"]
@@ -68,6 +94,7 @@ def report_markdown(r: dict) -> str:
         lines.append(f"| {key} | {_with_noise(_mean(values), mean_se, key != 'log_px')} | "
                      + ", ".join(_with_noise(v, se, key != "log_px") for v, se in zip(values, ses))
                      + " |")
+    lines += _checks_markdown(r.get("log_px_checks") or {})
     lines += ["", "approximation_gap = log p(x) - ELBO(best per-point Gaussian); "
               "approximation_gap_diag uses the diagonal one; amortization_gap = "
               "ELBO(per-point diagonal Gaussian) - ELBO(amortized guide). A gap within 2 "

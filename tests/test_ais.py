@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pyro_vae.ais import ais, sigmoid_schedule, simulate
-from pyro_vae.evaluate import iw_bound, log_weights
+from pyro_vae.ais import ais, bdmc, sigmoid_schedule, simulate
+from pyro_vae.evaluate import iw_bound, log_weights, quadrature_log_px
 from pyro_vae.networks import MIN_ENCODER_SCALE
 from pyro_vae.toys import linear_gaussian_evidence
 
@@ -66,13 +66,25 @@ def test_bdmc_sandwiches_the_exact_evidence_and_tightens_with_more_steps():
     assert gaps[1] < gaps[0] / 2, gaps
 
 
-def _quadrature_log_px(vae, x, half_width=5.0, n=401):
-    """log p(x) ``[B]`` for a 2-D latent by the trapezoid-free grid sum over [-w, w]^2."""
-    g = torch.linspace(-half_width, half_width, n)
-    z = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 1, 2)  # (G, 1, 2)
-    with torch.no_grad():
-        log_joint = vae.likelihood_dist(z).log_prob(x) + vae.prior_dist().log_prob(z)  # (G, B)
-    return log_joint.logsumexp(0) + 2 * math.log(g[1] - g[0])
+def test_bdmc_summary_brackets_forward_ais_and_its_gap_shrinks_with_steps():
+    vae, _, _ = linear_setup()
+    vae.requires_grad_(False)
+    short, long = (bdmc(vae, 4, steps=s, chains=8, leapfrogs=5, seed=1) for s in (5, 60))
+    for b in (short, long):
+        assert b["gap"]["mean"] > -3 * b["gap"]["mc_se"]  # upper - lower >= 0 within noise
+        assert b["upper"]["mean"] - b["lower"]["mean"] == pytest.approx(b["gap"]["mean"], abs=1e-4)
+    assert long["gap"]["mean"] < short["gap"]["mean"] / 2
+
+
+def test_quadrature_equals_the_exact_linear_gaussian_evidence_for_a_2d_latent():
+    vae, ds, params = linear_setup()
+    assert vae.latent_dim == 2
+    x = ds.x_test[:4]
+    exact = linear_gaussian_evidence(params).log_prob(x)
+    assert torch.allclose(quadrature_log_px(vae, x), exact, atol=1e-3)
+    with pytest.raises(ValueError, match="needs a 2-D latent; this VAE has latent_dim = 3"):
+        quadrature_log_px(build_vae("data.name=ring", "data.binarize=none",
+                                    "model.latent_dim=3")[2], x[:, :2])
 
 
 def test_ais_matches_quadrature_on_a_non_gaussian_2d_posterior_and_iwae_climbs_towards_it():
@@ -82,7 +94,7 @@ def test_ais_matches_quadrature_on_a_non_gaussian_2d_posterior_and_iwae_climbs_t
                              "likelihood.name=gaussian", "likelihood.sigma=0.3")
     vae.requires_grad_(False)
     x = ds.x_test[:6]
-    truth = _quadrature_log_px(vae, x)
+    truth = quadrature_log_px(vae, x)
     r = ais(vae, x, steps=200, chains=16, leapfrogs=5, start="prior")
     assert abs(_z(r.log_px, truth, r.mc_se, 0 * truth)) < 3
     # IWAE from this (untrained, poor) guide is noisy in K, but climbs from K=1 to 10^4

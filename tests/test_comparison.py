@@ -11,7 +11,7 @@ from pyro_vae.settings import toy_setting
 
 pytestmark = pytest.mark.slow
 
-SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000)
+SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000, ais_steps=200, ais_chains=16)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,25 @@ def test_ring_posterior_is_not_gaussian_and_nuts_passes_the_gates(ring):
     assert _mean(r.summary["gaps"]["approximation_gap"]) > 0.01
 
 
+def test_ring_log_px_is_ais_checked_by_quadrature_bdmc_and_iw(ring):
+    setting, r = ring
+    g, c = r.summary["gaps"], r.summary["log_px_checks"]
+    assert g["log_px_source"].startswith("AIS from the guide, 200 steps x 16 chains")
+    ais = torch.tensor(g["log_px"])
+    quad = torch.tensor(c["quadrature_log_px"])
+    se = torch.tensor(g["log_px_se"])
+    assert (se > 0).all() and ((ais - quad).abs() < 3 * se + 0.01).all(), (ais, quad, se)
+    assert torch.allclose(torch.tensor(c["ais_minus_quadrature"]), ais - quad, atol=1e-5)
+    b = c["bdmc"]
+    assert b["points"] == 3 and b["gap"]["mean"] > -3 * b["gap"]["mc_se"]
+    assert b["gap"]["mean"] < 0.5  # a 2-D latent: 200 steps nearly close the sandwich
+    iw_minus_ais = torch.tensor(c["iw_minus_ais"])  # IW is a lower bound: not above AIS
+    assert (iw_minus_ais < 3 * torch.tensor(c["iw_minus_ais_se"]) + 0.01).all()
+    text = report_markdown(r.summary)
+    assert "BDMC on 3 points simulated from the model" in text
+    assert "AIS - quadrature = " in text
+
+
 def test_guide_and_nuts_inference_data_share_names_and_dims(ring):
     setting, r = ring
     nuts = r.nuts
@@ -120,3 +139,5 @@ def test_compare_cli_writes_every_file(tmp_path, capsys):
     assert "NUTS health gates" in text.splitlines()[2]
     assert main(["compare", "--setting", "run"]) == 2
     assert "--setting run needs --run RUN" in capsys.readouterr().err
+    assert main(["compare", "--setting", "ring", "--ais-steps", "0"]) == 2
+    assert "--ais-steps = 0" in capsys.readouterr().err
