@@ -32,6 +32,7 @@ import pyro
 import torch
 
 from .evaluate import batches, log_mean_exp, log_terms, seeded, with_errors
+from .guides import base_gaussian
 from .model import VAE
 
 
@@ -120,7 +121,8 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
         target_accept: float = 0.65, z_exact: torch.Tensor | None = None) -> AISResult:
     """AIS estimate of log p(x) for x ``[B, X]`` (labels y ``[B]`` if conditional) with
     ``chains`` chains of ``steps`` annealing steps, each an HMC move of ``leapfrogs`` leapfrog
-    steps, from q0 = the guide q(z|x) (``start="guide"``) or the prior.
+    steps, from q0 = the guide q(z|x) (``start="guide"``; for a flow guide its base Gaussian,
+    whose density needs no inverse flow) or the prior.
 
     With ``z_exact`` ``[C, B, D]`` (exact posterior draws, e.g. the latents that simulated
     x), runs *reverse* AIS from them instead (``chains`` is then C): the stochastic upper
@@ -130,7 +132,7 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
                          "each must be >= 1")
     y1h = vae.onehot(y)
     if start == "guide":
-        q0 = vae.q_z_onehot(x, y1h)  # batch [B], event [D]
+        q0 = base_gaussian(vae.q_z_onehot(x, y1h))  # batch [B], event [D]
     elif start == "prior":
         q0 = vae.prior_dist().expand([x.shape[0]])
     else:

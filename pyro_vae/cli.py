@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a VAE by SVI and write a run directory")
     t.add_argument("--config", help="TOML file with [data] [model] [prior] [likelihood] "
-                   "[train], or a bundled config's name (ring_2d, mnist_vamp_prior, ...)")
+                   "[guide] [train], or a bundled config's name (ring_2d, mnist_vamp_prior, ...)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     t.add_argument("--name", help="run name (default: a timestamp)")
@@ -85,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="AIS steps for the log p(x) reference (ring and run)")
     c.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the toy setting's bundled config, e.g. guide.name=iaf")
     c.add_argument("--quiet", action="store_true")
     return p
 
@@ -264,6 +266,8 @@ def cmd_compare(args) -> int:
     if args.setting == "run":
         if not args.run:
             raise ConfigError("--setting run needs --run RUN (a trained run directory)")
+        if args.set:
+            raise ConfigError("--set applies to the toy settings; a run keeps its own config")
         run = load_run(args.run)
         setting = run_setting(run, args.points)
         out = Path(args.out or run.path / "compare")
@@ -271,7 +275,8 @@ def cmd_compare(args) -> int:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
         out = Path(args.out or f"compare-{args.setting}")
-        setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run")
+        setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run",
+                              overrides=args.set)
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
                      iw_k=args.iw_k, seed=args.seed, progress=not args.quiet,
                      ais_steps=args.ais_steps, ais_chains=args.ais_chains)

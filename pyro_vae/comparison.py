@@ -27,6 +27,7 @@ from . import arviz_bridge
 from .ais import ais, bdmc
 from .evaluate import all_log_weights, log_mean_exp, quadrature_log_px, seeded
 from .fits import amortized, fit_gaussian
+from .guides import is_gaussian, moments
 from .mcmc import NutsResult, run_nuts
 from .settings import Setting
 
@@ -51,18 +52,27 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def coverage(q: dist.Distribution, draws: torch.Tensor, level: float = 0.9) -> torch.Tensor:
     """Share of reference draws ``[S, N, D]`` inside q's central ``level`` marginal
-    intervals, averaged over dims: ``[N]`` (``level`` when q is right)."""
-    mean, std = q.mean, q.variance.sqrt()  # (N, D)
-    half = std * NormalDist().inv_cdf((1 + level) / 2)  # (N, D)
-    inside = ((draws - mean).abs() <= half).float()  # (S, N, D)
+    intervals, averaged over dims: ``[N]`` (``level`` when q is right). Gaussian q: the
+    intervals in closed form; otherwise the quantiles of 4,000 draws of q."""
+    if is_gaussian(q):
+        half = q.stddev * NormalDist().inv_cdf((1 + level) / 2)  # (N, D)
+        lo, hi = q.mean - half, q.mean + half
+    else:
+        probs = draws.new_tensor([(1 - level) / 2, (1 + level) / 2])
+        lo, hi = q.sample((4000,)).quantile(probs, dim=0)  # (N, D) each
+    inside = ((draws >= lo) & (draws <= hi)).float()  # (S, N, D)
     return inside.mean((0, 2))
 
 
-def gaussian_kl_to_exact(q: dist.Distribution, exact: dist.Distribution) -> torch.Tensor:
-    """KL(q || p(z|x)) ``[N]`` for a Gaussian q against the exact Gaussian posterior."""
+def kl_to_exact(q: dist.Distribution, exact: dist.Distribution, draws: int = 4000) -> torch.Tensor:
+    """KL(q || p(z|x)) ``[N]`` against the exact Gaussian posterior: in closed form for a
+    Gaussian q, else E_q[log q(z) - log p(z|x)] from ``draws`` draws (a flow guide)."""
     if isinstance(q, dist.Independent):
         q = dist.MultivariateNormal(q.mean, scale_tril=torch.diag_embed(q.stddev))
-    return torch.distributions.kl_divergence(q, exact)
+    if is_gaussian(q):
+        return torch.distributions.kl_divergence(q, exact)
+    z = q.sample((draws,))  # (S, N, D)
+    return (q.log_prob(z) - exact.log_prob(z)).mean(0)
 
 
 def nuts_health(nuts: NutsResult, n_points: int, max_rhat: float = 1.01,
@@ -92,12 +102,12 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     the KL to the exact posterior where known. Lists over points."""
     thin = nuts_draws[:: max(1, nuts_draws.shape[0] // 1000)]  # (<=1000, N, D)
     z = q.sample((thin.shape[0],))
-    m = {**_accuracy(q.mean, q.variance.sqrt(), *ref),
+    m = {**_accuracy(*moments(q), *ref),
          "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n])
                                      for n in range(thin.shape[1])],
          "coverage_90": coverage(q, nuts_draws).tolist(), "elbo": elbo.tolist()}
     if exact is not None:
-        m["kl_to_exact"] = gaussian_kl_to_exact(q, exact).tolist()
+        m["kl_to_exact"] = kl_to_exact(q, exact).tolist()
     return m
 
 
@@ -202,6 +212,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
                                  nuts.samples[min(1, chains - 1), half:, n]) for n in range(n_points)]
     summary = {
         "setting": setting.name, "points": n_points, "latent_dim": setting.vae.latent_dim,
+        "guide": setting.vae.guide_name,
         "reference": "exact posterior" if setting.exact is not None else "NUTS",
         "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "jit": jit,
                  **nuts_health(nuts, n_points, max_rhat, min_ess),

@@ -2,10 +2,10 @@
 
 One :class:`Config` is passed down through data -> model -> training. It is built from
 defaults, then a TOML file (``[data]``, ``[model]``, ``[prior]``, ``[likelihood]``,
-``[train]`` tables), then ``section.key=value`` overrides, and validated once. Every bad
-value raises :class:`ConfigError` naming the key, the value and what is allowed.
+``[guide]``, ``[train]`` tables), then ``section.key=value`` overrides, and validated once.
+Every bad value raises :class:`ConfigError` naming the key, the value and what is allowed.
 
-Names that live in registries (data sets, priors, likelihoods, activations, ELBOs) are
+Names that live in registries (data sets, priors, likelihoods, guides, activations, ELBOs) are
 checked against the live registry, so entries registered from user code are accepted.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,13 +38,16 @@ def register_choices(key: str, registry: Mapping[str, Any]) -> None:
     _REGISTRIES[key] = registry
 
 
-def _spec(default, *, choices=None, low=None, low_open=False, doc=""):
+def _spec(default, *, choices=None, low=None, low_open=False, high=None, high_open=False,
+          doc=""):
     """A dataclass field with validation metadata.
 
     ``choices`` is a tuple of names, or ``REGISTRY`` for a registry's live names.
-    ``low`` bounds numbers from below (``low_open`` makes the bound strict).
+    ``low`` / ``high`` bound numbers from below / above (``*_open`` makes a bound strict).
+    Floats must be finite whatever their bounds.
     """
-    meta = dict(choices=choices, low=low, low_open=low_open, doc=doc)
+    meta = dict(choices=choices, low=low, low_open=low_open, high=high, high_open=high_open,
+                doc=doc)
     if isinstance(default, (list, tuple)):
         return field(default=tuple(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -62,6 +66,12 @@ class DataConfig:
     true_latent_dim: int = _spec(2, low=1, doc="linear-gaussian: dimension of the true z")
     noise: float = _spec(0.05, low=0.0, low_open=True, doc="toy observation noise std")
     alpha: float = _spec(10.0, low=0.0, low_open=True, doc="ring: x = z/alpha + z/|z|")
+    path: str = _spec("", doc="file: a .npy, .npz (x, optional y), .pt file or image folder")
+    test_fraction: float = _spec(0.1, low=0.0, low_open=True, high=1.0, high_open=True,
+                                 doc="file: share of the points held out for test (seeded)")
+    image_size: int = _spec(0, low=0, doc="file, image folders: resize to SxS (0 = keep)")
+    channels: str = _spec("grayscale", choices=("grayscale", "rgb"),
+                          doc="file, image folders: convert to 1 channel or keep 3")
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,16 @@ class LikelihoodConfig:
 
 
 @dataclass(frozen=True)
+class GuideConfig:
+    name: str = _spec("gaussian", choices=REGISTRY)
+    rank: int = _spec(0, low=0, doc="full: low-rank plus diagonal of this rank (0 = Cholesky)")
+    flows: int = _spec(2, low=1, doc="iaf: number of inverse autoregressive flows")
+    hidden: tuple[int, ...] = _spec((256,), low=1,
+                                    doc="iaf: hidden widths of each flow's MADE (>= latent_dim)")
+    context: int = _spec(16, low=1, doc="iaf: encoder outputs the flows are conditioned on")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     epochs: int = _spec(40, low=1)
     batch_size: int = _spec(128, low=1)
@@ -113,6 +133,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -121,6 +142,7 @@ _SECTION_TYPES = {
     "model": ModelConfig,
     "prior": PriorConfig,
     "likelihood": LikelihoodConfig,
+    "guide": GuideConfig,
     "train": TrainConfig,
 }
 
@@ -136,6 +158,16 @@ def _allowed(key: str, choices) -> list[str]:
     return list(choices)
 
 
+def _bounds(fld: dataclasses.Field) -> str:
+    """The field's range as text: `` > 0``, `` > 0 and < 1``, or empty."""
+    meta, parts = fld.metadata, []
+    if meta.get("low") is not None:
+        parts.append(f"{'>' if meta['low_open'] else '>='} {meta['low']}")
+    if meta.get("high") is not None:
+        parts.append(f"{'<' if meta['high_open'] else '<='} {meta['high']}")
+    return (" " + " and ".join(parts)) if parts else ""
+
+
 def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
     """Coerce ``value`` to the field's type and check its range and choices."""
     kind = fld.type
@@ -149,6 +181,8 @@ def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} = {value!r}: expected a number")
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} = {value!r}: expected a finite number{_bounds(fld)}")
     elif kind in ("str", str):
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")
@@ -161,11 +195,12 @@ def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
     meta = fld.metadata
     numbers = value if isinstance(value, tuple) else (value,)
     for v in numbers:
-        if meta.get("low") is not None and isinstance(v, (int, float)):
-            low = meta["low"]
-            if v < low or (meta["low_open"] and v == low):
-                op = ">" if meta["low_open"] else ">="
-                raise ConfigError(f"{key} = {value!r}: out of range, must be {op} {low}")
+        low, high = meta.get("low"), meta.get("high")
+        if not isinstance(v, (int, float)):
+            continue
+        if (low is not None and (v < low or (meta["low_open"] and v == low))) or (
+                high is not None and (v > high or (meta["high_open"] and v == high))):
+            raise ConfigError(f"{key} = {value!r}: out of range, must be{_bounds(fld)}")
     if meta.get("choices") is not None:
         allowed = _allowed(key, meta["choices"])
         if value not in allowed:

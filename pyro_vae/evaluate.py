@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import torch
 
+from .guides import is_gaussian, moments
 from .model import VAE
 
 
@@ -160,8 +161,8 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
 
 @torch.no_grad()
 def posterior_means(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z | x] for every data point ``[N, D]``."""
-    return torch.cat([vae.q_z(xb, yb).mean for xb, yb in batches(x, y, batch_size)])
+    """E_q[z | x] for every data point ``[N, D]`` (estimated from draws for a flow guide)."""
+    return torch.cat([moments(vae.q_z(xb, yb))[0] for xb, yb in batches(x, y, batch_size)])
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, torch.Tensor]:
@@ -173,8 +174,9 @@ def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, tor
 
 @torch.no_grad()
 def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor | None:
-    """Mean over data of KL(q(z_d | x) || p(z_d)) per dimension ``[D]``, in closed form;
-    None when the prior does not factorise over dimensions with a known KL."""
+    """Mean over data of KL(q(z_d | x) || p(z_d)) per dimension ``[D]``, in closed form
+    (a Gaussian guide's marginals q(z_d | x) are Normal); None when the prior does not
+    factorise over dimensions with a known KL, or the guide is a flow."""
     prior = vae.prior_dist()
     base = getattr(prior, "base_dist", None)
     if base is None:
@@ -182,7 +184,10 @@ def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tenso
     total = torch.zeros(vae.latent_dim, device=x.device)
     try:
         for xb, yb in batches(x, y, batch_size):
-            q = vae.q_z(xb, yb).base_dist  # batch [B, D]
+            qb = vae.q_z(xb, yb)
+            if not is_gaussian(qb):
+                return None
+            q = torch.distributions.Normal(qb.mean, qb.stddev)  # marginals, batch [B, D]
             total += torch.distributions.kl_divergence(q, base.expand(q.batch_shape)).sum(0)
     except NotImplementedError:
         return None

@@ -16,6 +16,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from torch.nn import functional as F
 
+from .guides import moments
 from .model import LATENT, PLATE
 from .settings import Setting
 
@@ -38,8 +39,9 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
     vae, x = setting.vae, setting.x
     with torch.no_grad():
         q0 = vae.q_z(x, setting.y)
-    loc = q0.mean.clone().requires_grad_()
-    raw = (q0.stddev.expm1().log()).clone().requires_grad_()  # softplus^-1(scale)
+    mean, std = moments(q0)  # (N, D) each
+    loc = mean.clone().requires_grad_()
+    raw = (std.expm1().log()).clone().requires_grad_()  # softplus^-1(scale)
     n, d = loc.shape
     off = loc.new_zeros(n, d, d).requires_grad_()  # (N, D, D) strictly lower part
     params = [loc, raw, off] if full else [loc, raw]

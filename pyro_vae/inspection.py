@@ -13,17 +13,22 @@ import matplotlib.pyplot as plt
 import torch
 
 from .evaluate import kl_per_dimension, posterior_means
+from .guides import moments
 from .model import VAE
 
 
 def tile(images: torch.Tensor, image_shape: tuple[int, ...], nrow: int) -> torch.Tensor:
-    """Images ``[N, X]`` (X = C*H*W, C = 1) -> one mosaic ``[rows*H, nrow*W]``, blank-padded."""
-    _, h, w = image_shape
+    """Images ``[N, X]`` (X = C*H*W) -> one mosaic, blank-padded: ``[rows*H, nrow*W]`` for
+    grey images (C = 1; other C but 3: the channel mean), ``[rows*H, nrow*W, 3]`` in [0, 1]
+    for colour (C = 3)."""
+    c, h, w = image_shape
     n = images.shape[0]
     rows = -(-n // nrow)
-    canvas = torch.ones(rows * nrow, h, w)
-    canvas[:n] = images.detach().float().cpu().reshape(n, h, w)
-    return canvas.reshape(rows, nrow, h, w).permute(0, 2, 1, 3).reshape(rows * h, nrow * w)
+    canvas = torch.ones(rows * nrow, c, h, w)
+    canvas[:n] = images.detach().float().cpu().reshape(n, c, h, w)
+    mosaic = canvas.reshape(rows, nrow, c, h, w).permute(0, 3, 1, 4, 2)  # (rows, H, nrow, W, C)
+    mosaic = mosaic.reshape(rows * h, nrow * w, c)
+    return mosaic.clamp(0, 1) if c == 3 else mosaic.mean(-1)
 
 
 def _label(ax, xlabel: str, ylabel: str, title: str | None = None):
@@ -186,7 +191,7 @@ def traversal_data(vae: VAE, x0, dims, steps: int = 9, span: float = 3.0, scale=
     """Decoded means moving one latent dim at a time from z = E_q[z | x0], over
     ``span`` standard deviations (``scale [D]``, default 1): ``[len(dims) * steps, X]``."""
     y1h = vae.onehot(y0)
-    z0 = vae.q_z_onehot(x0[None], y1h).mean[0]  # (D,)
+    z0 = moments(vae.q_z_onehot(x0[None], y1h))[0][0]  # (D,)
     scale = torch.ones_like(z0) if scale is None else scale
     offsets = torch.linspace(-span, span, steps, device=z0.device)
     rows = []
@@ -201,8 +206,8 @@ def traversal_data(vae: VAE, x0, dims, steps: int = 9, span: float = 3.0, scale=
 def interpolation_data(vae: VAE, xa, xb, steps: int = 10, ya=None):
     """Decoded means along the straight line between E_q[z | xa] and E_q[z | xb]: ``[steps, X]``."""
     y1h = vae.onehot(ya)
-    za = vae.q_z_onehot(xa[None], y1h).mean
-    zb = vae.q_z_onehot(xb[None], y1h).mean
+    za = moments(vae.q_z_onehot(xa[None], y1h))[0]
+    zb = moments(vae.q_z_onehot(xb[None], y1h))[0]
     t = torch.linspace(0, 1, steps, device=za.device)[:, None]
     return vae.likelihood_dist(za + t * (zb - za), None if y1h is None else y1h.expand(steps, -1)).mean
 
@@ -309,8 +314,8 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
         ax = image_grid(interpolation_data(vae, ds.x_test[0], ds.x_test[1], ya=y0), shape,
                         nrow=10, title="latent interpolation between two test images")
         written.append(save_figure(ax.figure, out / "interpolation.png"))
-    q = vae.q_z(ds.x_test[:8], None if y is None else y[:8])
-    ax = posterior_ellipses(q.mean, q.stddev, dims=tuple(active[:2].tolist()),
+    q_mean, q_std = moments(vae.q_z(ds.x_test[:8], None if y is None else y[:8]))
+    ax = posterior_ellipses(q_mean, q_std, dims=tuple(active[:2].tolist()),
                             title="q(z|x) of 8 test points in the two most active dims")
     written.append(save_figure(ax.figure, out / "posterior_uncertainty.png"))
     kl = kl_per_dimension(vae, ds.x_test, y)

@@ -16,6 +16,7 @@ from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 
 from . import arviz_bridge
+from .guides import moments
 from .model import LATENT
 from .objectives import jit_notice_silenced
 from .settings import Setting
@@ -39,13 +40,13 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
     vae, x = setting.vae, setting.x
     args = (x,) if setting.y is None else (x, setting.y)
     with torch.no_grad():
-        q = vae.q_z(x, setting.y)
+        mean, std = moments(vae.q_z(x, setting.y))  # (N, D) each
     samples, diverging = [], []
     t0 = time.perf_counter()
     for c in range(chains):
         pyro.set_rng_seed(seed + c)
         with torch.no_grad():
-            start = q.mean + 2 * q.stddev * torch.randn_like(q.mean)
+            start = mean + 2 * std * torch.randn_like(mean)
         kernel = NUTS(vae.model, jit_compile=jit, ignore_jit_warnings=True,
                       init_strategy=init_to_value(values={LATENT: start}), max_plate_nesting=1)
         mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, disable_progbar=not progress)

@@ -7,7 +7,8 @@ Generative story (``model``), for each of the B data points in ``pyro.plate("dat
 
 Amortized guide (``guide``)::
 
-    z ~ q(z | x) = N(enc_loc(x), diag(enc_scale(x)^2))   [B, D]
+    z ~ q(z | x) = family(enc(x))   [B, D]   from GUIDES[guide.name] (``guides.py``; the
+                                           default: N(loc(x), diag(scale(x)^2)))
 
 SVI maximises ELBO(x) = E_q[log p(x|z)] - KL(q(z|x) || p(z)) <= log p(x). With
 ``model.conditional`` the encoder, decoder see the one-hot label y ``[B, C]`` too (CVAE).
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import Config, ConfigError
+from .guides import GUIDES, gaussian_params, moments
 from .likelihoods import LIKELIHOODS
 from .networks import Decoder, Encoder
 from .priors import PRIORS
@@ -44,13 +46,34 @@ def kl_scaled(weight: float):
     return poutine.scale(scale=weight) if weight > 0 else poutine.mask(mask=False)
 
 
+def check_conv_shape(image_shape: tuple[int, ...] | None, x_dim: int) -> tuple[int, ...]:
+    """The image shape ``(C, H, W)`` the conv networks take: ``image_shape`` (784 values
+    without one: 28x28, as before image shapes were passed). H and W must be divisible by 4."""
+    if image_shape is None and x_dim == 28 * 28:
+        image_shape = (1, 28, 28)
+    if image_shape is None:
+        raise ConfigError(
+            f"model.network = 'conv' needs images, but the data are vectors of {x_dim} values; "
+            "allowed for vectors: model.network = 'mlp'")
+    c, h, w = image_shape
+    if h % 4 or w % 4:
+        raise ConfigError(
+            f"model.network = 'conv' needs image height and width divisible by 4, data has "
+            f"{h}x{w} images; allowed: data.image_size = {max(4, round(max(h, w) / 4) * 4)} "
+            "(image folders) or model.network = 'mlp'")
+    return tuple(image_shape)
+
+
 class VAE(nn.Module):
     """Encoder, decoder, prior and likelihood modules of one VAE.
 
-    ``x_dim``: pixels per image (X); ``num_classes``: C for a conditional model (else 0).
+    ``x_dim``: pixels per image (X); ``num_classes``: C for a conditional model (else 0);
+    ``image_shape``: ``(C, H, W)`` of image data (``Dataset.image_shape``; None for vectors),
+    which ``model.network = "conv"`` needs (without it, X = 784 is read as 28x28).
     """
 
-    def __init__(self, cfg: Config, x_dim: int, num_classes: int = 0):
+    def __init__(self, cfg: Config, x_dim: int, num_classes: int = 0,
+                 image_shape: tuple[int, ...] | None = None):
         super().__init__()
         m = cfg.model
         if m.conditional and num_classes < 2:
@@ -62,17 +85,24 @@ class VAE(nn.Module):
                 "prior.name = 'vamp' with model.conditional = true is not supported: the "
                 "pseudo-inputs have no label; use prior.name = 'normal' or 'mixture'"
             )
-        if m.network == "conv" and x_dim != 28 * 28:
+        if cfg.prior.name == "vamp" and cfg.guide.name != "gaussian":
             raise ConfigError(
-                f"model.network = 'conv' expects 28x28 images (784 pixels), data has {x_dim}"
-            )
+                f"prior.name = 'vamp' mixes the diagonal Gaussian guide over pseudo-inputs; "
+                f"guide.name = {cfg.guide.name!r} is not supported with it: use guide.name = "
+                "'gaussian' or another prior")
+        if m.network == "conv":
+            image_shape = check_conv_shape(image_shape, x_dim)
         self.x_dim, self.latent_dim = x_dim, m.latent_dim
         self.num_classes = num_classes if m.conditional else 0
         self.likelihood = LIKELIHOODS[cfg.likelihood.name](cfg.likelihood, x_dim)
         conv = m.network == "conv"
-        self.encoder = Encoder(x_dim, m.latent_dim, m.hidden, m.activation, self.num_classes, conv)
+        shape = image_shape or (1, 28, 28)  # used by the conv networks only
+        self.family = _guide_family(cfg, m.latent_dim)  # encoder outputs [B, P] -> q(z|x)
+        self.guide_name = cfg.guide.name
+        self.encoder = Encoder(x_dim, self.family.num_params, m.hidden, m.activation, self.num_classes, conv,
+                               shape)
         self.decoder = Decoder(x_dim, m.latent_dim, tuple(reversed(m.hidden)), m.activation,
-                               self.likelihood.outputs_per_pixel, self.num_classes, conv)
+                               self.likelihood.outputs_per_pixel, self.num_classes, conv, shape)
         self.prior = PRIORS[cfg.prior.name](cfg.prior, m.latent_dim, x_dim)
 
     # ---------------------------------------------------------------- distributions
@@ -97,23 +127,27 @@ class VAE(nn.Module):
 
     def prior_dist(self) -> dist.Distribution:
         """p(z): batch_shape (), event_shape [D]."""
-        return self.prior(self.encoder)
+        return self.prior(self.encode_gaussian)
+
+    def encode_gaussian(self, x: torch.Tensor, y1h: torch.Tensor | None = None):
+        """(loc, scale) ``[B, D]`` each of the guide's diagonal Gaussian (for a flow: its
+        base) at x ``[B, X]``; the VampPrior mixes these over its pseudo-inputs."""
+        return gaussian_params(self.encoder(x, y1h), self.latent_dim)
 
     def likelihood_dist(self, z: torch.Tensor, y1h: torch.Tensor | None = None) -> dist.Distribution:
         """p(x | z): z ``[..., B, D]`` -> batch_shape [..., B], event_shape [X]."""
         return self.likelihood(self.decoder(z, y1h))
 
     def q_z(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
-        """The guide's q(z | x) = N(loc(x), diag(scale(x)^2)) for x ``[B, X]`` (and labels y
-        ``[B]`` if conditional): batch_shape [B], event_shape [D]. ("Posterior" is kept for
+        """The guide's q(z | x) (``guide.name``; by default N(loc(x), diag(scale(x)^2))) for x
+        ``[B, X]`` (and labels y ``[B]`` if conditional): batch_shape [B], event_shape [D]. ("Posterior" is kept for
         the model's p(z | x), which q approximates.)"""
         return self.q_z_onehot(x, self.onehot(y))
 
     def q_z_onehot(self, x: torch.Tensor, y1h: torch.Tensor | None) -> dist.Distribution:
         """:meth:`q_z` from one-hot labels ``[B, C]`` (or None): for callers that hold them
         already, and for the compiled loss (no label check, so no host synchronisation)."""
-        loc, scale = self.encoder(x, y1h)
-        return dist.Normal(loc, scale).to_event(1)
+        return self.family(self.encoder(x, y1h))
 
     # ---------------------------------------------------------------- Pyro programs
 
@@ -145,7 +179,17 @@ class VAE(nn.Module):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Mean of p(x | z = E_q[z | x]): ``[B, X]``."""
         y1h = self.onehot(y)
-        return self.likelihood_dist(self.q_z_onehot(x, y1h).mean, y1h).mean
+        return self.likelihood_dist(moments(self.q_z_onehot(x, y1h))[0], y1h).mean
+
+
+def _guide_family(cfg: Config, latent_dim: int):
+    """``GUIDES[guide.name]``, with a MADE too narrow for the latent refused by name."""
+    g = cfg.guide
+    if g.name == "iaf" and min(g.hidden) < latent_dim:
+        raise ConfigError(
+            f"guide.hidden = {list(g.hidden)}: each width of an IAF's MADE must be >= "
+            f"model.latent_dim = {latent_dim}")
+    return GUIDES[g.name](g, latent_dim)
 
 
 def registered(fn, vae: VAE, name: str = "vae"):

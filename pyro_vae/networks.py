@@ -1,18 +1,21 @@
 """Plain torch encoder and decoder networks (no Pyro inside).
 
-Encoder: x ``[B, X]`` (and optional one-hot y ``[B, C]``) -> (loc, scale) of q(z|x),
-each ``[B, D]``, scale = softplus(.) + 1e-4 > 0.
+Encoder: x ``[B, X]`` (and optional one-hot y ``[B, C]``) -> ``[B, P]`` raw parameters of
+q(z|x), P as the guide asks (``guides.py``: 2D for the diagonal Gaussian, loc then raw scale).
 Decoder: z ``[B, D]`` (and optional y) -> ``[B, K * X]`` raw likelihood parameters
 (K outputs per pixel, as the likelihood asks; see ``likelihoods.py``).
 
 ``mlp`` is the default (Pyro's VAE example: 784-400-50 softplus; Burda et al. 2015:
-784-200-200-50 tanh); ``conv`` is a small conv / transposed-conv pair for 28x28 images.
+784-200-200-50 tanh); ``conv`` is a small conv / transposed-conv pair for images of any
+shape ``(C, H, W)`` with H and W divisible by 4 (two stride-2 layers: H/4 x W/4 features).
 
 :func:`softplus` is log(1 + e^x) as one autograd node with a vectorized forward; torch's
 CPU softplus spends most of a training step's elementwise time in an unvectorized log1p.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -79,46 +82,59 @@ def _with_label(h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return h if y is None else torch.cat([h, y.expand(*h.shape[:-1], y.shape[-1])], dim=-1)
 
 
-class Encoder(nn.Module):
-    """x ``[B, X]`` (+ y ``[B, C]``) -> loc ``[B, D]``, scale ``[B, D]``."""
+def conv_features(image_shape) -> tuple[int, int, int]:
+    """The conv encoder's feature map ``(64, H/4, W/4)`` for images ``(C, H, W)`` (H, W
+    divisible by 4), which the conv decoder starts from."""
+    _, h, w = image_shape
+    return 64, h // 4, w // 4
 
-    def __init__(self, x_dim, latent_dim, hidden, activation, num_classes=0, conv=False):
+
+class Encoder(nn.Module):
+    """x ``[B, X]`` (+ y ``[B, C]``) -> the guide's ``out_dim`` = P raw parameters ``[B, P]``.
+    With ``conv``, x is an image of ``image_shape`` ``(C, H, W)`` (default ``(1, 28, 28)``),
+    X = C * H * W."""
+
+    def __init__(self, x_dim, out_dim, hidden, activation, num_classes=0, conv=False,
+                 image_shape=(1, 28, 28)):
         super().__init__()
-        self.conv = conv
+        self.conv, self.image_shape = conv, tuple(image_shape)
         if conv:
-            self.features = nn.Sequential(  # (B, 1, 28, 28) -> (B, 64 * 7 * 7)
-                nn.Conv2d(1, 32, 4, stride=2, padding=1),
+            self.features = nn.Sequential(  # (B, C, H, W) -> (B, 64 * H/4 * W/4)
+                nn.Conv2d(self.image_shape[0], 32, 4, stride=2, padding=1),
                 ACTIVATIONS[activation](),
                 nn.Conv2d(32, 64, 4, stride=2, padding=1),
                 ACTIVATIONS[activation](),
                 nn.Flatten(),
             )
-            n_features = 64 * 7 * 7
-            self.net = mlp([n_features + num_classes, *hidden, 2 * latent_dim], activation)
+            n_features = math.prod(conv_features(self.image_shape))
+            self.net = mlp([n_features + num_classes, *hidden, out_dim], activation)
         else:
-            self.net = mlp([x_dim + num_classes, *hidden, 2 * latent_dim], activation)
+            self.net = mlp([x_dim + num_classes, *hidden, out_dim], activation)
 
     def forward(self, x, y=None):
-        h = self.features(x.reshape(-1, 1, 28, 28)) if self.conv else x
-        loc, raw = self.net(_with_label(h, y)).chunk(2, dim=-1)  # (B, D) each
-        return loc, softplus(raw) + MIN_ENCODER_SCALE
+        h = self.features(x.reshape(-1, *self.image_shape)) if self.conv else x
+        return self.net(_with_label(h, y))  # (B, P)
 
 
 class Decoder(nn.Module):
-    """z ``[B, D]`` (+ y ``[B, C]``) -> raw likelihood parameters ``[B, K * X]``."""
+    """z ``[B, D]`` (+ y ``[B, C]``) -> raw likelihood parameters ``[B, K * X]``. With
+    ``conv``, images of ``image_shape`` ``(C, H, W)`` (default ``(1, 28, 28)``)."""
 
     def __init__(self, x_dim, latent_dim, hidden, activation, outputs_per_pixel=1,
-                 num_classes=0, conv=False):
+                 num_classes=0, conv=False, image_shape=(1, 28, 28)):
         super().__init__()
-        self.conv = conv
+        self.conv, self.image_shape = conv, tuple(image_shape)
         self.k = outputs_per_pixel
         if conv:
-            self.net = mlp([latent_dim + num_classes, *hidden, 64 * 7 * 7], activation)
-            self.deconv = nn.Sequential(  # (B, 64, 7, 7) -> (B, K, 28, 28)
+            self.feature_shape = conv_features(self.image_shape)  # (64, H/4, W/4)
+            self.net = mlp([latent_dim + num_classes, *hidden, math.prod(self.feature_shape)],
+                           activation)
+            self.deconv = nn.Sequential(  # (B, 64, H/4, W/4) -> (B, K * C, H, W)
                 ACTIVATIONS[activation](),
                 nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1),
                 ACTIVATIONS[activation](),
-                nn.ConvTranspose2d(32, outputs_per_pixel, 4, stride=2, padding=1),
+                nn.ConvTranspose2d(32, outputs_per_pixel * self.image_shape[0], 4, stride=2,
+                                   padding=1),
             )
         else:
             self.net = mlp([latent_dim + num_classes, *hidden, outputs_per_pixel * x_dim],
@@ -128,6 +144,7 @@ class Decoder(nn.Module):
         h = self.net(_with_label(z, y))
         if not self.conv:
             return h  # (B, K * X)
-        out = self.deconv(h.reshape(-1, 64, 7, 7))  # (N, K, 28, 28), N = prod(batch dims)
-        out = out.flatten(2).transpose(1, 2)  # (N, X, K): pixel-major, like the MLP layout
+        out = self.deconv(h.reshape(-1, *self.feature_shape))  # (N, K*C, H, W), N: batch dims
+        out = out.reshape(out.shape[0], self.k, -1).transpose(1, 2)  # (N, X, K): pixel-major,
+        # like the MLP layout, with X = C*H*W in x's own (c, h, w) order
         return out.reshape(*h.shape[:-1], -1)  # (..., X * K)

@@ -28,6 +28,7 @@ from torch.distributions import kl_divergence
 
 from .config import TrainConfig, register_choices
 from .evaluate import log_terms
+from .guides import is_gaussian
 from .model import VAE
 
 
@@ -62,12 +63,22 @@ def jit_notice_silenced():
         yield
 
 
-def has_closed_form_kl(vae: VAE) -> bool:
-    """Whether torch knows KL(q(z|x) || p(z)) for this guide and prior in closed form."""
+def _probe_q(vae: VAE):
+    """q(z|x) at one all-zero input: the guide's family, seen without data."""
     x = torch.zeros(1, vae.x_dim, device=vae.device)
     y1h = torch.zeros(1, vae.num_classes, device=x.device) if vae.num_classes else None
+    return vae.q_z_onehot(x, y1h)
+
+
+def has_gaussian_guide(vae: VAE) -> bool:
+    """Whether the guide is a Gaussian (diagonal, full or low-rank; not a flow)."""
+    return is_gaussian(_probe_q(vae))
+
+
+def has_closed_form_kl(vae: VAE) -> bool:
+    """Whether torch knows KL(q(z|x) || p(z)) for this guide and prior in closed form."""
     try:
-        kl_divergence(vae.q_z_onehot(x, y1h), vae.prior_dist().expand([1]))
+        kl_divergence(_probe_q(vae), vae.prior_dist().expand([1]))
     except NotImplementedError:
         return False
     return True

@@ -9,6 +9,7 @@ import torch
 
 from . import arviz_bridge
 from .comparison import Comparison
+from .guides import is_gaussian, moments
 
 
 def _mean(values) -> float:
@@ -59,7 +60,8 @@ def report_markdown(r: dict) -> str:
         f"{n['divergences']} divergences; {n['chains']} chains x {n['draws']} draws "
         f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s {n['min_ess_bulk_per_second']:.0f}.",
         "",
-        f"{r['points']} data points, latent dimension {r['latent_dim']}, reference: {r['reference']}. "
+        f"{r['points']} data points, latent dimension {r['latent_dim']}, amortized guide "
+        f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}. "
         "Means over points; errors in units of the reference posterior std.",
         "",
         "| approximation | mean error | std ratio | energy dist. to NUTS | 90% coverage of NUTS |"
@@ -118,6 +120,19 @@ def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path
     return written + write_figures(r, out, dims)
 
 
+def _mean_cov2(q) -> tuple:
+    """Mean ``[2]`` and covariance ``[2, 2]`` of point 0's first two latent dims under q (as
+    numpy): closed form for a Gaussian, else from 4,000 draws (the ellipse of q's moments)."""
+    if hasattr(q, "covariance_matrix"):
+        mean, cov = q.mean[0, :2], q.covariance_matrix[0, :2, :2]
+    elif is_gaussian(q):
+        mean, cov = q.mean[0, :2], torch.diag(q.variance[0, :2])
+    else:
+        z = q.sample((4000,))[:, 0, :2]  # (S, 2)
+        mean, cov = z.mean(0), torch.cov(z.T)
+    return mean.cpu().numpy(), cov.cpu().numpy()
+
+
 def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
     """For point 0: marginal overlays of the first ``dims`` latent dims, the pair plot of
     Gaussian ellipses over NUTS draws (D >= 2) and ArviZ's NUTS trace plot."""
@@ -129,18 +144,14 @@ def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
     gauss = dict(r.q) if r.exact is None else {**r.q, "exact": r.exact}
     k = min(dims, draws.shape[1])
     fig, axes = plt.subplots(1, k, figsize=(4 * k, 3), squeeze=False)
+    first = {name: [m[0] for m in moments(q)] for name, q in gauss.items()}  # point 0's (D,)
     for dim in range(k):
-        marg = {name: (q.mean[0, dim].item(), q.variance[0, dim].sqrt().item())
-                for name, q in gauss.items()}
+        marg = {name: (mean[dim].item(), std[dim].item()) for name, (mean, std) in first.items()}
         marginal_overlay(draws[:, dim], marg, ax=axes[0, dim], title=f"point 0, z[{dim}]")
     fig.tight_layout()
     written = [save_figure(fig, out / "marginals.png")]
     if draws.shape[1] >= 2:
-        def cov2(q):
-            c = q.covariance_matrix[0] if hasattr(q, "covariance_matrix") else torch.diag(q.variance[0])
-            return c[:2, :2].cpu().numpy()
-
-        pairs = {name: (q.mean[0, :2].cpu().numpy(), cov2(q)) for name, q in gauss.items()}
+        pairs = {name: _mean_cov2(q) for name, q in gauss.items()}
         ax = pair_overlay(draws[:, :2], pairs, title="point 0: Gaussian ellipses over NUTS")
         written.append(save_figure(ax.figure, out / "pair.png"))
     written.append(save_figure(arviz_bridge.plot_trace(r.nuts.idata, point=0), out / "trace.png"))

@@ -2,29 +2,47 @@
 
 ``RUN/config.toml`` (resolved config), ``RUN/metrics.jsonl`` (one JSON object per epoch),
 ``RUN/checkpoint.pt`` (see ``checkpoint.py``), ``RUN/reconstructions.png``,
-``RUN/samples.png``.
+``RUN/samples.png``; a run made by :func:`fit` also holds its data, ``RUN/data.npy`` (or
+``RUN/data.npz`` with labels).
+
+Which config counts: the one stored in ``checkpoint.pt``, the config the parameters were
+trained with. :func:`load_run` (and so ``evaluate``, ``sample``, ``inspect``, ``compare``)
+uses it and warns (:class:`ConfigFileWarning`) when ``config.toml`` was edited since;
+``pyro-vae train --resume RUN`` reads ``config.toml`` as the config to continue with, and
+refuses a changed one unless ``--force``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
+import numpy as np
 import torch
 
 from . import arviz_bridge
 from . import checkpoint as ckpt_io
-from .config import Config, from_dict
-from .data import Dataset, load_dataset
+from .config import Config, ConfigError, diff, from_dict, load_config, to_dict
+from .data import DataError, Dataset, as_labels, as_points, load_dataset
+from .evaluate import evaluate_model, posterior_means
 from .model import VAE
-from .training import resolve_device
+from .training import resolve_device, train
 
 RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt")
 
 
 class RunError(ValueError):
     """A run directory is missing or incomplete."""
+
+
+class ConfigFileWarning(UserWarning):
+    """A run's ``config.toml`` is not the config stored in its checkpoint (which is used)."""
 
 
 def check_run_dir(path: str | Path) -> Path:
@@ -69,6 +87,40 @@ class Run:
             raise ValueError(f"label = {label}: this run is not conditional (model.conditional = false)")
         return self.vae.sample(n, y)
 
+    def points(self, x, y=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x as the run takes it: float points ``[N, X]`` on the run's device, from any array
+        or tensor of vectors or images (checked as :func:`pyro_vae.data.as_points` does), and
+        labels ``[N]`` for a conditional run (refused for an unconditional one)."""
+        points, _ = as_points(x, "x")  # (N, X)
+        if points.shape[1] != self.vae.x_dim:
+            raise DataError(f"x: {points.shape[1]} values per point; this run was trained on "
+                            f"{self.vae.x_dim}")
+        if y is not None and not self.vae.num_classes:
+            raise DataError("y: this run is not conditional (model.conditional = false); "
+                            "allowed: y = None")
+        if self.vae.num_classes and y is None:
+            raise DataError("y: this run is conditional (model.conditional = true); pass labels")
+        labels = None if y is None else as_labels(y, points.shape[0]).to(self.device)
+        return points.to(self.device), labels
+
+    def latent_means(self, x, y=None, batch_size: int = 1000) -> torch.Tensor:
+        """E_q[z | x], the mean of the guide's q(z | x), for every point of x: ``[N, D]`` (as
+        scvi-tools' ``get_latent_representation``). x ``[N, X]`` or images, any array or
+        tensor; labels y ``[N]`` for a conditional run."""
+        return posterior_means(self.vae, *self.points(x, y), batch_size=batch_size)
+
+    def evaluate(self, x=None, y=None, k: int = 1000, batch_size: int = 100,
+                 seed: int | None = None) -> dict:
+        """The numbers of ``pyro-vae evaluate`` (:func:`pyro_vae.evaluate.evaluate_model`:
+        ELBO, importance-weighted log p(x) with K draws, active units, PSIS k-hat) on x, by
+        default the run's test split; seed defaults to the run's ``train.seed``."""
+        if x is None:
+            x, y = self.dataset.x_test, self.dataset.y_test if self.vae.num_classes else None
+        else:
+            x, y = self.points(x, y)
+        seed = self.config.train.seed if seed is None else seed
+        return evaluate_model(self.vae, x, y, k=k, batch_size=batch_size, seed=seed)
+
     @torch.no_grad()
     def to_inference_data(self, x: torch.Tensor, num_samples: int = 500, y=None):
         """Draws z ~ q(z | x) for x ``[N, X]`` as ArviZ data (``arviz_bridge``: DataTree
@@ -82,21 +134,109 @@ class Run:
         return self.vae.device
 
 
+def check_config_file(path: Path, cfg: Config) -> None:
+    """Warn (:class:`ConfigFileWarning`) when the run's ``config.toml`` at ``path`` is not
+    valid TOML, not a valid config, or differs from ``cfg``, the config stored in the run's
+    checkpoint: the one the run was trained with, which is used."""
+    try:
+        edited = from_dict(tomllib.loads(path.read_text()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        problem = f"is not valid TOML ({err})"
+    except ConfigError as err:
+        problem = f"is not a valid config ({err})"
+    else:
+        changed = diff(cfg, edited)
+        if not changed:
+            return
+        old, new, values = to_dict(cfg), to_dict(edited), []
+        for key in changed:
+            section, name = key.split(".", 1)
+            values.append(f"{key} = {new[section][name]!r} there, {old[section][name]!r} in "
+                          "the checkpoint")
+        problem = f"differs from the checkpoint's config: {'; '.join(values)}"
+    warnings.warn(
+        f"{path} {problem}. It is ignored: a run is loaded with the config stored in its "
+        f"checkpoint.pt, the one it was trained with. To train with the edited file, start a "
+        f"new run (pyro-vae train --config {path}) or continue this one with "
+        f"pyro-vae train --resume {path.parent} --force", ConfigFileWarning, stacklevel=3)
+
+
 def load_run(path: str | Path, device: str = "cpu") -> Run:
     """Rebuild model, guide and data of the run at ``path`` on ``device`` (``auto``, ``cpu``
-    or ``cuda``); a checkpoint saved on CUDA loads on a CPU-only machine."""
+    or ``cuda``); a checkpoint saved on CUDA loads on a CPU-only machine. The config is the
+    one stored in the checkpoint; an edited ``config.toml`` is ignored with a
+    :class:`ConfigFileWarning`."""
     path = check_run_dir(path)
     dev = resolve_device(device)
     ckpt = ckpt_io.load_checkpoint(path / "checkpoint.pt", map_location=dev)
     cfg = from_dict(ckpt["config"])
+    check_config_file(path / "config.toml", cfg)
     ds = load_dataset(cfg.data, dev)
     if ds.x_dim != ckpt["x_dim"]:
         raise ckpt_io.CheckpointError(
             f"run {str(path)!r} was trained on data with {ckpt['x_dim']} values per point; "
             f"data set {cfg.data.name!r} now gives {ds.x_dim}"
         )
-    vae = VAE(cfg, ds.x_dim, ds.num_classes).to(dev)
+    vae = VAE(cfg, ds.x_dim, ds.num_classes, ds.image_shape).to(dev)
     ckpt_io.load_state(vae, ckpt["model"], f"checkpoint {str(path / 'checkpoint.pt')!r}")
     vae.eval()
     metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
     return Run(path, cfg, vae, ds, metrics, ckpt)
+
+
+def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None = "own_data",
+        overrides: Iterable[str] = (), progress: bool = False) -> Run:
+    """Train a VAE on the points x (and labels y) and return the trained :class:`Run`::
+
+        run = pyro_vae.fit(x, run_dir="runs/mine")   # x: [N, X] or images, array or tensor
+        z = run.latent_means(x)                      # E_q[z | x]  [N, D]
+        q = run.q_z(torch.as_tensor(x))              # q(z | x); run.sample(16), run.evaluate()
+
+    x: vectors ``[N, X]`` or images ``[N, H, W]`` / ``[N, C, H, W]``; y: ``[N]`` whole-number
+    labels or None. Every value is checked as for ``data.name = "file"`` (a
+    :class:`~pyro_vae.data.DataError` names the first problem). ``config``: a TOML file or a
+    bundled config's name (default ``own_data``: Gaussian likelihood, no binarization), then
+    ``overrides`` (``"section.key=value"``). The points are saved to ``RUN/data.npy`` (with
+    labels ``RUN/data.npz``) and trained on with ``data.name = "file"`` and that file's
+    absolute path, so :func:`load_run` and ``pyro-vae evaluate RUN`` read the run like any
+    other. ``run_dir`` must be new or empty; if training fails before its first checkpoint,
+    the folder is removed again."""
+    cfg = load_config(config, overrides)
+    if cfg.data.path:
+        raise ConfigError(f"data.path = {cfg.data.path!r}: fit takes the data as x; "
+                          "allowed: no data.path")
+    points, shape = as_points(x, "x")  # (N, X)
+    labels = None if y is None else as_labels(y, points.shape[0], "y")
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"run directory {str(run_dir)!r} already exists and is not empty; "
+                       "allowed: a new or empty folder")
+    created = not run_dir.exists()
+    file = _save_points(run_dir, points, shape, labels)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name="file", path=str(file)))
+    try:
+        train(cfg, run_dir, progress=progress)
+    except BaseException:
+        if not (run_dir / "checkpoint.pt").exists():  # nothing to keep: undo what fit wrote
+            for item in run_dir.iterdir():
+                if item.is_dir():
+                    shutil.rmtree(item)
+                else:
+                    item.unlink()
+            if created:
+                run_dir.rmdir()
+        raise
+    return load_run(run_dir, device=cfg.train.device)
+
+
+def _save_points(run_dir: Path, points: torch.Tensor, shape, labels) -> Path:
+    """Write checked points ``[N, X]`` (as images ``[N, C, H, W]`` when ``shape``) to
+    ``run_dir/data.npy``, or with labels ``[N]`` to ``run_dir/data.npz``; its absolute path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = (points.reshape(-1, *shape) if shape else points).cpu().numpy()
+    file = (run_dir / ("data.npy" if labels is None else "data.npz")).resolve()
+    if labels is None:
+        np.save(file, data)
+    else:
+        np.savez(file, x=data, y=labels.cpu().numpy())
+    return file

@@ -39,11 +39,13 @@ def _freeze(vae: VAE) -> VAE:
     return vae.requires_grad_(False)
 
 
-def toy_setting(name: str, points: int = 5, seed: int = 0, run_dir=None) -> Setting:
-    """Train the toy VAE of the bundled config ``TOY_CONFIGS[name]`` (saved as a run in
-    ``run_dir`` when given, for ``pyro-vae evaluate`` and ``inspect``) and take ``points`` of
-    its test points."""
-    cfg = load_config(BUNDLED_CONFIGS / f"{TOY_CONFIGS[name]}.toml", [f"train.seed={seed}"])
+def toy_setting(name: str, points: int = 5, seed: int = 0, run_dir=None,
+                overrides: tuple[str, ...] = ()) -> Setting:
+    """Train the toy VAE of the bundled config ``TOY_CONFIGS[name]`` with ``section.key=value``
+    ``overrides`` (e.g. ``guide.name=iaf``; saved as a run in ``run_dir`` when given, for
+    ``pyro-vae evaluate`` and ``inspect``) and take ``points`` of its test points."""
+    cfg = load_config(BUNDLED_CONFIGS / f"{TOY_CONFIGS[name]}.toml",
+                      [f"train.seed={seed}", *overrides])
     result = train(cfg, run_dir)
     vae, ds = _freeze(result.vae), result.dataset
     x = ds.x_test[:points]

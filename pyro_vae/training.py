@@ -34,7 +34,8 @@ from .evaluate import elbo_terms
 from .likelihoods import check_data
 from .model import VAE, registered
 from .objectives import (COMPILABLE, ELBOS, MonteCarloKLWarning, diagnose_nonfinite,
-                         has_closed_form_kl, jit_notice_silenced, negative_elbo)
+                         has_closed_form_kl, has_gaussian_guide, jit_notice_silenced,
+                         negative_elbo)
 
 
 class RollbackWarning(UserWarning):
@@ -109,7 +110,7 @@ def make_optimizer(params, lr: float) -> torch.optim.Adam:
 def build(cfg: Config, device: torch.device | str = "cpu") -> tuple[Dataset, VAE]:
     """Load the data on ``device`` and build the VAE for it (after checking they fit)."""
     ds = load_dataset(cfg.data, device)
-    vae = VAE(cfg, ds.x_dim, ds.num_classes).to(device)
+    vae = VAE(cfg, ds.x_dim, ds.num_classes, ds.image_shape).to(device)
     check_data(vae.likelihood, cfg.likelihood.name, ds)
     return ds, vae
 
@@ -180,6 +181,11 @@ def make_loss(cfg: Config, vae: VAE) -> LossFn:
     support checks (the first step; the compiled loss computes the same value, unchecked)."""
     tc = cfg.train
     closed_form_kl = has_closed_form_kl(vae)
+    if tc.elbo == "meanfield" and not has_gaussian_guide(vae):
+        raise ConfigError(
+            f"train.elbo = 'meanfield' computes KL(q(z|x) || p(z)) in closed form, which needs a "
+            f"Gaussian guide; guide.name = {cfg.guide.name!r} is not one: use train.elbo = "
+            "'trace' (or 'iwae', 'jit')")
     if tc.elbo == "meanfield" and not closed_form_kl:
         warnings.warn(
             f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
@@ -321,6 +327,10 @@ def train(
     if tc.compile and tc.elbo not in COMPILABLE:
         raise ConfigError(f"train.compile = true with train.elbo = {tc.elbo!r}: compiled "
                           f"training supports train.elbo = {' or '.join(map(repr, COMPILABLE))}")
+    if tc.compile and cfg.guide.name != "gaussian":
+        raise ConfigError(f"train.compile = true with guide.name = {cfg.guide.name!r}: the "
+                          "compiled loss draws z = loc + scale * eps, so it supports guide.name "
+                          "= 'gaussian'; use train.compile = false for this guide")
     device = resolve_device(tc.device)
     refuse_compile_on_cuda(tc, device)
     if isinstance(resume, (str, Path)):

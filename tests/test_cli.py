@@ -38,7 +38,7 @@ def test_existing_run_name_is_refused(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--set", "data.name=cifar10"], "data.name = 'cifar10': unknown name; allowed: fashion-mnist, kmnist, linear-gaussian, mnist, mnist-10k, ring"),
+    (["--set", "data.name=cifar10"], "data.name = 'cifar10': unknown name; allowed: fashion-mnist, file, kmnist, linear-gaussian, mnist, mnist-10k, ring"),
     (["--set", "data.name=mnist", "--set", "data.root=/nonexistent/pv"],
      "data set 'mnist' not found under /nonexistent/pv/MNIST/raw"),
     (["--set", "train.epoch=3"], "unknown config key train.epoch (did you mean 'epochs'?)"),

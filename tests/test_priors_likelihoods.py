@@ -184,7 +184,7 @@ def test_conditional_vae_samples_depend_on_the_label():
 def test_conv_networks_train_on_28x28_and_refuse_other_shapes():
     result = train(small_config("model.network=conv", subset=128, epochs=2))
     assert result.metrics[-1]["train_elbo"] > result.metrics[0]["train_elbo"]
-    with pytest.raises(Exception, match="model.network = 'conv' expects 28x28 images"):
+    with pytest.raises(Exception, match="model.network = 'conv' needs images, but the data are vectors"):
         train(small_config("model.network=conv", "data.name=ring", "data.binarize=none",
                            "likelihood.name=gaussian"))
 
@@ -199,6 +199,9 @@ def test_every_bundled_config_validates_and_trains_a_few_steps(path, tmp_path):
     elif name == "fashion-mnist":  # no download here: tiny files in torchvision's layout
         write_torchvision_set(tmp_path, "FashionMNIST", n_train=64, n_test=16)
         extra.append(f"data.root='{tmp_path}'")
+    elif name == "file":  # your own data: a small file made here
+        torch.save(torch.randn(300, 5), tmp_path / "x.pt")
+        extra.append(f"data.path='{tmp_path / 'x.pt'}'")
     else:
         extra.append("data.size=300")
     cfg = load_config(path, extra)

@@ -1,0 +1,190 @@
+"""Bad input, tried as a new user would: each gives one clear line (exit 2) naming the field,
+the value and what is allowed, never a traceback; an edited run config.toml gives a warning.
+
+Covered elsewhere, not repeated here: unknown data set, key, section and likelihood names,
+a wrong-typed --set value and a missing config file (test_cli.py); --k 0, --n 0 and beyond
+the test set, a negative --seed (test_evaluate.py); --label on an unconditional run and out
+of range (test_cli.py); a run directory missing one file, and a checkpoint of another
+architecture or data shape (test_checkpoint.py); bad own-data files from Python
+(test_own_data.py).
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae.cli import main
+from pyro_vae.runs import ConfigFileWarning, load_run
+
+TINY = ["--set", "model.hidden=[16]", "--set", "model.latent_dim=2", "--set", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny run on a .npy file of real values (own_data config), trained once."""
+    root = tmp_path_factory.mktemp("trained")
+    np.save(root / "d.npy", np.random.default_rng(0).normal(size=(100, 5)).astype(np.float32))
+    assert main(["train", "--quiet", "--config", "own_data", "--set", f"data.path={root / 'd.npy'}",
+                 *TINY, "--runs-dir", str(root), "--name", "r"]) == 0
+    return root / "r"
+
+
+@pytest.fixture()
+def run(trained, tmp_path):
+    """A fresh copy of the trained run, free to break."""
+    return shutil.copytree(trained, tmp_path / "run")
+
+
+def _train(*sets):
+    return lambda run, d: ["train", "--quiet", *[a for s in sets for a in ("--set", s)],
+                           "--runs-dir", str(d / "runs")]
+
+
+def _own(path_of, *sets):
+    """``train --config own_data`` on the file that ``path_of(d)`` writes into folder d."""
+    return lambda run, d: ["train", "--quiet", "--config", "own_data", "--set",
+                           f"data.path={path_of(d)}", *[a for s in sets for a in ("--set", s)],
+                           "--runs-dir", str(d / "runs")]
+
+
+def _npy(array, name="x.npy"):
+    def write(d):
+        np.save(d / name, array)
+        return d / name
+    return write
+
+
+def _npz(**arrays):
+    def write(d):
+        np.savez(d / "x.npz", **arrays)
+        return d / "x.npz"
+    return write
+
+
+def _config_file(text):
+    def argv(run, d):
+        (d / "c.toml").write_text(text)
+        return ["train", "--quiet", "--config", str(d / "c.toml"), "--runs-dir", str(d / "runs")]
+    return argv
+
+
+def _broken_checkpoint(edit):
+    def argv(run, d):
+        path = run / "checkpoint.pt"
+        path.write_bytes(edit(path.read_bytes()))
+        return ["evaluate", str(run), "--k", "5"]
+    return argv
+
+
+def _foreign_checkpoint(run, d):
+    torch.save({"weights": 1}, run / "checkpoint.pt")
+    return ["evaluate", str(run), "--k", "5"]
+
+
+def _empty_run(run, d):
+    (d / "empty").mkdir()
+    return ["evaluate", str(d / "empty")]
+
+
+REAL = np.random.default_rng(1).normal(size=(20, 3)).astype(np.float32)
+
+BAD_INPUTS = {
+    # run directories and checkpoints
+    "truncated checkpoint": (_broken_checkpoint(lambda b: b[: len(b) // 2]),
+                             "checkpoint.pt' is truncated or corrupted and cannot be read"),
+    "corrupt checkpoint": (_broken_checkpoint(lambda b: bytes(len(b))),
+                           "checkpoint.pt' is truncated or corrupted and cannot be read"),
+    "foreign checkpoint": (_foreign_checkpoint, "is not a pyro_vae checkpoint (missing: format"),
+    "missing run directory": (lambda run, d: ["evaluate", str(d / "nope")],
+                              "run directory '{d}/nope' does not exist"),
+    "empty run directory": (_empty_run, "'{d}/empty' is incomplete: missing config.toml, "
+                                        "metrics.jsonl, checkpoint.pt"),
+    "resume of a missing run": (lambda run, d: ["train", "--resume", str(d / "nope")],
+                                "run directory '{d}/nope' does not exist"),
+    "sample n = 0": (lambda run, d: ["sample", str(run), "--n", "0"], "--n = 0: must be >= 1"),
+    "evaluate batch size 0": (lambda run, d: ["evaluate", str(run), "--batch-size", "0"],
+                              "--batch-size = 0: must be >= 1"),
+    # config files and values
+    "invalid TOML, [model] twice": (_config_file("[model]\nlatent_dim = 2\n[model]\nhidden = []\n"),
+                                    "c.toml' is not valid TOML"),
+    "a section that is not a table": (_config_file("train = 3\n"), "[train] must be a table"),
+    "a list for a number": (_train("model.latent_dim=[2]"), "model.latent_dim = [2]: expected an integer"),
+    "a number for a list": (_train("model.hidden=64"), "model.hidden = 64: expected a list of integers"),
+    "lr = nan": (_train("train.lr=nan"), "train.lr = nan: expected a finite number > 0.0"),
+    "lr = inf": (_train("train.lr=inf"), "train.lr = inf: expected a finite number > 0.0"),
+    "beta = -inf": (_train("train.beta=-inf"), "train.beta = -inf: expected a finite number >= 0.0"),
+    "sigma = nan": (_train("likelihood.sigma=nan"), "likelihood.sigma = nan: expected a finite number > 0.0"),
+    "df = inf": (_train("prior.df=inf"), "prior.df = inf: expected a finite number > 0.0"),
+    "test_fraction = 1": (_train("data.test_fraction=1"),
+                          "data.test_fraction = 1.0: out of range, must be > 0.0 and < 1.0"),
+    "channels = color": (_train("data.channels=color"),
+                         "data.channels = 'color': unknown name; allowed: grayscale, rgb"),
+    # your own data from the command line
+    "no data.path": (_train("data.name=file", "data.binarize=none"),
+                     "data.path = '': data.name = 'file' needs a path"),
+    "missing data file": (_own(lambda d: d / "nope.npy"), "data.path = '{d}/nope.npy': no such file"),
+    "unknown extension": (_own(lambda d: (d / "x.csv").write_text("1") and d / "x.csv"),
+                          "unknown extension '.csv'; allowed: a .npy, .npz, .pt file, or a folder"),
+    "data.path without data.name": (_train("data.path=x.npy"),
+                                    "data.path = 'x.npy' is read only with data.name = 'file'"),
+    "npz without x": (_own(_npz(data=REAL)), "no array 'x' (it holds: data)"),
+    "NaN in the data": (_own(_npy(np.where(np.eye(20, 3) > 0, np.nan, REAL))),
+                        "x.npy': 3 NaN or infinite values (the first in point 0)"),
+    "rank 1": (_own(_npy(REAL[:, 0])), "x.npy': an array of shape [20] (rank 1); allowed: [N, X]"),
+    "empty": (_own(_npy(REAL[:0])), "x.npy': empty (shape [0, 3])"),
+    "labels of another length": (_own(_npz(x=REAL, y=np.arange(19))),
+                                 "labels y: labels of shape [19] for 20 points of x"),
+    "labels not whole numbers": (_own(_npz(x=REAL, y=np.linspace(0, 1, 20))),
+                                 "labels y: labels of type float64, values in [0.0, 1.0]; allowed"),
+    "real data, default binarize": (_own(_npy(REAL), "data.binarize=dynamic"),
+                                    "is real-valued; use data.binarize = 'none'"),
+    "outside the likelihood's support": (_own(_npy(REAL), "likelihood.name=bernoulli"),
+                                         "likelihood 'bernoulli' on data set 'x.npy' (data.binarize = "
+                                         "'none'): needs x in [0, 1]"),
+    "conditional without labels": (_own(_npy(REAL), "model.conditional=true"),
+                                   "model.conditional = true needs a labelled data set"),
+    "conv on vectors": (_own(_npy(REAL), "model.network=conv"),
+                        "model.network = 'conv' needs images, but the data are vectors of 3 values"),
+    "conv on 6x6 images": (_own(_npy(np.random.default_rng(0).random((10, 6, 6))), "model.network=conv"),
+                           "divisible by 4, data has 6x6 images"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_each_bad_input_gives_one_clear_line(run, tmp_path, capsys, name):
+    make_argv, expected = BAD_INPUTS[name]
+    argv = make_argv(run, tmp_path)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1, err  # one line
+    assert expected.format(d=tmp_path) in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda text: text.replace("lr = 0.001", "lr = 0.01"),
+     "differs from the checkpoint's config: train.lr = 0.01 there, 0.001 in the checkpoint"),
+    (lambda text: text + "\n[model]\nlatent_dim = 3\n", "is not valid TOML"),
+    (lambda text: text.replace("lr = 0.001", "lr = nan"),
+     "is not a valid config (train.lr = nan: expected a finite number > 0.0)"),
+])
+def test_an_edited_run_config_is_ignored_with_a_warning(run, capsys, edit, expected):
+    path = run / "config.toml"
+    assert "lr = 0.001" in path.read_text()
+    before = load_run(run).vae.state_dict()
+    path.write_text(edit(path.read_text()))
+    with pytest.warns(ConfigFileWarning, match="It is ignored: a run is loaded with the config "
+                                               "stored in its checkpoint.pt") as record:
+        assert main(["evaluate", str(run), "--k", "5"]) == 0
+    assert expected in str(record[0].message) and str(path) in str(record[0].message)
+    with pytest.warns(ConfigFileWarning):
+        loaded = load_run(run)
+    assert loaded.config.train.lr == 0.001  # the checkpoint's config, not the file's
+    assert all(torch.equal(loaded.vae.state_dict()[k], v) for k, v in before.items())
+
+
+def test_an_unedited_run_config_loads_without_a_warning(run):
+    load_run(run)  # warnings are errors in this suite

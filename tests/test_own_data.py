@@ -1,0 +1,338 @@
+"""Your own data: files (.npy, .npz, .pt, image folders) and arrays from Python (``fit``)."""
+
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import fit, load_run
+from pyro_vae.cli import main
+from pyro_vae.config import ConfigError, DataConfig, load_config
+from pyro_vae.data import DataError, load_dataset
+from pyro_vae.model import VAE
+from pyro_vae.runs import RunError
+from pyro_vae.training import build
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+TINY = ["model.hidden=[16]", "model.latent_dim=2", "train.epochs=1"]
+
+
+def numbered(n=50, features=4, seed=0):
+    """Points whose first value is their index (so rows can be followed through the split)
+    and labels index % 3."""
+    x = np.random.default_rng(seed).normal(size=(n, features)).astype(np.float32)
+    x[:, 0] = np.arange(n)
+    return x, np.arange(n) % 3
+
+
+def write(path, x, y=None):
+    """Save x (and y) in the format of ``path``'s extension."""
+    if path.suffix == ".npy":
+        np.save(path, x)
+    elif path.suffix == ".npz":
+        np.savez(path, **({"x": x} if y is None else {"x": x, "y": y}))
+    else:
+        torch.save(torch.as_tensor(x) if y is None else {"x": torch.as_tensor(x),
+                                                         "y": torch.as_tensor(y)}, path)
+    return path
+
+
+def file_config(path, **kw):
+    return DataConfig(name="file", path=str(path), binarize=kw.pop("binarize", "none"), **kw)
+
+
+@pytest.mark.parametrize("name, labelled", [("d.npy", False), ("d.npz", True), ("d.npz", False),
+                                            ("d.pt", False), ("d.pt", True)])
+def test_each_format_keeps_every_point_once_with_its_label(tmp_path, name, labelled):
+    x, y = numbered()
+    ds = load_dataset(file_config(write(tmp_path / name, x, y if labelled else None)))
+    assert ds.x_train.shape == (45, 4) and ds.x_test.shape == (5, 4)  # round(50 * 0.1) held out
+    both = torch.cat([ds.x_train, ds.x_test])
+    order = both[:, 0].long()
+    assert sorted(order.tolist()) == list(range(50))  # a permutation: each point once
+    assert torch.equal(both, torch.from_numpy(x)[order])
+    assert ds.image_shape is None and ds.support == "real" and ds.name == name
+    if labelled:
+        assert ds.num_classes == 3
+        assert torch.equal(torch.cat([ds.y_train, ds.y_test]), order % 3)  # labels follow x
+    else:
+        assert ds.y_train is None and ds.num_classes == 0
+
+
+def test_split_is_seeded_and_sized_by_test_fraction(tmp_path):
+    path = write(tmp_path / "d.npy", numbered(200)[0])
+    a = load_dataset(file_config(path, test_fraction=0.25))
+    assert a.x_test.shape[0] == 50
+    assert torch.equal(a.x_test, load_dataset(file_config(path, test_fraction=0.25)).x_test)
+    assert not torch.equal(a.x_test, load_dataset(file_config(path, test_fraction=0.25, seed=1)).x_test)
+    tiny = load_dataset(file_config(write(tmp_path / "t.npy", numbered(2)[0]), test_fraction=0.01))
+    assert (tiny.x_train.shape[0], tiny.x_test.shape[0]) == (1, 1)  # at least one of each
+
+
+@pytest.mark.parametrize("values, support", [([0, 1], "binary"), ([0, 0.5, 1], "unit-interval"),
+                                             ([-0.1, 0.5], "real"), ([0, 1.5], "real")])
+def test_support_is_read_from_every_value(tmp_path, values, support):
+    x = np.zeros((20, 3), np.float32)
+    x.flat[-len(values):] = values  # the last point holds the telling values
+    assert load_dataset(file_config(write(tmp_path / "d.npy", x))).support == support
+
+
+@pytest.mark.parametrize("shape, image_shape", [((30, 8, 12), (1, 8, 12)),
+                                                ((30, 3, 4, 8), (3, 4, 8))])
+def test_images_are_flattened_in_their_own_order_and_keep_their_shape(tmp_path, shape, image_shape):
+    x = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
+    ds = load_dataset(file_config(write(tmp_path / "d.npy", x)))
+    assert ds.image_shape == image_shape and ds.x_dim == int(np.prod(shape[1:]))
+    flat = torch.from_numpy(x.reshape(30, -1).astype(np.float32) / 255)  # uint8: / 255
+    both = torch.cat([ds.x_train, ds.x_test])
+    assert all(any(torch.equal(row, f) for f in flat) for row in both[:5])
+    assert ds.support == "unit-interval"
+
+
+def test_npy_is_memory_mapped_and_converted_once(tmp_path, monkeypatch):
+    path = write(tmp_path / "d.npy", np.arange(60, dtype=np.int16).reshape(20, 3))
+    calls = []
+    real_load = np.load
+    monkeypatch.setattr(np, "load", lambda *a, **kw: calls.append(kw) or real_load(*a, **kw))
+    ds = load_dataset(file_config(path))
+    assert calls == [{"mmap_mode": "r", "allow_pickle": False}]
+    assert ds.x_train.dtype == torch.float32 and sorted(torch.cat([ds.x_train, ds.x_test])
+                                                        .flatten().long().tolist()) == list(range(60))
+
+
+@pytest.mark.parametrize("make, expected", [
+    (lambda d: d / "missing.npy", "data.path = '{d}/missing.npy': no such file or folder"),
+    (lambda d: (d / "x.csv").write_text("1,2") and d / "x.csv",
+     "unknown extension '.csv'; allowed: a .npy, .npz, .pt file, or a folder of images"),
+    (lambda d: np.savez(d / "w.npz", data=np.ones((4, 2))) or d / "w.npz",
+     "no array 'x' (it holds: data); allowed: the data under x"),
+    (lambda d: torch.save({"data": torch.ones(4, 2)}, d / "w.pt") or d / "w.pt",
+     "holds a dict with keys data; allowed: a tensor, or a dict with the data under 'x'"),
+    (lambda d: torch.save([torch.ones(4, 2)], d / "l.pt") or d / "l.pt", "holds a list"),
+    (lambda d: (d / "bad.pt").write_bytes(b"not a zip") and d / "bad.pt", "not a readable .pt file"),
+    (lambda d: (d / "bad.npy").write_bytes(b"\x93NUMPY garbage") and d / "bad.npy",
+     "not a readable .npy array"),
+    (lambda d: np.save(d / "o.npy", np.array([{"a": 1}, 2], dtype=object)) or d / "o.npy",
+     "not a readable .npy array"),
+    (lambda d: write(d / "n.npy", np.array([[1.0, np.nan], [np.inf, 2], [3, 4]])),
+     "2 NaN or infinite values (the first in point 0); allowed: finite numbers only"),
+    (lambda d: write(d / "r1.npy", np.ones(5)), "shape [5] (rank 1); allowed: [N, X] vectors, "
+                                                "[N, H, W] or [N, C, H, W] images (one value per"),
+    (lambda d: write(d / "r5.npy", np.ones((2, 1, 1, 1, 1))), "(rank 5); allowed"),
+    (lambda d: write(d / "e.npy", np.ones((0, 3))), "empty (shape [0, 3])"),
+    (lambda d: write(d / "e2.npy", np.ones((4, 0))), "empty (shape [4, 0])"),
+    (lambda d: write(d / "one.npy", np.ones((1, 3))), "1 point; needs at least 2"),
+    (lambda d: write(d / "c.npy", np.ones((3, 2), np.complex64)), "values of type complex64"),
+    (lambda d: write(d / "y.npz", np.ones((4, 2)), np.arange(3)),
+     "labels y: labels of shape [3] for 4 points of x; allowed: one label per point, shape [4]"),
+    (lambda d: write(d / "f.npz", np.ones((4, 2)), np.array([0, 1, 0.5, 2])),
+     "labels of type float64, values in [0.0, 2.0]; allowed: whole numbers >= 0"),
+    (lambda d: write(d / "neg.pt", np.ones((4, 2), np.float32), np.array([0, 1, -1, 2])),
+     "labels of type int64, values in [-1, 2]; allowed: whole numbers >= 0"),
+    (lambda d: write(d / "s.npz", np.ones((2, 2)), np.array(["cat", "dog"])),
+     "labels of type <U3; allowed: integers >= 0 (class names? map them to 0, 1, ..., C - 1)"),
+])
+def test_bad_files_name_the_path_the_problem_and_what_is_allowed(tmp_path, make, expected):
+    path = make(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_dataset(file_config(path))
+    assert expected.format(d=tmp_path) in str(err.value)
+    assert f"data.path = '{path}'" in str(err.value)
+
+
+def test_path_without_file_and_image_size_with_a_file_are_refused(tmp_path):
+    path = write(tmp_path / "d.npy", numbered()[0])
+    with pytest.raises(DataError, match="data.path = '.*d.npy' is read only with data.name = 'file'"):
+        load_dataset(DataConfig(path=str(path)))
+    with pytest.raises(DataError, match="data.image_size = 8: resizes folders of images only"):
+        load_dataset(file_config(path, image_size=8))
+    with pytest.raises(DataError, match="data.path = '': data.name = 'file' needs a path"):
+        load_dataset(DataConfig(name="file"))
+
+
+def test_real_values_get_told_to_set_binarize_none_and_outside_support_reuses_the_likelihood_check(tmp_path):
+    path = write(tmp_path / "d.npy", numbered()[0])
+    with pytest.raises(DataError, match="is real-valued; use data.binarize = 'none' .and a likelihood"):
+        load_dataset(file_config(path, binarize="dynamic"))  # the default binarization
+    cfg = load_config(None, ["data.name=file", f"data.path={path}", "data.binarize=none", *TINY])
+    with pytest.raises(DataError, match=r"likelihood 'bernoulli' on data set 'd.npy'.*needs x in \[0, 1\]"):
+        build(cfg)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def image_folder(root, sizes=((8, 8),) * 6):
+    """root/cat and root/dog with random RGB PNGs of the given (H, W) sizes, alternating."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate(sizes):
+        folder = root / ("cat", "dog")[i % 2]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3)).astype(np.uint8)).save(folder / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("channels, size, image_shape", [("grayscale", 0, (1, 8, 8)),
+                                                          ("rgb", 0, (3, 8, 8)),
+                                                          ("grayscale", 4, (1, 4, 4))])
+def test_image_folder_gives_shape_channels_and_labels(tmp_path, channels, size, image_shape):
+    root = image_folder(tmp_path / "imgs")
+    ds = load_dataset(file_config(root, channels=channels, image_size=size, test_fraction=0.34))
+    assert ds.image_shape == image_shape and ds.num_classes == 2 and ds.name == "imgs"
+    assert (ds.x_train.shape[0], ds.x_test.shape[0]) == (4, 2)
+    assert sorted(torch.cat([ds.y_train, ds.y_test]).tolist()) == [0, 0, 0, 1, 1, 1]
+    assert 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+
+
+def test_bad_image_folders_are_named(tmp_path):
+    mixed = image_folder(tmp_path / "mixed", sizes=[(8, 8), (8, 8), (6, 10)])
+    with pytest.raises(DataError, match=r"images of different sizes \(6x10, 8x8\); set data.image_size"):
+        load_dataset(file_config(mixed))
+    assert load_dataset(file_config(mixed, image_size=8)).image_shape == (1, 8, 8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="'.*empty'.*allowed: a folder with one subfolder of images per class"):
+        load_dataset(file_config(tmp_path / "empty"))
+    broken = image_folder(tmp_path / "broken", sizes=[(8, 8), (8, 8)])
+    (broken / "cat" / "9.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"image '.*9.png' cannot be read"):
+        load_dataset(file_config(broken))
+
+
+# --------------------------------------------------------------------------- conv networks
+
+
+@pytest.mark.parametrize("image_shape, likelihood", [((1, 12, 16), "bernoulli"),
+                                                     ((3, 8, 8), "bernoulli"),
+                                                     ((3, 8, 4), "beta")])
+def test_conv_networks_take_the_image_shape_and_keep_x_s_pixel_order(image_shape, likelihood):
+    cfg = load_config(None, ["model.network=conv", f"likelihood.name={likelihood}", *TINY])
+    x_dim = int(np.prod(image_shape))
+    vae = VAE(cfg, x_dim, image_shape=image_shape)
+    x = torch.rand(5, x_dim)
+    assert vae.q_z(x).batch_shape == (5,) and vae.reconstruct(x).shape == (5, x_dim)
+    k, (c, h, w) = vae.likelihood.outputs_per_pixel, image_shape
+    last = vae.decoder.deconv[-1]  # output channels ordered (k, c)
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.zero_()
+        last.bias[(k - 1) * c + c - 1] = 1.0  # the last output of the last channel only
+    out = vae.decoder(torch.randn(5, 2)).unflatten(-1, (c, h * w, k))  # (B, C, HW, K)
+    assert (out[:, c - 1, :, k - 1] == 1).all() and out.sum() == 5 * h * w
+
+
+def test_conv_refuses_shapes_it_cannot_take():
+    cfg = load_config(None, ["model.network=conv", *TINY])
+    with pytest.raises(ConfigError, match="divisible by 4, data has 10x12 images; allowed: "
+                                          "data.image_size = 12 .image folders. or model.network = 'mlp'"):
+        VAE(cfg, 120, image_shape=(1, 10, 12))
+    with pytest.raises(ConfigError, match="needs images, but the data are vectors of 20 values"):
+        VAE(cfg, 20)
+    assert VAE(cfg, 784).encoder.image_shape == (1, 28, 28)  # as before image shapes were passed
+
+
+# --------------------------------------------------------------------------- CLI, no code
+
+
+def _readme_blocks():
+    """The python and bash blocks of README's "Your own data" section, in order."""
+    section = README.read_text().split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```(python|bash)\n(.*?)```", section, re.S)
+
+
+def test_readme_own_data_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (lang, snippet), (shell, commands) = _readme_blocks()[:2]
+    assert lang == "python" and shell == "bash" and len(snippet.strip().splitlines()) == 3
+    exec(snippet, {})  # writes my_data.npy
+    train, evaluate = [shlex.split(line)[1:] for line in commands.strip().splitlines()]
+    assert main([*train, "--quiet", "--set", "train.epochs=1"]) == 0  # one short epoch
+    assert main(evaluate) == 0
+    out = capsys.readouterr().out
+    assert "final test ELBO" in out and "log p(x), IW K=100" in out
+    run = load_run(tmp_path / "runs" / "mine")
+    assert run.config.data.path == "my_data.npy" and run.dataset.x_test.shape == (200, 20)
+
+
+def test_a_folder_of_rgb_images_trains_with_conv_from_the_cli(tmp_path, capsys):
+    root = image_folder(tmp_path / "imgs", sizes=[(10, 10)] * 12)
+    args = ["train", "--quiet", "--config", "own_data", "--set", f"data.path={root}",
+            "--set", "data.channels=rgb", "--set", "data.image_size=8", "--set", "data.test_fraction=0.25",
+            "--set", "model.network=conv",
+            "--set", "likelihood.name=continuous-bernoulli", "--set", "model.conditional=true",
+            *[a for t in TINY for a in ("--set", t)], "--runs-dir", str(tmp_path), "--name", "r"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert (tmp_path / "r" / "samples.png").stat().st_size > 0
+    run = load_run(tmp_path / "r")
+    assert run.dataset.image_shape == (3, 8, 8) and run.vae.num_classes == 2
+    assert main(["evaluate", str(tmp_path / "r"), "--k", "5"]) == 0
+
+
+# --------------------------------------------------------------------------- Python: fit
+
+
+def test_fit_returns_a_loadable_run_whose_latent_means_are_the_guide_s(tmp_path):
+    x = torch.randn(120, 6) * torch.linspace(0.5, 3, 6)  # (N, X)
+    run = fit(x, run_dir=tmp_path / "run", overrides=TINY)
+    z = run.latent_means(x)  # (N, D)
+    assert z.shape == (120, 2) and z.device == run.device
+    assert torch.equal(z, run.q_z(x).mean)
+    assert (z[1:] - z[:1]).abs().amax(1).min() > 0  # each point its own mean
+    assert torch.equal(run.latent_means(x.numpy()), z)  # arrays as well as tensors
+    again = load_run(tmp_path / "run")
+    assert torch.equal(again.latent_means(x), z)
+    assert run.sample(7).shape == (7, 6)
+    result = run.evaluate(k=20)
+    assert result["n"] == 12 and result["iw_log_likelihood"]["mean"] >= result["elbo"]["mean"]
+    assert main(["evaluate", str(tmp_path / "run"), "--k", "20"]) == 0
+    assert (tmp_path / "run" / "data.npy").is_file()  # the run holds its data
+
+
+def test_fit_takes_labels_and_images(tmp_path):
+    images = np.random.default_rng(0).integers(0, 2, (40, 8, 8)).astype(np.uint8) * 255
+    labels = np.arange(40) % 4
+    run = fit(images, labels, run_dir=tmp_path / "run", config=None,
+              overrides=["model.conditional=true", "model.network=conv", *TINY])
+    assert run.dataset.image_shape == (1, 8, 8) and run.vae.num_classes == 4
+    assert run.dataset.support == "binary"  # uint8 / 255
+    assert run.latent_means(images, labels).shape == (40, 2)
+    with pytest.raises(DataError, match="y: this run is conditional"):
+        run.latent_means(images)
+    assert (tmp_path / "run" / "data.npz").is_file()
+
+
+@pytest.mark.parametrize("x, y, expected", [
+    (np.full((10, 3), np.nan), None, "x: 30 NaN or infinite values (the first in point 0)"),
+    (np.ones(10), None, "x: an array of shape [10] (rank 1)"),
+    (np.ones((10, 3)), np.arange(9), "y: labels of shape [9] for 10 points of x"),
+    (np.ones((10, 3)), np.full(10, 0.5), "y: labels of type float64, values in [0.5, 0.5]"),
+    (torch.ones(0, 3), None, "x: empty (shape [0, 3])"),
+    ([[1.0, 2.0], [3.0]], None, "x: cannot be read as one array"),
+])
+def test_fit_checks_every_value_before_writing_anything(tmp_path, x, y, expected):
+    with pytest.raises(DataError) as err:
+        fit(x, y, run_dir=tmp_path / "run", overrides=TINY)
+    assert expected in str(err.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_path):
+    x = np.random.default_rng(0).normal(size=(30, 3))
+    with pytest.raises(DataError, match="likelihood 'bernoulli' on data set 'data.npy'"):
+        fit(x, run_dir=tmp_path / "run", overrides=["likelihood.name=bernoulli", *TINY])
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "keep").write_text("mine")
+    with pytest.raises(RunError, match="'.*used' already exists and is not empty"):
+        fit(x, run_dir=tmp_path / "used", overrides=TINY)
+    with pytest.raises(ConfigError, match="data.path = 'x.npy': fit takes the data as x"):
+        fit(x, run_dir=tmp_path / "p", overrides=["data.path=x.npy", *TINY])
+    run = fit(x, run_dir=tmp_path / "ok", overrides=TINY)
+    with pytest.raises(DataError, match="x: 4 values per point; this run was trained on 3"):
+        run.latent_means(np.ones((2, 4)))
+    with pytest.raises(DataError, match="y: this run is not conditional"):
+        run.latent_means(x, np.zeros(30))
