@@ -26,12 +26,13 @@ import matplotlib
 matplotlib.use("Agg")  # the CLI only writes files: never a window
 
 from . import checkpoint as ckpt_io  # noqa: E402
+from . import distributed
 from .config import ConfigError, load_config
 from .data import DataError
 from .evaluate import evaluate_model
 from .inspection import samples_figure, save_figure, write_basic_figures, write_figures
 from .runs import RunError, check_run_dir, load_run
-from .training import Interrupted, NonFiniteError, train
+from .training import Interrupted, NonFiniteError, resolve_device, train
 
 BAD_INPUT = (ConfigError, DataError, ckpt_io.CheckpointError, RunError)
 
@@ -71,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("run")
     i.add_argument("--out", help="output folder (default RUN/figures)")
 
+    _compare_parser(sub)
+    return p
+
+
+def _compare_parser(sub) -> None:
+    """The ``compare`` subcommand's arguments."""
     c = sub.add_parser("compare", help="amortized guide vs per-point Gaussians vs NUTS (vs exact)")
     c.add_argument("--setting", required=True, choices=["linear-gaussian", "ring", "run"])
     c.add_argument("--run", help="run directory (with --setting run)")
@@ -88,7 +95,6 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the toy setting's bundled config, e.g. guide.name=iaf")
     c.add_argument("--quiet", action="store_true")
-    return p
 
 
 class _StopFlag:
@@ -140,21 +146,36 @@ def cmd_train(args) -> int:
     else:
         cfg = load_config(args.config, args.set)
         run_dir = _run_dir(args)
+    if distributed.launched():  # under torchrun: join the group; rank 0 names the run
+        group = distributed.init_from_env(resolve_device(cfg.train.device))
+        run_dir = distributed.broadcast(run_dir, group)
+        try:
+            return _train_and_report(args, cfg, run_dir, group)
+        finally:
+            distributed.dist.destroy_process_group()
+    return _train_and_report(args, cfg, run_dir, distributed.Group())
+
+
+def _train_and_report(args, cfg, run_dir: Path, group) -> int:
+    """Train (resuming with ``--resume``); rank 0 prints progress and writes the figures."""
 
     def report(m: dict) -> None:
-        if not args.quiet:
+        if not args.quiet and group.is_main:
             print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
                   f"test ELBO {m['test_elbo']:9.2f}  ({m['seconds']:.1f} s)", flush=True)
 
     try:
         with _StopFlag() as stop:
-            result = train(cfg, run_dir, progress=not args.quiet,
+            result = train(cfg, run_dir, progress=not args.quiet and group.is_main,
                            resume=run_dir if args.resume else None, force=args.force,
                            should_stop=stop, on_epoch=report)
     except Interrupted as err:
-        print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "
-              f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
-        return 128 + stop.signum
+        if group.is_main:
+            print(f"pyro-vae: interrupted: {err} in {run_dir}; continue with "
+                  f"`pyro-vae train --resume {run_dir}`", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGTERM)
+    if not group.is_main:
+        return 0
     write_basic_figures(result.vae, result.dataset, run_dir)
     last = result.metrics[-1]
     print(f"final test ELBO {last['test_elbo']:.2f} nats per data point after "

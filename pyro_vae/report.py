@@ -27,6 +27,20 @@ def _mean_and_se(values: list, ses: list) -> tuple[float, float]:
     return _mean(values), sum(se**2 for se in ses) ** 0.5 / len(ses)
 
 
+def _gaps_markdown(g: dict) -> list[str]:
+    """The gap table: each quantity's mean and per-point values with Monte Carlo SEs."""
+    lines = ["", f"Gaps (nats per point; log p(x): {g['log_px_source']}):", "",
+             "| quantity | mean +- Monte Carlo SE | per point +- Monte Carlo SE |",
+             "| --- | --- | --- |"]
+    for key in ("log_px", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
+        values, ses = g[key], g[f"{key}_se"]
+        mean, mean_se = _mean_and_se(values, ses)
+        lines.append(f"| {key} | {_with_noise(mean, mean_se, key != 'log_px')} | "
+                     + ", ".join(_with_noise(v, se, key != "log_px") for v, se in zip(values, ses))
+                     + " |")
+    return lines
+
+
 def _checks_markdown(c: dict) -> list[str]:
     """What vouches for an AIS log p(x) (``comparison._ais_checks``), as report lines."""
     if not c:
@@ -83,19 +97,7 @@ def report_markdown(r: dict) -> str:
         + (" - |" if "kl_to_exact" in r["methods"]["amortized"] else "")
         + f" - | {n['seconds_per_point']:.2e} | 1x |")
     g = r["gaps"]
-    lines += [
-        "",
-        f"Gaps (nats per point; log p(x): {g['log_px_source']}):",
-        "",
-        "| quantity | mean +- Monte Carlo SE | per point +- Monte Carlo SE |",
-        "| --- | --- | --- |",
-    ]
-    for key in ("log_px", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
-        values, ses = g[key], g[f"{key}_se"]
-        mean_se = sum(se**2 for se in ses) ** 0.5 / len(ses)
-        lines.append(f"| {key} | {_with_noise(_mean(values), mean_se, key != 'log_px')} | "
-                     + ", ".join(_with_noise(v, se, key != "log_px") for v, se in zip(values, ses))
-                     + " |")
+    lines += _gaps_markdown(g)
     lines += _checks_markdown(r.get("log_px_checks") or {})
     lines += ["", "approximation_gap = log p(x) - ELBO(best per-point Gaussian); "
               "approximation_gap_diag uses the diagonal one; amortization_gap = "

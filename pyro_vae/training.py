@@ -28,12 +28,14 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
+from . import distributed
 from .config import Config, ConfigError, TrainConfig, config_hash, dumps, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
+from .distributed import Group
 from .evaluate import elbo_terms
 from .likelihoods import check_data
 from .model import VAE, registered
-from .objectives import (COMPILABLE, ELBOS, MonteCarloKLWarning, diagnose_nonfinite,
+from .objectives import (ELBOS, MonteCarloKLWarning, check_compilable, diagnose_nonfinite,
                          has_closed_form_kl, has_gaussian_guide, jit_notice_silenced,
                          negative_elbo)
 
@@ -70,18 +72,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def refuse_compile_on_cuda(cfg: TrainConfig, device: torch.device) -> None:
-    """``train.compile = true`` on CUDA is refused: measured on an H100 (torch 2.11) the
-    compiled loss diverged (test ELBO -324,332 against eager -107.2) while it equals the
-    eager loss on the CPU. Until ``tests/test_cuda.py`` shows compiled == eager on a GPU,
-    a wrong result is not offered; there is no silent fallback to eager."""
-    if cfg.compile and device.type == "cuda":
-        raise ConfigError(
-            f"train.compile = true on CUDA (torch {torch.__version__}): the compiled loss gives "
-            "wrong gradients on CUDA (training diverges; cause not yet found, see README), so "
-            "it is refused; allowed on CUDA: train.compile = false (eager), or train.device = cpu")
 
 
 def kl_weight(cfg: TrainConfig, epoch: int) -> float:
@@ -139,6 +129,7 @@ class TrainState:
     epoch_seconds: float = 0.0  # training seconds of the current epoch before an interruption
     lr_factor: float = 1.0  # train.lr is multiplied by it after rollbacks
     metrics: list[dict] = field(default_factory=list)  # one dict per completed epoch
+    group: Group = Group()  # data-parallel processes (not checkpointed: a launch's choice)
 
     POSITION = ("epoch", "step_in_epoch", "step", "epoch_loss", "epoch_seconds", "lr_factor")
 
@@ -174,11 +165,12 @@ class TrainState:
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", float, bool], torch.Tensor]
 
 
-def make_loss(cfg: Config, vae: VAE) -> LossFn:
+def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
     """``loss(x, y, weight, validate)``: the -ELBO estimate of ``train.elbo`` for minibatch
     x ``[B, X]`` (labels y ``[B]`` or None) with KL weight ``weight``, as a scalar tensor,
     gradients left in ``.grad``. ``validate``: run Pyro's program eagerly with its shape and
-    support checks (the first step; the compiled loss computes the same value, unchecked)."""
+    support checks (the first step; the compiled loss computes the same value, unchecked).
+    In a group of several processes: ``distributed.make_loss`` (x is the global batch)."""
     tc = cfg.train
     closed_form_kl = has_closed_form_kl(vae)
     if tc.elbo == "meanfield" and not has_gaussian_guide(vae):
@@ -191,13 +183,15 @@ def make_loss(cfg: Config, vae: VAE) -> LossFn:
             f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
             f"prior {cfg.prior.name!r}; TraceMeanField_ELBO uses the Monte Carlo estimate "
             "for the latent site (the ELBO stays unbiased)", MonteCarloKLWarning, stacklevel=3)
+    analytic_kl = tc.elbo == "meanfield" and closed_form_kl
+    if group.world > 1:
+        return distributed.make_loss(vae, tc.num_particles, analytic_kl, group)
     elbo = ELBOS[tc.elbo](tc)
     model, guide = vae.model, vae.guide
     if tc.elbo in ("jit", "iwae"):  # these find parameters through Pyro's param store
         pyro.clear_param_store()
         model, guide = registered(vae.model, vae), registered(vae.guide, vae)
     compiled = torch.compile(negative_elbo, dynamic=False) if tc.compile else None
-    analytic_kl = tc.elbo == "meanfield" and closed_form_kl
 
     def loss(x, y, weight: float, validate: bool) -> torch.Tensor:
         if compiled is not None and not validate:
@@ -239,7 +233,8 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     # one fused reduction over all gradients: non-finite if any gradient entry is
     grads = [p.grad for p in state.vae.parameters() if p.grad is not None]
     grad_norm = torch.stack(torch._foreach_norm(grads)).sum()
-    loss_value, norm_value = torch.stack([value.to(grad_norm), grad_norm]).tolist()
+    both = distributed.all_sum(torch.stack([value.to(grad_norm), grad_norm]), state.group)
+    loss_value, norm_value = both.tolist()  # summed over ranks: the global batch's loss
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         raise NonFiniteError(
             f"non-finite loss or gradient at epoch {state.epoch + 1}, step {state.step + 1} "
@@ -275,7 +270,7 @@ def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
         state.step_in_epoch = i + 1
         if i % 10 == 0:
             bar.set_postfix(loss=f"{loss_value / x.shape[0]:.2f}")
-        if should_stop():
+        if distributed.any_rank(should_stop(), state.group, x.device):
             state.epoch_seconds += time.perf_counter() - t0
             return False
     record_epoch(state, weight, state.epoch_seconds + time.perf_counter() - t0)
@@ -321,28 +316,23 @@ def train(
     current step finishes, a checkpoint is written and :class:`Interrupted` is raised. A
     non-finite loss or gradient raises :class:`NonFiniteError` before the optimizer step
     (``train.on_nan = "rollback"``: back to the last checkpoint with train.lr halved).
-    ``on_epoch(metrics)`` is called with each epoch's metrics dict as it is recorded.
+    ``on_epoch(metrics)`` is called with each epoch's metrics dict as it is recorded. In a
+    process group (``distributed.py``), every rank trains its shards and rank 0 writes.
     """
     tc = cfg.train
-    if tc.compile and tc.elbo not in COMPILABLE:
-        raise ConfigError(f"train.compile = true with train.elbo = {tc.elbo!r}: compiled "
-                          f"training supports train.elbo = {' or '.join(map(repr, COMPILABLE))}")
-    if tc.compile and cfg.guide.name != "gaussian":
-        raise ConfigError(f"train.compile = true with guide.name = {cfg.guide.name!r}: the "
-                          "compiled loss draws z = loc + scale * eps, so it supports guide.name "
-                          "= 'gaussian'; use train.compile = false for this guide")
     device = resolve_device(tc.device)
-    refuse_compile_on_cuda(tc, device)
+    check_compilable(cfg, device)
     if isinstance(resume, (str, Path)):
         run_dir = Path(resume) if run_dir is None else run_dir
         resume = ckpt_io.resume_checkpoint(resume, cfg, force)
     run_dir = None if run_dir is None else Path(run_dir)
-    pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python
-    state = TrainState.create(cfg, device)
-    loss = make_loss(cfg, state.vae)
+    pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python (the same on every rank)
+    state, group = TrainState.create(cfg, device), distributed.current()
+    state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])
+    loss = make_loss(cfg, state.vae, group)
     if resume is not None:
         state.load_state_dict(resume)
-    saver = _Saver(state, run_dir)
+    saver = _Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes
     while state.epoch < tc.epochs:
         try:
             finished = run_epoch(state, loss, progress, should_stop)
@@ -355,7 +345,7 @@ def train(
                               f"{state.step_in_epoch}; checkpoint written")
         on_epoch(state.metrics[-1])
         saver.end_epoch()
-        if should_stop() and state.epoch < tc.epochs:
+        if distributed.any_rank(should_stop(), group, device) and state.epoch < tc.epochs:
             saver.save()
             raise Interrupted(f"stopped after epoch {state.epoch}; checkpoint written")
     return TrainResult(state.vae, state.dataset, state.metrics, cfg, run_dir)

@@ -61,7 +61,7 @@ def test_compiled_training_is_refused_on_cuda_with_one_clear_error():
 
 
 @pytest.mark.xfail(strict=True, reason="measured wrong on CUDA (torch 2.11, H100); when this "
-                   "passes, lift training.refuse_compile_on_cuda and drop this mark")
+                   "passes, lift the CUDA refusal in objectives.check_compilable and drop this mark")
 def test_compiled_loss_equals_eager_on_cuda_over_200_steps():
     cfg = small_config("train.device=cuda")
     from pyro_vae.training import build

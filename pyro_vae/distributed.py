@@ -1,0 +1,169 @@
+"""Data-parallel SVI on PyTorch's distributed engine (``DistributedDataParallel``).
+
+Launched by ``torchrun --nproc_per_node=R -m pyro_vae train ...``: each of the R processes
+(ranks) holds the whole model and data, and takes its shard of every global minibatch of B
+points. The negative ELBO is a sum over points, so the single-process gradient of a global
+batch is the *sum* of the shard gradients; DDP *averages* them across ranks, so each rank's
+loss is multiplied by R (:class:`ELBOModule`)::
+
+    grad = (1/R) sum_r grad(R * loss_r) = grad sum_r loss_r = grad loss(global batch)
+
+The Monte Carlo noise is drawn for the whole global batch on every rank (same seed, same
+stream) and each rank takes its rows, so R processes compute exactly what one process
+computes on the same batch (tested with gloo and 2 processes). This needs the noise drawn
+outside the model, as ``objectives.negative_elbo`` does: distributed training supports
+``train.elbo`` = trace or meanfield with the diagonal Gaussian guide. Gradient averaging is
+DDP's own (gloo on the CPU, NCCL on GPUs); rank 0 alone writes the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from .config import Config, ConfigError
+from .model import VAE
+from .objectives import COMPILABLE, negative_elbo
+
+
+class Group(NamedTuple):
+    """This process's place in the group: ``rank`` of ``world`` processes (0 of 1 alone)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or a launcher setting its variables)
+    as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: torch.device) -> Group:
+    """Join the group torchrun described in the environment (``RANK``, ``WORLD_SIZE``,
+    ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``): gloo on the CPU, NCCL on CUDA (each
+    process on GPU ``LOCAL_RANK``). Alone (no torchrun), the group of one."""
+    if not launched():
+        return Group()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE = {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
+                          "not set: launch with torchrun --nproc_per_node=N -m pyro_vae train ...")
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return current()
+
+
+def current() -> Group:
+    """The group of this process: the initialised process group, else the group of one."""
+    if dist.is_available() and dist.is_initialized():
+        return Group(dist.get_rank(), dist.get_world_size())
+    return Group()
+
+
+def check_supported(cfg: Config, group: Group, n_train: int) -> Group:
+    """``group``, after refusing by name what data-parallel training cannot do exactly: ELBOs
+    and guides that draw their own noise, and minibatches smaller than the number of
+    processes (nothing to refuse alone)."""
+    tc = cfg.train
+    if group.world == 1:
+        return group
+    if tc.elbo not in COMPILABLE or cfg.guide.name != "gaussian":
+        raise ConfigError(
+            f"train.elbo = {tc.elbo!r}, guide.name = {cfg.guide.name!r} with {group.world} "
+            f"processes: data-parallel training supports train.elbo = "
+            f"{' or '.join(map(repr, COMPILABLE))} with guide.name = 'gaussian'")
+    last = n_train % tc.batch_size
+    if tc.batch_size < group.world or 0 < last < group.world:
+        raise ConfigError(
+            f"train.batch_size = {tc.batch_size} with {group.world} processes and {n_train} "
+            f"training points: every minibatch (the last has {last or tc.batch_size}) needs at "
+            f"least one point per process")
+    return group
+
+
+def shard(b: int, group: Group) -> slice:
+    """This rank's rows of a global minibatch of ``b`` points: contiguous, sizes differing
+    by at most one (as ``torch.tensor_split``)."""
+    size, extra = divmod(b, group.world)
+    start = group.rank * size + min(group.rank, extra)
+    return slice(start, start + size + (group.rank < extra))
+
+
+class ELBOModule(nn.Module):
+    """The negative ELBO as a module, so DDP can drive it (the pattern of Pyro's
+    ``examples/svi_lightning.py``): ``forward`` returns ``world`` times this rank's loss."""
+
+    def __init__(self, vae: VAE, analytic_kl: bool, world: int):
+        super().__init__()
+        self.vae, self.analytic_kl, self.world = vae, analytic_kl, world
+
+    def forward(self, x, eps, y1h, weight):
+        return self.world * negative_elbo(self.vae, x, eps, y1h, weight, self.analytic_kl)
+
+
+def data_parallel(vae: VAE, analytic_kl: bool, group: Group) -> DistributedDataParallel:
+    """:class:`ELBOModule` of ``vae`` under DDP (parameters broadcast from rank 0)."""
+    device_ids = [vae.device.index or 0] if vae.device.type == "cuda" else None
+    return DistributedDataParallel(ELBOModule(vae, analytic_kl, group.world), device_ids=device_ids)
+
+
+def all_sum(values: torch.Tensor, group: Group) -> torch.Tensor:
+    """``values`` summed over the ranks (itself alone)."""
+    if group.world > 1:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, group: Group, device: torch.device) -> bool:
+    """Whether ``flag`` is true on any rank: every rank takes the same branch (a stop
+    request seen by one rank between steps stops all of them at the same step)."""
+    if group.world == 1:
+        return flag
+    return bool(all_sum(torch.tensor([float(flag)], device=device), group).item())
+
+
+def broadcast(obj, group: Group):
+    """Rank 0's ``obj`` on every rank (a run directory's name, say)."""
+    if group.world == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def make_loss(vae: VAE, num_particles: int, analytic_kl: bool, group: Group):
+    """``training.make_loss``'s ``loss(x, y, weight, validate)`` for this rank: x ``[B, X]`` is
+    the *global* minibatch; noise ``[K, B, D]`` is drawn for all of it and this rank scores
+    its shard under DDP. Returns the shard's -ELBO (unscaled); gradients are the global
+    batch's. ``validate``: Pyro's shape and support checks, run on a forked RNG stream."""
+    from pyro.infer import Trace_ELBO
+
+    ddp = data_parallel(vae, analytic_kl, group)
+
+    def loss(x, y, weight: float, validate: bool) -> torch.Tensor:
+        if validate:
+            devices = [x.device.index or 0] if x.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                Trace_ELBO().loss(vae.model, vae.guide, *((x,) if y is None else (x, y)))
+        rows = shard(x.shape[0], group)
+        eps = torch.randn(num_particles, x.shape[0], vae.latent_dim, device=x.device)[:, rows]
+        y1h = vae.onehot(y)
+        value = ddp(x[rows], eps, None if y1h is None else y1h[rows],
+                    torch.tensor(weight, device=x.device))
+        value.backward()
+        return value.detach() / group.world
+
+    return loss

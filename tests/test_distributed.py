@@ -1,0 +1,100 @@
+"""Data-parallel training with DDP on the CPU (gloo, 2 processes launched by torchrun):
+equal to one process on the same global batches, interruptible, resumable, failing together."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pyro_vae.cli import main
+from pyro_vae.config import ConfigError
+from pyro_vae.distributed import Group, check_supported, shard
+
+from conftest import small_config
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--set", "data.subset=256", "--set", "model.hidden=[32]", "--set", "model.latent_dim=4",
+         "--set", "train.batch_size=64", "--quiet"]
+
+
+def _torchrun(tmp_path, *args, **popen):
+    """``torchrun --standalone --nproc_per_node=2 -m pyro_vae train ...`` in tmp_path."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "pyro_vae", "train", "--runs-dir", str(tmp_path), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **popen)
+
+
+def _params(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["model"]
+
+
+def _assert_same_params(a, b, atol=1e-6):
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        assert torch.allclose(pa[k], pb[k], atol=atol), (k, (pa[k] - pb[k]).abs().max())
+
+
+def test_shards_cover_every_row_of_a_batch_once():
+    for b in (2, 7, 64):
+        rows = [torch.arange(b)[shard(b, Group(r, 3 if b > 2 else 2))]
+                for r in range(3 if b > 2 else 2)]
+        assert torch.equal(torch.cat(rows), torch.arange(b))
+        assert max(map(len, rows)) - min(map(len, rows)) <= 1
+
+
+def test_what_data_parallel_training_cannot_do_exactly_is_refused_by_name():
+    two = Group(0, 2)
+    with pytest.raises(ConfigError, match="train.elbo = 'iwae'.*with 2 processes"):
+        check_supported(small_config("train.elbo=iwae"), two, 256)
+    with pytest.raises(ConfigError, match="guide.name = 'iaf'"):
+        check_supported(small_config("guide.name=iaf"), two, 256)
+    with pytest.raises(ConfigError, match=r"train.batch_size = 64 with 2 processes and 257.*\(the last has 1\)"):
+        check_supported(small_config("train.batch_size=64"), two, 257)
+    check_supported(small_config("train.batch_size=64", "train.elbo=meanfield"), two, 258)
+
+
+def test_two_gloo_processes_give_the_parameters_of_one(tmp_path):
+    args = [*SMALL, "--set", "train.epochs=2"]
+    proc = _torchrun(tmp_path, *args, "--name", "two")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert out.count("final test ELBO") == 1  # rank 0 alone reports and writes
+    assert main(["train", *args, "--runs-dir", str(tmp_path), "--name", "one"]) == 0
+    _assert_same_params(tmp_path / "one", tmp_path / "two")
+    one, two = ((tmp_path / n / "metrics.jsonl").read_text().splitlines() for n in ("one", "two"))
+    assert len(one) == len(two) == 2
+
+
+def test_sigterm_to_the_group_leaves_a_checkpoint_that_resume_continues(tmp_path):
+    args = [*SMALL, "--set", "data.subset=1024", "--set", "train.epochs=12"]
+    proc = _torchrun(tmp_path, *args, "--name", "cut")
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().strip()):
+        time.sleep(0.2)  # the first epoch is written: training is under way
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "interrupted" in err, err[-3000:]
+    ckpt = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert 0 < ckpt["epoch"] < 12
+    proc = _torchrun(tmp_path, *args, "--resume", str(tmp_path / "cut"))
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert main(["train", *args, "--runs-dir", str(tmp_path), "--name", "whole"]) == 0
+    _assert_same_params(tmp_path / "whole", tmp_path / "cut", atol=1e-5)
+
+
+def test_a_non_finite_loss_stops_every_rank_with_the_usual_message(tmp_path):
+    proc = _torchrun(tmp_path, *SMALL, "--set", "train.lr=1e12", "--set", "train.epochs=3",
+                     "--name", "nan")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert err.count("pyro-vae: training failed: non-finite loss or gradient") == 2, err[-3000:]
