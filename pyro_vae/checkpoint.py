@@ -12,20 +12,24 @@ It is written by ``training.TrainState.state_dict`` and read back by its
 ``load_state_dict``; :func:`resume_checkpoint` is the resume policy (a changed config is
 refused unless forced). Writes go to a temporary file in the same folder, are flushed and
 fsync'ed, then renamed over the old file, so a crash mid-write leaves the previous
-checkpoint intact.
+checkpoint intact. :class:`Saver` writes a run's files on training's schedule and rolls
+back to the last checkpoint after a non-finite step (``train.on_nan = "rollback"``).
 """
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, diff, from_dict
+from .config import Config, ConfigError, diff, dumps, from_dict
 
 FORMAT = 1
 REQUIRED = ("format", "config", "model", "optimizer", "rng", "epoch", "step", "metrics", "x_dim")
@@ -133,3 +137,62 @@ def load_state(module: torch.nn.Module, state: dict, source: str) -> None:
             + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         )
     module.load_state_dict(state)
+
+
+class RollbackWarning(UserWarning):
+    """Training went non-finite and was rolled back to the last checkpoint (train.on_nan)."""
+
+
+def write_metrics(run_dir: Path, metrics: list[dict]) -> None:
+    """``metrics.jsonl``: one JSON object per completed epoch, written atomically."""
+    text = "".join(json.dumps(m) + "\n" for m in metrics)
+    atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+
+class Saver:
+    """Writes a run's files (``config.toml``, ``metrics.jsonl``, ``checkpoint.pt``) for a
+    ``training.TrainState`` and keeps the last checkpoint payload, what a rollback returns to."""
+
+    def __init__(self, state, run_dir: Path | None):
+        self.state, self.run_dir, self.rollbacks = state, run_dir, 0
+        self.last_good = copy.deepcopy(state.state_dict())
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / "config.toml").is_file():  # a resumed run's changes: at save()
+                self._write_config()
+            write_metrics(run_dir, state.metrics)
+
+    def _write_config(self) -> None:
+        text = dumps(self.state.cfg)
+        atomic_write(self.run_dir / "config.toml", lambda f: f.write(text.encode()))
+
+    def save(self) -> None:
+        """Write checkpoint.pt and, with it, config.toml (so they always agree)."""
+        payload = self.state.state_dict()
+        if self.run_dir is not None:
+            save_checkpoint(self.run_dir / "checkpoint.pt", payload)
+            self._write_config()
+        self.last_good = copy.deepcopy(payload)
+
+    def end_epoch(self) -> None:
+        """Write metrics.jsonl; checkpoint every train.checkpoint_every epochs and at the end."""
+        tc, epoch = self.state.cfg.train, self.state.epoch
+        if self.run_dir is not None:
+            write_metrics(self.run_dir, self.state.metrics)
+        if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs:
+            self.save()
+
+    def roll_back(self, err: Exception) -> None:
+        """Return to the last checkpoint with train.lr halved (``train.on_nan = "rollback"``,
+        at most ``train.max_rollbacks`` times), else raise ``err``."""
+        tc = self.state.cfg.train
+        if tc.on_nan != "rollback" or self.rollbacks >= tc.max_rollbacks:
+            raise err
+        self.rollbacks += 1
+        factor = self.state.lr_factor / 2  # halved again on each rollback to the same point
+        self.state.load_state_dict(copy.deepcopy(self.last_good))  # Adam's state is not shared
+        self.state.set_lr_factor(factor)
+        warnings.warn(
+            f"rollback {self.rollbacks}/{tc.max_rollbacks} to epoch {self.state.epoch}, step "
+            f"{self.state.step} with train.lr halved to {tc.lr * self.state.lr_factor:g} after: "
+            f"{err}", RollbackWarning, stacklevel=3)

@@ -125,6 +125,8 @@ class TrainConfig:
     on_nan: str = _spec("stop", choices=("stop", "rollback"),
                         doc="rollback: reload the last checkpoint and halve train.lr")
     max_rollbacks: int = _spec(3, low=0, doc="at most this many rollbacks per run")
+    sync_every: int = _spec(0, low=0, doc="steps between host reads of the loss; 0: every "
+                            "step on the CPU, every 50 on CUDA (training.TrainState.defer)")
 
 
 @dataclass(frozen=True)

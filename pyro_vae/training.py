@@ -14,8 +14,6 @@ The estimator is ``objectives.ELBOS[train.elbo]``; ``train.compile = true`` comp
 
 from __future__ import annotations
 
-import copy
-import json
 import math
 import time
 import warnings
@@ -29,7 +27,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import Config, ConfigError, TrainConfig, config_hash, dumps, to_dict
+from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
 from .evaluate import elbo_terms
@@ -38,10 +36,6 @@ from .model import VAE, registered
 from .objectives import (ELBOS, MonteCarloKLWarning, check_compilable, diagnose_nonfinite,
                          has_closed_form_kl, has_gaussian_guide, jit_notice_silenced,
                          negative_elbo)
-
-
-class RollbackWarning(UserWarning):
-    """Training went non-finite and was rolled back to the last checkpoint (train.on_nan)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -105,11 +99,6 @@ def build(cfg: Config, device: torch.device | str = "cpu") -> tuple[Dataset, VAE
     return ds, vae
 
 
-def _write_metrics(run_dir: Path, metrics: list[dict]) -> None:
-    text = "".join(json.dumps(m) + "\n" for m in metrics)
-    ckpt_io.atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
-
-
 @dataclass
 class TrainState:
     """Where training stands: the model, its data and optimizer, and the position.
@@ -130,13 +119,18 @@ class TrainState:
     lr_factor: float = 1.0  # train.lr is multiplied by it after rollbacks
     metrics: list[dict] = field(default_factory=list)  # one dict per completed epoch
     group: Group = Group()  # data-parallel processes (not checkpointed: a launch's choice)
+    sync_every: int = 1  # steps between host reads of the loss (see defer)
+    pending: tuple | None = None  # (loss sum, first non-finite step) on the device, unread
 
     POSITION = ("epoch", "step_in_epoch", "step", "epoch_loss", "epoch_seconds", "lr_factor")
 
     @classmethod
     def create(cls, cfg: Config, device: torch.device) -> "TrainState":
         ds, vae = build(cfg, device)
-        return cls(cfg, vae, ds, make_optimizer(vae.parameters(), cfg.train.lr))
+        optimizer = make_optimizer(vae.parameters(), cfg.train.lr)
+        every = cfg.train.sync_every or (50 if device.type == "cuda" else 1)
+        # skipping a non-finite update on the device needs the fused Adam's found_inf
+        return cls(cfg, vae, ds, optimizer, sync_every=every if optimizer.defaults["fused"] else 1)
 
     def state_dict(self) -> dict:
         return {
@@ -155,6 +149,31 @@ class TrainState:
             setattr(self, k, ckpt.get(k, getattr(self, k)))
         self.set_lr_factor(self.lr_factor)  # a forced config change of train.lr applies
         ckpt_io.set_rng_state(ckpt["rng"])
+        self.pending = None
+
+    def defer(self, both: torch.Tensor) -> None:
+        """Record a step's (loss, gradient norm) ``[2]`` without reading it on the host (a
+        GPU runs ahead): a non-finite step's update is skipped inside the fused Adam
+        (``found_inf``, as ``torch.amp.GradScaler`` does) and its step number kept."""
+        bad = ~torch.isfinite(both).all()  # 0-d bool, on the device
+        self.optimizer.found_inf = bad.float()
+        loss_sum, first_bad = self.pending or (both.new_zeros(()), both.new_full((), -1.0))
+        self.pending = (loss_sum + torch.where(bad, 0.0, both[0]),
+                        torch.where(bad & (first_bad < 0), float(self.step), first_bad))
+
+    def read_pending(self) -> None:
+        """Fold the deferred losses into ``epoch_loss`` (one host read); a non-finite step
+        among them raises :class:`NonFiniteError`."""
+        if self.pending is None:
+            return
+        loss_sum, first_bad = torch.stack(self.pending).tolist()
+        self.pending, self.epoch_loss = None, self.epoch_loss + loss_sum
+        if first_bad >= 0:
+            raise NonFiniteError(
+                f"non-finite loss or gradient at epoch {self.epoch + 1}, step {int(first_bad) + 1} "
+                f"(read at step {self.step}): its update, and any later non-finite one, was "
+                "skipped; the last checkpoint is intact. Rerun with train.sync_every = 1 to "
+                "name the sites; try a smaller train.lr or train.on_nan = 'rollback'.")
 
     def set_lr_factor(self, factor: float) -> None:
         self.lr_factor = factor
@@ -223,9 +242,11 @@ def _compiled_loss(compiled, *args) -> torch.Tensor:
                           "allowed here: train.compile = false") from err
 
 
-def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: float) -> float:
-    """One SVI update on minibatch x ``[B, X]``; returns its loss. A NaN or infinite loss or
-    gradient raises :class:`NonFiniteError` before the update, naming what went wrong."""
+def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: float) -> None:
+    """One SVI update on minibatch x ``[B, X]``, its loss added to ``state.epoch_loss``. A NaN
+    or infinite loss or gradient raises :class:`NonFiniteError` before the update, naming
+    what went wrong; with ``state.sync_every > 1`` the update is skipped on the device and
+    the error raised at the next host read (``TrainState.defer``)."""
     state.optimizer.zero_grad(set_to_none=True)
     validate = state.step == 0  # validate shapes and supports once
     with pyro.validation_enabled(validate):
@@ -234,6 +255,13 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     grads = [p.grad for p in state.vae.parameters() if p.grad is not None]
     grad_norm = torch.stack(torch._foreach_norm(grads)).sum()
     both = distributed.all_sum(torch.stack([value.to(grad_norm), grad_norm]), state.group)
+    if state.sync_every > 1:  # no host read in this step: see TrainState.defer
+        state.defer(both)
+        state.optimizer.step()
+        state.step += 1
+        if state.step % state.sync_every == 0:
+            state.read_pending()
+        return
     loss_value, norm_value = both.tolist()  # summed over ranks: the global batch's loss
     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
         raise NonFiniteError(
@@ -244,7 +272,6 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     state.optimizer.step()
     state.step += 1
     state.epoch_loss += loss_value
-    return loss_value
 
 
 def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
@@ -266,13 +293,15 @@ def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
     for i in bar:
         idx = perm[i * tc.batch_size : (i + 1) * tc.batch_size]
         x = x_epoch[idx]  # (B, X)
-        loss_value = train_step(state, loss, x, None if labels is None else labels[idx], weight)
+        train_step(state, loss, x, None if labels is None else labels[idx], weight)
         state.step_in_epoch = i + 1
-        if i % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value / x.shape[0]:.2f}")
+        if i % 10 == 0 and state.pending is None:  # the epoch's mean loss, where read
+            bar.set_postfix(loss=f"{state.epoch_loss / min(n, (i + 1) * tc.batch_size):.2f}")
         if distributed.any_rank(should_stop(), state.group, x.device):
+            state.read_pending()
             state.epoch_seconds += time.perf_counter() - t0
             return False
+    state.read_pending()
     record_epoch(state, weight, state.epoch_seconds + time.perf_counter() - t0)
     return True
 
@@ -332,7 +361,7 @@ def train(
     loss = make_loss(cfg, state.vae, group)
     if resume is not None:
         state.load_state_dict(resume)
-    saver = _Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes
+    saver = ckpt_io.Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes
     while state.epoch < tc.epochs:
         try:
             finished = run_epoch(state, loss, progress, should_stop)
@@ -349,51 +378,3 @@ def train(
             saver.save()
             raise Interrupted(f"stopped after epoch {state.epoch}; checkpoint written")
     return TrainResult(state.vae, state.dataset, state.metrics, cfg, run_dir)
-
-
-class _Saver:
-    """Writes a run's files and keeps the last checkpoint payload, what a rollback returns to."""
-
-    def __init__(self, state: TrainState, run_dir: Path | None):
-        self.state, self.run_dir, self.rollbacks = state, run_dir, 0
-        self.last_good = copy.deepcopy(state.state_dict())
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "config.toml").is_file():  # a resumed run's changes: at save()
-                self._write_config()
-            _write_metrics(run_dir, state.metrics)
-
-    def _write_config(self) -> None:
-        text = dumps(self.state.cfg)
-        ckpt_io.atomic_write(self.run_dir / "config.toml", lambda f: f.write(text.encode()))
-
-    def save(self) -> None:
-        """Write checkpoint.pt and, with it, config.toml (so they always agree)."""
-        payload = self.state.state_dict()
-        if self.run_dir is not None:
-            ckpt_io.save_checkpoint(self.run_dir / "checkpoint.pt", payload)
-            self._write_config()
-        self.last_good = copy.deepcopy(payload)
-
-    def end_epoch(self) -> None:
-        """Write metrics.jsonl; checkpoint every train.checkpoint_every epochs and at the end."""
-        tc, epoch = self.state.cfg.train, self.state.epoch
-        if self.run_dir is not None:
-            _write_metrics(self.run_dir, self.state.metrics)
-        if epoch % tc.checkpoint_every == 0 or epoch == tc.epochs:
-            self.save()
-
-    def roll_back(self, err: NonFiniteError) -> None:
-        """Return to the last checkpoint with train.lr halved (``train.on_nan = "rollback"``,
-        at most ``train.max_rollbacks`` times), else raise ``err``."""
-        tc = self.state.cfg.train
-        if tc.on_nan != "rollback" or self.rollbacks >= tc.max_rollbacks:
-            raise err
-        self.rollbacks += 1
-        factor = self.state.lr_factor / 2  # halved again on each rollback to the same point
-        self.state.load_state_dict(copy.deepcopy(self.last_good))  # Adam's state is not shared
-        self.state.set_lr_factor(factor)
-        warnings.warn(
-            f"rollback {self.rollbacks}/{tc.max_rollbacks} to epoch {self.state.epoch}, step "
-            f"{self.state.step} with train.lr halved to {tc.lr * self.state.lr_factor:g} after: "
-            f"{err}", RollbackWarning, stacklevel=3)

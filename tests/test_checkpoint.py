@@ -192,7 +192,8 @@ def test_rollback_recovers_from_a_transient_nan_and_halves_the_learning_rate(tmp
     import pyro.distributions as dist
 
     from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, register_likelihood
-    from pyro_vae.training import RollbackWarning, train
+    from pyro_vae.checkpoint import RollbackWarning
+    from pyro_vae.training import train
 
     from conftest import small_config
 
@@ -220,7 +221,8 @@ def test_rollback_recovers_from_a_transient_nan_and_halves_the_learning_rate(tmp
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_rollback_gives_up_after_max_rollbacks():
-    from pyro_vae.training import NonFiniteError, RollbackWarning, train
+    from pyro_vae.checkpoint import RollbackWarning
+    from pyro_vae.training import NonFiniteError, train
 
     from conftest import small_config
 

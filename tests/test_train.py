@@ -177,3 +177,34 @@ def test_a_compiler_failure_is_one_clear_error(monkeypatch):
     with pytest.raises(ConfigError, match="train.compile = true: torch.compile failed on this "
                                           "machine .*no C\\+\\+ compiler.*train.compile = false"):
         train(small_config("train.compile=true", epochs=1))
+
+
+def test_deferred_host_reads_give_the_per_step_losses_and_parameters(tmp_path):
+    """train.sync_every > 1 (CUDA's default: no host read in a step) computes exactly what
+    per-step reads compute: the fused Adam's skip flag is zero on finite steps."""
+    runs = {k: train(small_config("train.batch_size=64", f"train.sync_every={k}", subset=300,
+                                  epochs=2)) for k in (1, 7)}
+    # the epoch's loss is summed on the device (float32) rather than on the host (float64)
+    assert [m["train_elbo"] for m in runs[1].metrics] == pytest.approx(
+        [m["train_elbo"] for m in runs[7].metrics], rel=1e-6)
+    assert [m["test_elbo"] for m in runs[1].metrics] == [m["test_elbo"] for m in runs[7].metrics]
+    for name, value in runs[1].vae.state_dict().items():
+        assert torch.equal(runs[7].vae.state_dict()[name], value), name
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")
+def test_deferred_reads_skip_a_non_finite_update_and_then_stop_naming_its_step():
+    from pyro_vae.training import TrainState, make_loss, run_epoch
+
+    cfg = small_config("train.batch_size=32", "train.sync_every=4", subset=300)
+    state = TrainState.create(cfg, torch.device("cpu"))
+    assert state.sync_every == 4
+    loss = make_loss(cfg, state.vae)
+    with torch.no_grad():  # a poisoned decoder bias: every step's loss is NaN from here on
+        state.vae.decoder.net[-1].bias[0] = float("nan")
+    before = {k: v.clone() for k, v in state.vae.encoder.state_dict().items()}
+    with pytest.raises(NonFiniteError, match=r"at epoch 1, step 1 \(read at step 4\): its "
+                                             r"update, and any later non-finite one, was skipped"):
+        run_epoch(state, loss)
+    for name, value in state.vae.encoder.state_dict().items():  # no update was applied
+        assert torch.equal(value, before[name]), name
