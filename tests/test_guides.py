@@ -155,8 +155,9 @@ def test_analytic_kl_with_the_full_guide_equals_the_monte_carlo_kl():
     assert torch.allclose(analytic, mc, atol=0.05 * analytic.abs().max().item() + 0.02)
 
 
-def test_iaf_run_resumes_bit_exactly_and_evaluates_with_ais(tmp_path):
-    cfg = small_config("guide.name=iaf", "train.batch_size=64", subset=300, epochs=2)
+@pytest.mark.parametrize("guide", ["full", "iaf"])
+def test_guide_run_resumes_bit_exactly_and_evaluates_with_ais(tmp_path, guide):
+    cfg = small_config(f"guide.name={guide}", "train.batch_size=64", subset=300, epochs=2)
     full = train(cfg, tmp_path / "full")
     polls = iter(range(10**6))
     with pytest.raises(Exception, match="stopped at epoch 1, step 3"):
@@ -167,7 +168,10 @@ def test_iaf_run_resumes_bit_exactly_and_evaluates_with_ais(tmp_path):
     vae, x = resumed.vae.requires_grad_(False), resumed.dataset.x_test[:5]
     report = evaluate_model(vae, x, k=100)
     assert report["iw_log_likelihood"]["mean"] >= report["elbo"]["mean"] - 3 * report["elbo"]["mc_se"]
-    assert report["kl_per_dimension"] is None  # a flow's marginals are not Normal: not offered
+    if guide == "iaf":  # a flow's marginals are not Normal: per-dimension KL not offered
+        assert report["kl_per_dimension"] is None
+    else:
+        assert len(report["kl_per_dimension"]) == 4
     r = ais(vae, x, steps=20, chains=4, leapfrogs=3)
     elbo = log_weights(vae, x, k=500).log_w.mean(0)
     assert (r.log_px > elbo - 3 * r.mc_se).all()  # AIS sits above the flow guide's ELBO
@@ -215,3 +219,19 @@ def test_trace_elbo_with_the_diagonal_guide_is_unchanged_by_the_registry():
     pyro.set_rng_seed(3)
     a = Trace_ELBO().loss(vae.model, vae.guide, x)
     assert math.isfinite(a)
+
+
+def test_inspect_and_arviz_draws_work_for_a_flow_guide(tmp_path, capsys):
+    from pyro_vae import arviz_bridge
+    from pyro_vae.cli import main
+    from pyro_vae.runs import load_run
+
+    small = ["--quiet", "--set", "data.subset=200", "--set", "model.hidden=[16]",
+             "--set", "model.latent_dim=4", "--set", "train.epochs=1", "--set", "guide.name=iaf",
+             "--set", "guide.hidden=[8]", "--runs-dir", str(tmp_path), "--name", "flow"]
+    assert main(["train", *small]) == 0
+    assert main(["inspect", str(tmp_path / "flow")]) == 0
+    assert "figures" in capsys.readouterr().out
+    run = load_run(tmp_path / "flow")
+    post = arviz_bridge.group(run.to_inference_data(run.dataset.x_test[:3], num_samples=50))
+    assert post["z"].dims == ("chain", "draw", "point", "latent") and post["z"].shape == (1, 50, 3, 4)
