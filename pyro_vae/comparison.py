@@ -111,21 +111,31 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     return m
 
 
-def gaps(log_px: tuple, elbos: dict, source: str) -> dict:
+def _diff(a: tuple, b: tuple) -> tuple[list, list]:
+    """a - b per point and its SE (independent estimates: SEs add in quadrature)."""
+    return (a[0] - b[0]).tolist(), (a[1] ** 2 + b[1] ** 2).sqrt().tolist()
+
+
+FIT_OF_GUIDE = {"gaussian": "gaussian-diag", "full": "gaussian-full"}  # same family, per point
+
+
+def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> dict:
     """The gap decomposition per point ``[N]``, nats, each with its Monte Carlo SE (``*_se``;
-    independent draws, so SEs add in quadrature): approximation gap of the best per-point
-    Gaussian and of the diagonal one, amortization gap. ``log_px`` and each ELBO are
-    (value ``[N]``, SE ``[N]``)."""
-    best = elbos[_best(elbos)]
-
-    def diff(a, b):
-        return (a[0] - b[0]).tolist(), (a[1] ** 2 + b[1] ** 2).sqrt().tolist()
-
-    out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source}
-    for key, (a, b) in {"approximation_gap": (log_px, best),
-                        "approximation_gap_diag": (log_px, elbos["gaussian-diag"]),
-                        "amortization_gap": (elbos["gaussian-diag"], elbos["amortized"])}.items():
-        out[key], out[f"{key}_se"] = diff(a, b)
+    independent draws, so SEs add in quadrature): the inference gap log p(x) - L[q], the
+    approximation gaps of the best per-point Gaussian and of the diagonal one, and the
+    amortization gap L[q*] - L[q], where q* is the per-point fit of the amortized guide's
+    own family (``FIT_OF_GUIDE``; absent for a family with no per-point fit here, such as a
+    flow). ``log_px`` and each ELBO are (value ``[N]``, SE ``[N]``)."""
+    pairs = {"inference_gap": (log_px, elbos["amortized"]),
+             "approximation_gap": (log_px, elbos[_best(elbos)]),
+             "approximation_gap_diag": (log_px, elbos["gaussian-diag"])}
+    fit = FIT_OF_GUIDE.get(guide)
+    if fit in elbos:
+        pairs["amortization_gap"] = (elbos[fit], elbos["amortized"])
+    out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source,
+           "amortization_fit": fit if fit in elbos else None}
+    for key, (a, b) in pairs.items():
+        out[key], out[f"{key}_se"] = _diff(a, b)
     return out
 
 
@@ -147,11 +157,6 @@ def _approximations(setting: Setting) -> tuple[dict, dict]:
     if setting.vae.latent_dim <= 10:
         qs["gaussian-full"], seconds["gaussian-full"] = fit_gaussian(setting, full=True)
     return qs, seconds
-
-
-def _diff(a: tuple, b: tuple) -> tuple[list, list]:
-    """a - b per point and its SE (independent estimates: SEs add in quadrature)."""
-    return (a[0] - b[0]).tolist(), (a[1] ** 2 + b[1] ** 2).sqrt().tolist()
 
 
 def _ais_checks(setting: Setting, qs: dict, ais_run: tuple, iw_k: int) -> tuple[tuple, dict]:
@@ -219,6 +224,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
                  **_accuracy(nuts_draws.mean(0), nuts_draws.std(0), *ref),
                  "energy_distance_chain_vs_chain": floor,
                  "seconds_per_point": nuts.seconds_per_point},
-        "methods": methods, "gaps": gaps(log_px, elbos, source), "log_px_checks": checks,
+        "methods": methods, "gaps": gaps(log_px, elbos, source, setting.vae.guide_name),
+        "log_px_checks": checks,
     }
     return Comparison(summary, qs, nuts, setting.exact)

@@ -32,7 +32,9 @@ def _gaps_markdown(g: dict) -> list[str]:
     lines = ["", f"Gaps (nats per point; log p(x): {g['log_px_source']}):", "",
              "| quantity | mean +- Monte Carlo SE | per point +- Monte Carlo SE |",
              "| --- | --- | --- |"]
-    for key in ("log_px", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
+    keys = ("log_px", "inference_gap", "approximation_gap", "approximation_gap_diag",
+            "amortization_gap")
+    for key in (k for k in keys if k in g):
         values, ses = g[key], g[f"{key}_se"]
         mean, mean_se = _mean_and_se(values, ses)
         lines.append(f"| {key} | {_with_noise(mean, mean_se, key != 'log_px')} | "
@@ -99,10 +101,12 @@ def report_markdown(r: dict) -> str:
     g = r["gaps"]
     lines += _gaps_markdown(g)
     lines += _checks_markdown(r.get("log_px_checks") or {})
-    lines += ["", "approximation_gap = log p(x) - ELBO(best per-point Gaussian); "
-              "approximation_gap_diag uses the diagonal one; amortization_gap = "
-              "ELBO(per-point diagonal Gaussian) - ELBO(amortized guide). A gap within 2 "
-              "Monte Carlo SE of zero reads \"0 within noise\": gaps cannot be negative."]
+    fit = g.get("amortization_fit", "gaussian-diag")
+    lines += ["", "inference_gap = log p(x) - ELBO(amortized guide); approximation_gap = "
+              "log p(x) - ELBO(best per-point Gaussian); approximation_gap_diag uses the "
+              "diagonal one; amortization_gap = ELBO(per-point fit of the guide's own family: "
+              f"{fit or 'none for this guide, so not split'}) - ELBO(amortized guide). A gap "
+              "within 2 Monte Carlo SE of zero reads \"0 within noise\": gaps cannot be negative."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,8 +5,8 @@ import torch
 
 from pyro_vae import arviz_bridge
 from pyro_vae.cli import main
-from pyro_vae.comparison import compare, energy_distance
-from pyro_vae.report import report_markdown
+from pyro_vae.comparison import compare, energy_distance, gaps
+from pyro_vae.report import _gaps_markdown, report_markdown
 from pyro_vae.settings import toy_setting
 
 pytestmark = pytest.mark.slow
@@ -58,7 +58,10 @@ def test_every_gap_carries_its_monte_carlo_se_and_no_gap_is_negative_beyond_it(l
     setting, r = linear
     g = r.summary["gaps"]
     assert g["log_px_se"] == [0.0] * len(g["log_px"])  # exact evidence
-    for key in ("approximation_gap", "approximation_gap_diag", "amortization_gap"):
+    assert g["amortization_fit"] == "gaussian-diag"  # the default guide's own family
+    inference = torch.tensor(g["log_px"]) - torch.tensor(r.summary["methods"]["amortized"]["elbo"])
+    assert torch.allclose(torch.tensor(g["inference_gap"]), inference, atol=1e-5)
+    for key in ("inference_gap", "approximation_gap", "approximation_gap_diag", "amortization_gap"):
         ses = g[f"{key}_se"]
         assert len(ses) == len(g[key]) and all(se > 0 for se in ses)
         assert all(v > -3 * se for v, se in zip(g[key], ses)), key
@@ -141,3 +144,17 @@ def test_compare_cli_writes_every_file(tmp_path, capsys):
     assert "--setting run needs --run RUN" in capsys.readouterr().err
     assert main(["compare", "--setting", "ring", "--ais-steps", "0"]) == 2
     assert "--ais-steps = 0" in capsys.readouterr().err
+
+
+def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split():
+    one = (torch.tensor([1.0]), torch.tensor([0.1]))
+    elbos = {"amortized": (torch.tensor([-2.0]), torch.tensor([0.1])),
+             "gaussian-diag": (torch.tensor([-1.5]), torch.tensor([0.1])),
+             "gaussian-full": (torch.tensor([-1.0]), torch.tensor([0.1]))}
+    full = gaps(one, elbos, "exact", guide="full")
+    assert full["amortization_fit"] == "gaussian-full" and full["amortization_gap"] == [1.0]
+    assert full["inference_gap"] == [3.0] and full["approximation_gap"] == [2.0]
+    flow = gaps(one, elbos, "exact", guide="iaf")  # no per-point flow fit: not split
+    assert flow["amortization_fit"] is None and "amortization_gap" not in flow
+    table = "\n".join(_gaps_markdown(flow))
+    assert "| inference_gap | 3.0000" in table and "amortization_gap" not in table
