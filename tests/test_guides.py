@@ -235,3 +235,8 @@ def test_inspect_and_arviz_draws_work_for_a_flow_guide(tmp_path, capsys):
     run = load_run(tmp_path / "flow")
     post = arviz_bridge.group(run.to_inference_data(run.dataset.x_test[:3], num_samples=50))
     assert post["z"].dims == ("chain", "draw", "point", "latent") and post["z"].shape == (1, 50, 3, 4)
+
+
+def test_full_guide_trains_with_the_analytic_kl_elbo():
+    result = train(small_config("guide.name=full", "train.elbo=meanfield"))
+    assert math.isfinite(result.metrics[-1]["test_elbo"]) and result.metrics[-1]["test_kl"] > 0
