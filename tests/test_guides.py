@@ -240,3 +240,11 @@ def test_inspect_and_arviz_draws_work_for_a_flow_guide(tmp_path, capsys):
 def test_full_guide_trains_with_the_analytic_kl_elbo():
     result = train(small_config("guide.name=full", "train.elbo=meanfield"))
     assert math.isfinite(result.metrics[-1]["test_elbo"]) and result.metrics[-1]["test_kl"] > 0
+
+
+def test_full_guide_starts_as_the_diagonal_one():
+    torch.manual_seed(0)
+    _, ds, vae = build_vae("guide.name=full")
+    cov = vae.q_z(ds.x_test[:3]).covariance_matrix  # (3, 4, 4)
+    assert torch.equal(cov, torch.diag_embed(cov.diagonal(dim1=-2, dim2=-1)))
+    assert (cov.diagonal(dim1=-2, dim2=-1) > 0).all()
