@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config, ConfigError
 from .model import VAE
-from .objectives import COMPILABLE, negative_elbo
+from .objectives import COMPILABLE, negative_elbo, written_out
 
 
 class Group(NamedTuple):
@@ -79,7 +79,7 @@ def check_supported(cfg: Config, group: Group, n_train: int) -> Group:
     tc = cfg.train
     if group.world == 1:
         return group
-    if tc.elbo not in COMPILABLE or cfg.guide.name != "gaussian":
+    if not written_out(cfg):
         raise ConfigError(
             f"train.elbo = {tc.elbo!r}, guide.name = {cfg.guide.name!r} with {group.world} "
             f"processes: data-parallel training supports train.elbo = "

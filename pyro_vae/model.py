@@ -141,8 +141,8 @@ class VAE(nn.Module):
 
     def q_z(self, x: torch.Tensor, y: torch.Tensor | None = None) -> dist.Distribution:
         """The guide's q(z | x) (``guide.name``; by default N(loc(x), diag(scale(x)^2))) for x
-        ``[B, X]`` (and labels y ``[B]`` if conditional): batch_shape [B], event_shape [D]. ("Posterior" is kept for
-        the model's p(z | x), which q approximates.)"""
+        ``[B, X]`` (and labels y ``[B]`` if conditional): batch_shape [B], event_shape [D].
+        ("Posterior" is kept for the model's p(z | x), which q approximates.)"""
         return self.q_z_onehot(x, self.onehot(y))
 
     def q_z_onehot(self, x: torch.Tensor, y1h: torch.Tensor | None) -> dist.Distribution:

@@ -75,6 +75,13 @@ def has_gaussian_guide(vae: VAE) -> bool:
     return is_gaussian(_probe_q(vae))
 
 
+def written_out(cfg: Config) -> bool:
+    """Whether :func:`negative_elbo` computes ``cfg``'s estimator: ``train.elbo`` in
+    :data:`COMPILABLE` with the diagonal Gaussian guide (it draws z = loc + scale * eps).
+    Compiled and data-parallel training both need it."""
+    return cfg.train.elbo in COMPILABLE and cfg.guide.name == "gaussian"
+
+
 def check_compilable(cfg: Config, device: torch.device) -> None:
     """Refuse ``train.compile = true`` where the compiled loss is not the estimator asked
     for, each with one error: an ELBO other than :data:`COMPILABLE`, a guide other than the
