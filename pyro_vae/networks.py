@@ -26,15 +26,20 @@ from .config import register_choices
 class _Softplus(torch.autograd.Function):
     """softplus(x) = max(x, 0) + log1p(u), u = exp(-|x|) in (0, 1]; log1p(u) is computed
     as log(w) - ((w - 1) - u) / w with w = 1 + u (the rounding error of w corrected to
-    first order), which needs only the vectorized log. d softplus / dx = sigmoid(x)."""
+    first order), which needs only the vectorized log. d softplus / dx = sigmoid(x).
+
+    The returned tensor is made by out-of-place ops: under ``torch.compile`` in torch 2.11,
+    an autograd.Function whose output was modified in place gets a zero gradient (the
+    output's gradient edge is misrouted; pytorch/pytorch#180642), which made compiled
+    training diverge. ``tests/test_networks.py`` holds compiled against eager gradients."""
 
     @staticmethod
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        u = x.abs().neg_().exp_()
+        u = x.abs().neg_().exp_()  # in place on temporaries only
         w = u + 1
         correction = (w - 1).sub_(u).div_(w)
-        return w.log_().sub_(correction).add_(x.clamp(min=0))
+        return torch.log(w) - correction + x.clamp(min=0)
 
     @staticmethod
     def backward(ctx, grad):

@@ -27,6 +27,22 @@ def test_softplus_gradient_is_the_sigmoid():
     assert torch.autograd.gradcheck(softplus, (xs,))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_softplus_has_the_eager_value_and_gradient(backend):
+    # torch 2.11 zeroed the gradient of an autograd.Function whose output was modified in
+    # place (pytorch/pytorch#180642): compiled training diverged. aot_eager isolates tracing.
+    torch._dynamo.reset()
+    weights = torch.linspace(-1, 2, 50)  # a gradient that is not all ones
+    loss = lambda x: (softplus(x) * weights).sum()  # noqa: E731
+    x = (5 * torch.randn(40, 50)).requires_grad_()
+    (g_eager,) = torch.autograd.grad(loss(x), x)
+    value = torch.compile(loss, backend=backend, dynamic=False)(x)
+    (g_compiled,) = torch.autograd.grad(value, x)
+    torch.testing.assert_close(value, loss(x), rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-6, atol=1e-6)
+    assert g_compiled.abs().max() > 1  # the bug gave zeros
+
+
 def test_softplus_activation_is_a_parameter_free_layer():
     layer = ACTIVATIONS["softplus"]()
     assert isinstance(layer, Softplus) and not list(layer.parameters())
