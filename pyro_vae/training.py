@@ -14,6 +14,7 @@ The estimator is ``objectives.ELBOS[train.elbo]``; ``train.compile = true`` comp
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -35,7 +36,7 @@ from .likelihoods import check_data
 from .model import VAE, registered
 from .objectives import (ELBOS, MonteCarloKLWarning, check_compilable, diagnose_nonfinite,
                          has_closed_form_kl, has_gaussian_guide, jit_notice_silenced,
-                         negative_elbo)
+                         negative_elbo, pyro_host_reads_deferred)
 
 
 class NonFiniteError(RuntimeError):
@@ -157,8 +158,11 @@ class TrainState:
         (``found_inf``, as ``torch.amp.GradScaler`` does) and its step number kept."""
         bad = ~torch.isfinite(both).all()  # 0-d bool, on the device
         self.optimizer.found_inf = bad.float()
-        loss_sum, first_bad = self.pending or (both.new_zeros(()), both.new_full((), -1.0))
-        self.pending = (loss_sum + torch.where(bad, 0.0, both[0]),
+        # float64: the sum of float32 losses is exact, so it does not depend on where the
+        # reads fall (a resumed run reads at other steps and must add up to the same epoch)
+        loss_sum, first_bad = self.pending or (both.new_zeros((), dtype=torch.float64),
+                                               both.new_full((), -1.0, dtype=torch.float64))
+        self.pending = (loss_sum + torch.where(bad, 0.0, both[0].double()),
                         torch.where(bad & (first_bad < 0), float(self.step), first_bad))
 
     def read_pending(self) -> None:
@@ -184,11 +188,13 @@ class TrainState:
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", float, bool], torch.Tensor]
 
 
-def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
+def make_loss(cfg: Config, vae: VAE, group: Group = Group(), host_reads: bool = True) -> LossFn:
     """``loss(x, y, weight, validate)``: the -ELBO estimate of ``train.elbo`` for minibatch
     x ``[B, X]`` (labels y ``[B]`` or None) with KL weight ``weight``, as a scalar tensor,
     gradients left in ``.grad``. ``validate``: run Pyro's program eagerly with its shape and
     support checks (the first step; the compiled loss computes the same value, unchecked).
+    ``host_reads = False`` (deferred reads, ``train.sync_every > 1``): after the first step,
+    ``trace`` and ``meanfield`` run inside ``objectives.pyro_host_reads_deferred``.
     In a group of several processes: ``distributed.make_loss`` (x is the global batch)."""
     tc = cfg.train
     closed_form_kl = has_closed_form_kl(vae)
@@ -220,7 +226,9 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
                                    torch.tensor(weight, device=x.device), analytic_kl)
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
-            with jit_notice_silenced():  # train.elbo = "jit" traces with torch.jit
+            defer = not (host_reads or validate) and tc.elbo in ("trace", "meanfield")
+            reads = pyro_host_reads_deferred() if defer else contextlib.nullcontext()
+            with jit_notice_silenced(), reads:  # train.elbo = "jit" traces with torch.jit
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
                     return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight),
                                         device=x.device)
@@ -350,7 +358,7 @@ def train(
     """
     tc = cfg.train
     device = resolve_device(tc.device)
-    check_compilable(cfg, device)
+    check_compilable(cfg)
     if isinstance(resume, (str, Path)):
         run_dir = Path(resume) if run_dir is None else run_dir
         resume = ckpt_io.resume_checkpoint(resume, cfg, force)
@@ -358,7 +366,7 @@ def train(
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python (the same on every rank)
     state, group = TrainState.create(cfg, device), distributed.current()
     state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])
-    loss = make_loss(cfg, state.vae, group)
+    loss = make_loss(cfg, state.vae, group, host_reads=state.sync_every == 1)
     if resume is not None:
         state.load_state_dict(resume)
     saver = ckpt_io.Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes

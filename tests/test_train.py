@@ -1,3 +1,5 @@
+import math
+
 import pyro
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_meanfield_warns_when_the_prior_has_no_closed_form_kl():
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_absurd_learning_rate_stops_with_the_offending_sites_named():
     with pytest.raises(NonFiniteError) as err:
-        train(small_config("train.lr=1e30", epochs=2))
+        train(small_config("train.lr=1e30", "train.sync_every=1", epochs=2))  # read every step
     msg = str(err.value)
     assert "non-finite loss or gradient" in msg and "No update was applied" in msg
     assert "site 'x'" in msg or "gradient of" in msg
@@ -147,10 +149,11 @@ def test_written_out_elbo_equals_pyros_estimator_on_the_same_draws(overrides):
 
 @pytest.mark.parametrize("name", ["trace", "meanfield"])
 def test_compiled_training_gives_the_eager_losses_on_the_same_seed(name):
-    # 500 images in batches of 125: one batch shape, so one compilation per estimator
-    eager = train(small_config(f"train.elbo={name}", "train.batch_size=125", epochs=2))
-    compiled = train(small_config(f"train.elbo={name}", "train.batch_size=125",
-                                  "train.compile=true", epochs=2))
+    # 500 images in batches of 125: one batch shape, so one compilation per estimator; on
+    # the CPU (tests/test_cuda.py holds compiled against eager on a GPU)
+    cpu = ("train.device=cpu", f"train.elbo={name}", "train.batch_size=125")
+    eager = train(small_config(*cpu, epochs=2))
+    compiled = train(small_config(*cpu, "train.compile=true", epochs=2))
     assert compiled.config.train.compile and not eager.config.train.compile
     for a, b in zip(eager.metrics, compiled.metrics, strict=True):
         assert b["train_elbo"] == pytest.approx(a["train_elbo"], rel=1e-5)
@@ -176,7 +179,7 @@ def test_a_compiler_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     with pytest.raises(ConfigError, match="train.compile = true: torch.compile failed on this "
                                           "machine .*no C\\+\\+ compiler.*train.compile = false"):
-        train(small_config("train.compile=true", epochs=1))
+        train(small_config("train.compile=true", "train.device=cpu", epochs=1))
 
 
 def test_deferred_host_reads_give_the_per_step_losses_and_parameters(tmp_path):
@@ -208,3 +211,27 @@ def test_deferred_reads_skip_a_non_finite_update_and_then_stop_naming_its_step()
         run_epoch(state, loss)
     for name, value in state.vae.encoder.state_dict().items():  # no update was applied
         assert torch.equal(value, before[name]), name
+
+
+@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
+def test_a_deferred_step_reads_nothing_back_from_the_device(monkeypatch, elbo):
+    """With train.sync_every > 1, a step after the first reads nothing on the host (on a
+    GPU each read stalls the queue), Pyro's own .item() calls and NaN branch included."""
+    from pyro_vae.training import TrainState, make_loss, train_step
+
+    cfg = small_config(f"train.elbo={elbo}", "train.sync_every=50", "train.device=cpu")
+    state = TrainState.create(cfg, torch.device("cpu"))
+    loss = make_loss(cfg, state.vae, host_reads=False)
+    x = state.dataset.x_train[:64]  # (64, X)
+    train_step(state, loss, x, None, 1.0)  # the first step validates, and may read
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a host read in a deferred step")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, host_read)
+        for _ in range(3):
+            train_step(state, loss, x, None, 1.0)
+    state.read_pending()
+    assert state.step == 4 and math.isfinite(state.epoch_loss) and state.epoch_loss > 0
