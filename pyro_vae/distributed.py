@@ -59,10 +59,22 @@ def init_from_env(device: torch.device) -> Group:
         raise ConfigError(f"WORLD_SIZE = {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
                           "not set: launch with torchrun --nproc_per_node=N -m pyro_vae train ...")
     if device.type == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(_local_gpu())
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return current()
+
+
+def _local_gpu() -> int:
+    """This process's GPU, ``LOCAL_RANK``; more processes on a node than it has GPUs is
+    refused with one clear error (NCCL needs a GPU of its own for each process)."""
+    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    if local >= gpus:
+        raise ConfigError(
+            f"train.device = cuda with LOCAL_RANK = {local}: this node has {gpus} GPU(s), and "
+            f"each process needs its own; allowed: torchrun --nproc_per_node at most {gpus}, "
+            "or --set train.device=cpu (gloo)")
+    return local
 
 
 def current() -> Group:

@@ -12,14 +12,14 @@ import torch
 
 from pyro_vae.cli import main
 from pyro_vae.config import ConfigError
-from pyro_vae.distributed import Group, check_supported, shard
+from pyro_vae.distributed import Group, _local_gpu, check_supported, shard
 
 from conftest import small_config
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--set", "data.subset=256", "--set", "model.hidden=[32]", "--set", "model.latent_dim=4",
-         "--set", "train.batch_size=64", "--quiet"]
+         "--set", "train.batch_size=64", "--set", "train.device=cpu", "--quiet"]
 
 
 def _torchrun(tmp_path, *args, **popen):
@@ -98,3 +98,13 @@ def test_a_non_finite_loss_stops_every_rank_with_the_usual_message(tmp_path):
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert err.count("pyro-vae: training failed: non-finite loss or gradient") == 2, err[-3000:]
+
+
+def test_more_processes_than_gpus_on_a_node_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK = 1: this node has 1 GPU.*allowed: "
+                       r"torchrun --nproc_per_node at most 1"):
+        _local_gpu()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _local_gpu() == 0

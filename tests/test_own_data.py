@@ -283,7 +283,7 @@ def test_fit_returns_a_loadable_run_whose_latent_means_are_the_guide_s(tmp_path)
     assert torch.equal(z, run.q_z(x).mean)
     assert (z[1:] - z[:1]).abs().amax(1).min() > 0  # each point its own mean
     assert torch.equal(run.latent_means(x.numpy()), z)  # arrays as well as tensors
-    again = load_run(tmp_path / "run")
+    again = load_run(tmp_path / "run", device=run.device)  # the same device: bit-equal
     assert torch.equal(again.latent_means(x), z)
     assert run.sample(7).shape == (7, 6)
     result = run.evaluate(k=20)
