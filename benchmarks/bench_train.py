@@ -63,7 +63,7 @@ def plain_pytorch(cfg, same_kernels=False):
         t0 = time.perf_counter()
         for i in range(math.ceil(n / bs)):
             x = x_epoch[perm[i * bs:(i + 1) * bs]]
-            loc, scale = vae.encoder(x)
+            loc, scale = vae.encode_gaussian(x)
             z = loc + scale * torch.randn_like(loc)
             logits = vae.decoder(z)
             if same_kernels:
@@ -82,6 +82,56 @@ def plain_pytorch(cfg, same_kernels=False):
     return seconds, elbo(vae, ds.x_test, seed=cfg.train.seed)
 
 
+def graph_floor(cfg):
+    """The CUDA-graph floor: the floor's step (forward, backward and a capturable Adam
+    update) captured once as one CUDA graph and replayed per minibatch, the noise drawn
+    inside the graph. Full batches only (the last partial batch, under one batch of the
+    epoch, is left out and the epoch's seconds scaled up to all images). Returns (seconds
+    per epoch list, test ELBO)."""
+    device = resolve_device(cfg.train.device)
+    pyro.set_rng_seed(cfg.train.seed)
+    ds, vae = build(cfg, device)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr, capturable=True)
+    n, bs = ds.x_train.shape[0], cfg.train.batch_size
+    x_static = ds.x_train[:bs].bernoulli()  # (B, X): each step copies its minibatch in
+
+    def step():
+        loc, scale = vae.encode_gaussian(x_static)
+        z = loc + scale * torch.randn_like(loc)
+        rec = F.binary_cross_entropy_with_logits(vae.decoder(z), x_static, reduction="sum")
+        loss = rec + 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()
+        loss.backward()
+        opt.step()
+        return loss
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (allocates Adam's state)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=False)  # grads stay allocated: backward writes into them
+    with torch.cuda.graph(graph):
+        for p in vae.parameters():
+            p.grad.zero_()
+        step()
+    seconds, full = [], n // bs
+    for epoch in range(cfg.train.epochs):
+        g = epoch_generator(cfg.train.seed, epoch, device)
+        x_epoch = epoch_inputs(ds, g)
+        perm = torch.randperm(n, generator=g, device=device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(full):
+            torch.index_select(x_epoch, 0, perm[i * bs:(i + 1) * bs], out=x_static)
+            graph.replay()
+        torch.cuda.synchronize()
+        seconds.append((time.perf_counter() - t0) * n / (full * bs))
+    return seconds, elbo(vae, ds.x_test, seed=cfg.train.seed)
+
+
 def pyro_vae(cfg):
     result = train(cfg)
     return [m["seconds"] for m in result.metrics], result.metrics[-1]["test_elbo"]
@@ -89,18 +139,27 @@ def pyro_vae(cfg):
 
 def run_variant(variant, net_args, args):
     """(seconds of each epoch after the first, test ELBO) of one variant."""
-    elbo_name = "trace" if variant.startswith("floor") else variant.split("+")[0]
+    elbo_name = "trace" if "floor" in variant else variant.split("+")[0]
     cfg = load_config(None, [*net_args, f"train.epochs={args.epochs}",
                              f"train.batch_size={args.batch_size}", f"train.device={args.device}",
                              f"train.elbo={elbo_name}",
                              f"train.compile={'true' if '+compile' in variant else 'false'}"])
     if "+compile" in variant:
         torch._dynamo.reset()  # a fresh compile cache: no recompile limit across runs
-    if variant.startswith("floor"):
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if variant == "graph-floor":
+        secs, test_elbo = graph_floor(cfg)
+    elif variant.startswith("floor"):
         secs, test_elbo = plain_pytorch(cfg, same_kernels=variant == "floor-same-kernels")
     else:
         secs, test_elbo = pyro_vae(cfg)
+    PEAK_MIB[variant] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else math.nan
     return secs[1:] if len(secs) > 1 else secs, test_elbo
+
+
+PEAK_MIB = {}  # variant -> peak GPU memory of its last run (MiB)
+N_TRAIN = 9000  # mnist-10k's training images
 
 
 def main():
@@ -112,13 +171,13 @@ def main():
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--verbose", action="store_true", help="print every round's seconds")
+    p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. jit")
     args = p.parse_args()
-    if "compiled" in args.phases and resolve_device(args.device).type == "cuda":
-        print("compiled phase skipped: train.compile is refused on CUDA (see README, Status)")
-        args.phases = [ph for ph in args.phases if ph != "compiled"]
     rows = []  # (phase, network, variant, times, ratios, ratio of fastest epochs, test ELBO)
     for phase in args.phases:  # every eager measurement before the first compilation
-        variants = PHASES[phase]
+        cuda = resolve_device(args.device).type == "cuda"
+        variants = PHASES[phase] + (["graph-floor"] if cuda and phase == "eager" else [])
+        variants = [v for v in variants if v not in args.skip]
         for net in args.networks:
             times = {v: [] for v in variants}
             ratios = {v: [] for v in variants}
@@ -142,11 +201,12 @@ def main():
     print(f"device: {args.device}, batch {args.batch_size}, {args.epochs} epochs, "
           f"{args.rounds} rounds, torch threads {torch.get_num_threads()}\n")
     print("| phase | network | variant | s / epoch (median) | ratio to the phase's floor "
-          "(median, min-max) | ratio of fastest epochs | test ELBO |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+          "(median, min-max) | ratio of fastest epochs | images / s | peak GPU MiB | test ELBO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for phase, net, v, t, r, fast, test_elbo in rows:
-        print(f"| {phase} | {net} | {v} | {statistics.median(t):.3f} | "
+        print(f"| {phase} | {net} | {v} | {statistics.median(t):.4f} | "
               f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) | {fast:.2f}x | "
+              f"{N_TRAIN / statistics.median(t):,.0f} | {PEAK_MIB.get(v, math.nan):.0f} | "
               f"{test_elbo:.2f} |")
 
 
