@@ -1,6 +1,7 @@
 """Training speed of pyro_vae against the plain-PyTorch floor, side by side in one process.
 
     python benchmarks/bench_train.py [--epochs 3] [--rounds 12] [--device cpu|cuda]
+        [--batch-sizes 256 1024 4096] [--png throughput.png --peak-tflops 67]
 
 (a) the floor: the same VAE module (same init, same data order) trained by a hand-written
     loss, BCE(x, dec(z)) + closed-form Gaussian KL, and torch Adam (default update);
@@ -26,6 +27,7 @@ import argparse
 import math
 import statistics
 import time
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -137,11 +139,11 @@ def pyro_vae(cfg):
     return [m["seconds"] for m in result.metrics], result.metrics[-1]["test_elbo"]
 
 
-def run_variant(variant, net_args, args):
+def run_variant(variant, net_args, args, batch):
     """(seconds of each epoch after the first, test ELBO) of one variant."""
     elbo_name = "trace" if "floor" in variant else variant.split("+")[0]
     cfg = load_config(None, [*net_args, f"train.epochs={args.epochs}",
-                             f"train.batch_size={args.batch_size}", f"train.device={args.device}",
+                             f"train.batch_size={batch}", f"train.device={args.device}",
                              f"train.elbo={elbo_name}",
                              f"train.compile={'true' if '+compile' in variant else 'false'}"])
     if "+compile" in variant:
@@ -162,52 +164,111 @@ PEAK_MIB = {}  # variant -> peak GPU memory of its last run (MiB)
 N_TRAIN = 9000  # mnist-10k's training images
 
 
+class Row(NamedTuple):
+    batch: int
+    phase: str
+    network: str
+    variant: str
+    times: list  # median s / epoch of each round
+    ratios: list  # each round's ratio to the floor of the same round
+    fastest: float  # fastest epoch over all rounds, over the floor's
+    test_elbo: float
+    peak_mib: float
+
+
+def measure(phase, net, batch, args) -> list[Row]:
+    """The variants of ``phase`` for one network and batch size, in rotated rounds."""
+    cuda = resolve_device(args.device).type == "cuda"
+    variants = PHASES[phase] + (["graph-floor"] if cuda and phase == "eager" else [])
+    variants = [v for v in variants if v not in args.skip]
+    times = {v: [] for v in variants}
+    ratios = {v: [] for v in variants}
+    fastest = {v: math.inf for v in variants}
+    elbos, peaks = {}, {}
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        per_round = {}
+        for v in order:
+            epochs, elbos[v] = run_variant(v, NETWORKS[net], args, batch)
+            per_round[v], peaks[v] = statistics.median(epochs), PEAK_MIB[v]
+            fastest[v] = min(fastest[v], *epochs)
+        for v in variants:
+            times[v].append(per_round[v])
+            ratios[v].append(per_round[v] / per_round["floor"])
+        if args.verbose:
+            print(f"batch {batch} {phase} {net} round {r + 1}: "
+                  + ", ".join(f"{v} {per_round[v]:.3f}" for v in order), flush=True)
+    return [Row(batch, phase, net, v, times[v], ratios[v], fastest[v] / fastest["floor"],
+                elbos[v], peaks[v]) for v in variants]
+
+
+def print_table(rows: list[Row], args) -> None:
+    print(f"device: {args.device}, {args.epochs} epochs, {args.rounds} rounds, torch threads "
+          f"{torch.get_num_threads()}\n")
+    print("| batch | phase | network | variant | s / epoch (median) | ratio to the phase's floor "
+          "(median, min-max) | ratio of fastest epochs | images / s | peak GPU MiB | test ELBO |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for w in rows:
+        t, r = statistics.median(w.times), w.ratios
+        print(f"| {w.batch} | {w.phase} | {w.network} | {w.variant} | {t:.4f} | "
+              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) | {w.fastest:.2f}x | "
+              f"{N_TRAIN / t:,.0f} | {w.peak_mib:.0f} | {w.test_elbo:.2f} |")
+
+
+def flops_per_image(net_args) -> float:
+    """Forward and backward FLOPs of one image: 6 x the weights of the linear layers (a
+    multiply-add each forward, two in backward); 784-400-50: 4.1 MFLOP, 37 GFLOP an epoch."""
+    cfg = load_config(None, net_args)
+    sizes = [784, *cfg.model.hidden]
+    encoder = sum(a * b for a, b in zip(sizes, sizes[1:] + [2 * cfg.model.latent_dim]))
+    dec = [cfg.model.latent_dim, *reversed(cfg.model.hidden), 784]
+    return 6.0 * (encoder + sum(a * b for a, b in zip(dec, dec[1:])))
+
+
+def plot_throughput(rows: list[Row], path: str, peak_tflops: float | None) -> None:
+    """Images per second against batch size, one line per (network, variant), and each
+    network's arithmetic limit (``peak_tflops`` / FLOPs per image) where given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key in sorted({(w.network, w.phase, w.variant) for w in rows}):
+        pts = sorted((w.batch, N_TRAIN / statistics.median(w.times)) for w in rows
+                     if (w.network, w.phase, w.variant) == key)
+        ax.plot(*zip(*pts), marker="o", label=f"{key[0]}: {key[2]}")
+    for net in sorted({w.network for w in rows}) if peak_tflops else []:
+        limit = peak_tflops * 1e12 / flops_per_image(NETWORKS[net])
+        ax.axhline(limit, ls="--", color="grey")
+        ax.annotate(f"{net}: FP32 limit at {peak_tflops:g} TFLOP/s", (min(w.batch for w in rows), limit),
+                    va="bottom", fontsize=7)
+    ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="training images / s")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[256])
     p.add_argument("--phases", nargs="+", default=list(PHASES), choices=list(PHASES))
     p.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS))
     p.add_argument("--verbose", action="store_true", help="print every round's seconds")
     p.add_argument("--skip", nargs="*", default=[], help="variants to leave out, e.g. jit")
+    p.add_argument("--png", help="write images/s against batch size to this PNG")
+    p.add_argument("--peak-tflops", type=float, help="the device's FP32 peak, for the PNG's limit")
     args = p.parse_args()
-    rows = []  # (phase, network, variant, times, ratios, ratio of fastest epochs, test ELBO)
-    for phase in args.phases:  # every eager measurement before the first compilation
-        cuda = resolve_device(args.device).type == "cuda"
-        variants = PHASES[phase] + (["graph-floor"] if cuda and phase == "eager" else [])
-        variants = [v for v in variants if v not in args.skip]
-        for net in args.networks:
-            times = {v: [] for v in variants}
-            ratios = {v: [] for v in variants}
-            fastest = {v: math.inf for v in variants}
-            elbos = {}
-            for r in range(args.rounds):
-                order = variants[r % len(variants):] + variants[: r % len(variants)]
-                per_round = {}
-                for v in order:
-                    epochs, elbos[v] = run_variant(v, NETWORKS[net], args)
-                    per_round[v] = statistics.median(epochs)
-                    fastest[v] = min(fastest[v], *epochs)
-                for v in variants:
-                    times[v].append(per_round[v])
-                    ratios[v].append(per_round[v] / per_round["floor"])
-                if args.verbose:
-                    print(f"{phase} {net} round {r + 1}: "
-                          + ", ".join(f"{v} {per_round[v]:.3f}" for v in order), flush=True)
-            rows += [(phase, net, v, times[v], ratios[v], fastest[v] / fastest["floor"], elbos[v])
-                     for v in variants]
-    print(f"device: {args.device}, batch {args.batch_size}, {args.epochs} epochs, "
-          f"{args.rounds} rounds, torch threads {torch.get_num_threads()}\n")
-    print("| phase | network | variant | s / epoch (median) | ratio to the phase's floor "
-          "(median, min-max) | ratio of fastest epochs | images / s | peak GPU MiB | test ELBO |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for phase, net, v, t, r, fast, test_elbo in rows:
-        print(f"| {phase} | {net} | {v} | {statistics.median(t):.4f} | "
-              f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) | {fast:.2f}x | "
-              f"{N_TRAIN / statistics.median(t):,.0f} | {PEAK_MIB.get(v, math.nan):.0f} | "
-              f"{test_elbo:.2f} |")
+    rows = [w for phase in args.phases  # every eager measurement before the first compilation
+            for batch in args.batch_sizes for net in args.networks
+            for w in measure(phase, net, batch, args)]
+    print_table(rows, args)
+    if args.png:
+        plot_throughput(rows, args.png, args.peak_tflops)
 
 
 if __name__ == "__main__":
