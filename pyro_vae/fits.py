@@ -17,8 +17,8 @@ from pyro.infer import Trace_ELBO
 from torch.nn import functional as F
 
 from .guides import moments
-from .objectives import pyro_host_reads_deferred
 from .model import LATENT, PLATE
+from .objectives import pyro_host_reads_deferred
 from .settings import Setting
 
 
