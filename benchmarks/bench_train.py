@@ -9,7 +9,11 @@
     log-density, i.e. pyro_vae's arithmetic without Pyro: the gap to it is Pyro's own cost;
 (b) pyro_vae's training loop for each ``train.elbo`` (iwae with one particle: the
     same bound through RenyiELBO), and with ``train.compile = true``
-    (``+compile``) for the two estimators it supports.
+    (``+compile``) for the two estimators it supports;
+(c) on CUDA only, one whole step (loss, backward, capturable Adam) captured as one CUDA graph
+    and replayed: ``graph-floor`` with the floor's loss, ``trace+graph`` with pyro_vae's
+    written-out ``Trace_ELBO`` (``objectives.negative_elbo``): what a whole-step graph mode
+    of pyro_vae would run at (pyro_vae has no such mode yet).
 Both networks: 784-400-50 softplus (Pyro's example) and 784-200-200-50 tanh (Burda et al.).
 
 Two phases, eager then compiled, each with its own floor measured in the same rounds: on
@@ -37,6 +41,7 @@ from pyro_vae.config import load_config
 from pyro_vae.data import epoch_inputs
 from pyro_vae.evaluate import elbo
 from pyro_vae.likelihoods import Bernoulli
+from pyro_vae.objectives import negative_elbo
 from pyro_vae.training import build, epoch_generator, make_optimizer, resolve_device, train
 
 NETWORKS = {"784-400-50 softplus": ["model.hidden=[400]", "model.activation=softplus"],
@@ -63,62 +68,72 @@ def plain_pytorch(cfg, same_kernels=False):
         x_epoch = epoch_inputs(ds, g)
         perm = torch.randperm(n, generator=g, device=device)
         t0 = time.perf_counter()
+        total = x_epoch.new_zeros(())
         for i in range(math.ceil(n / bs)):
             x = x_epoch[perm[i * bs:(i + 1) * bs]]
-            loc, scale = vae.encode_gaussian(x)
-            z = loc + scale * torch.randn_like(loc)
-            logits = vae.decoder(z)
-            if same_kernels:
-                rec = -Bernoulli(logits=logits, validate_args=False).log_prob(x).sum()
-            else:
-                rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
-            kl = 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()
-            loss = rec + kl
+            loss = floor_loss(vae, x, same_kernels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss.item()  # the same one sync per step that pyro_vae's NaN guard costs
+            if device.type == "cuda":
+                total += loss.detach()  # summed on the device, as pyro_vae's deferred reads do
+            else:
+                loss.item()  # the one read per step of pyro_vae's CPU default (sync_every 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - t0)
     return seconds, elbo(vae, ds.x_test, seed=cfg.train.seed)
 
 
-def graph_floor(cfg):
-    """The CUDA-graph floor: the floor's step (forward, backward and a capturable Adam
-    update) captured once as one CUDA graph and replayed per minibatch, the noise drawn
-    inside the graph. Full batches only (the last partial batch, under one batch of the
-    epoch, is left out and the epoch's seconds scaled up to all images). Returns (seconds
-    per epoch list, test ELBO)."""
+def floor_loss(vae, x, same_kernels=False):
+    """The floor's loss: BCE(x, dec(z)) + closed-form KL, z = loc + scale * eps;
+    ``same_kernels``: the reconstruction by pyro_vae's Bernoulli log-density."""
+    loc, scale = vae.encode_gaussian(x)
+    z = loc + scale * torch.randn_like(loc)
+    logits = vae.decoder(z)
+    if same_kernels:
+        rec = -Bernoulli(logits=logits, validate_args=False).log_prob(x).sum()
+    else:
+        rec = F.binary_cross_entropy_with_logits(logits, x, reduction="sum")
+    return rec + 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()
+
+
+def written_out_loss(vae, x):
+    """pyro_vae's ``Trace_ELBO`` written out (``objectives.negative_elbo``), one particle."""
+    eps = torch.randn(1, x.shape[0], vae.latent_dim, device=x.device)
+    return negative_elbo(vae, x, eps, None, x.new_ones(()), False)
+
+
+GRAPH_LOSSES = {"graph-floor": floor_loss, "trace+graph": written_out_loss}
+
+
+def graph_step(cfg, loss_fn):
+    """One training step, ``loss_fn(vae, x)``, its backward and a capturable Adam update,
+    captured once as one CUDA graph and replayed per minibatch (the noise drawn inside the
+    graph; Pyro's validation off, as a capture allows no host read). Full batches only (the
+    last partial batch is left out and the epoch's seconds scaled up to all images).
+    Returns (seconds per epoch list, test ELBO)."""
     device = resolve_device(cfg.train.device)
     pyro.set_rng_seed(cfg.train.seed)
     ds, vae = build(cfg, device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.train.lr, capturable=True)
     n, bs = ds.x_train.shape[0], cfg.train.batch_size
     x_static = ds.x_train[:bs].bernoulli()  # (B, X): each step copies its minibatch in
-
-    def step():
-        loc, scale = vae.encode_gaussian(x_static)
-        z = loc + scale * torch.randn_like(loc)
-        rec = F.binary_cross_entropy_with_logits(vae.decoder(z), x_static, reduction="sum")
-        loss = rec + 0.5 * (loc**2 + scale**2 - 1 - 2 * scale.log()).sum()
-        loss.backward()
-        opt.step()
-        return loss
-
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph (allocates Adam's state)
-        for _ in range(3):
-            opt.zero_grad(set_to_none=False)
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    opt.zero_grad(set_to_none=False)  # grads stay allocated: backward writes into them
-    with torch.cuda.graph(graph):
-        for p in vae.parameters():
-            p.grad.zero_()
-        step()
+    with pyro.validation_enabled(False):
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocates Adam's state)
+            for _ in range(3):
+                opt.zero_grad(set_to_none=False)
+                loss_fn(vae, x_static).backward()
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # grads stay allocated: zeroed, then written in place
+            for p in vae.parameters():
+                p.grad.zero_()
+            loss_fn(vae, x_static).backward()
+            opt.step()
     seconds, full = [], n // bs
     for epoch in range(cfg.train.epochs):
         g = epoch_generator(cfg.train.seed, epoch, device)
@@ -150,8 +165,8 @@ def run_variant(variant, net_args, args, batch):
         torch._dynamo.reset()  # a fresh compile cache: no recompile limit across runs
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    if variant == "graph-floor":
-        secs, test_elbo = graph_floor(cfg)
+    if variant in GRAPH_LOSSES:
+        secs, test_elbo = graph_step(cfg, GRAPH_LOSSES[variant])
     elif variant.startswith("floor"):
         secs, test_elbo = plain_pytorch(cfg, same_kernels=variant == "floor-same-kernels")
     else:
@@ -179,7 +194,7 @@ class Row(NamedTuple):
 def measure(phase, net, batch, args) -> list[Row]:
     """The variants of ``phase`` for one network and batch size, in rotated rounds."""
     cuda = resolve_device(args.device).type == "cuda"
-    variants = PHASES[phase] + (["graph-floor"] if cuda and phase == "eager" else [])
+    variants = PHASES[phase] + (list(GRAPH_LOSSES) if cuda and phase == "eager" else [])
     variants = [v for v in variants if v not in args.skip]
     times = {v: [] for v in variants}
     ratios = {v: [] for v in variants}
