@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, in one run (about 8 minutes on an H200): the whole suite on the GPU, every
+# The GPU check, in one run (about 9 minutes on an H200): the whole suite on the GPU, every
 # CLI command, and the GPU speed table with its batch-size curve. Needs the project installed
 # (README) and pytest-xdist; writes everything under ${OUT:-gpu-check}/.
 #     bash benchmarks/gpu_check.sh
@@ -12,9 +12,11 @@ for mode in false true; do  # the default command, eager and compiled
     --quiet --set train.compile=$mode >> "$OUT/train.log" 2>&1
   tail -1 "$R/c$mode/metrics.jsonl" >> "$OUT/train.log"
 done
-timeout 300 python3 benchmarks/bench_train.py --device cuda --epochs 3 --rounds 3 \
+timeout 240 python3 benchmarks/bench_train.py --device cuda --epochs 3 --rounds 2 --phases eager \
   --networks "784-400-50 softplus" --batch-sizes 256 1024 4096 --png "$OUT/throughput.png" \
   --peak-tflops 67 > "$OUT/bench.log" 2>&1
+timeout 120 python3 benchmarks/bench_train.py --device cuda --epochs 3 --rounds 1 --phases compiled \
+  --networks "784-400-50 softplus" >> "$OUT/bench.log" 2>&1
 python3 -m pytest -p no:cacheprovider -n 8 --dist loadfile -rfEs --durations=15 > "$OUT/suite.log" 2>&1 &
 C="--points 2 --chains 2 --warmup 100 --draws 100 --iw-k 500 --ais-steps 50 --ais-chains 4 --quiet"
 ( set -x
