@@ -28,8 +28,9 @@ import torch
 
 from . import arviz_bridge
 from . import checkpoint as ckpt_io
+from .arrays import as_labels, as_points
 from .config import Config, ConfigError, diff, from_dict, load_config, to_dict
-from .data import DataError, Dataset, as_labels, as_points, load_dataset
+from .data import DataError, Dataset, load_dataset
 from .evaluate import evaluate_model, posterior_means
 from .model import VAE
 from .training import resolve_device, train
@@ -89,7 +90,7 @@ class Run:
 
     def points(self, x, y=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x as the run takes it: float points ``[N, X]`` on the run's device, from any array
-        or tensor of vectors or images (checked as :func:`pyro_vae.data.as_points` does), and
+        or tensor of vectors or images (checked as :func:`pyro_vae.arrays.as_points` does), and
         labels ``[N]`` for a conditional run (refused for an unconditional one)."""
         points, _ = as_points(x, "x")  # (N, X)
         if points.shape[1] != self.vae.x_dim:

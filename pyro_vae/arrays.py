@@ -1,0 +1,248 @@
+"""Data as arrays: the :class:`Dataset` type, and your own data, checked and read.
+
+A :class:`Dataset` holds train/test tensors, images flattened to ``[N, X]``. Your own data
+reach it through :func:`from_arrays` (the checks, shared with ``pyro_vae.fit``, which takes
+arrays from Python) and :func:`file_data` (``data.name = "file"``): a ``.npy`` file
+(memory-mapped), a ``.npz`` file (array ``x``, optional labels ``y``), a ``.pt`` file (a
+tensor, or a dict with ``x`` and optional ``y``) or a folder of images (torchvision's
+``ImageFolder``: one subfolder per class). ``[N, X]`` arrays are vectors; ``[N, H, W]`` and
+``[N, C, H, W]`` are images. Split by ``data.test_fraction`` with seed ``data.seed``.
+``data.py`` holds the built-in data sets and the registry that names this one ``file``.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from .config import DataConfig
+
+
+class DataError(ValueError):
+    """A data set cannot be found, read or used as asked."""
+
+
+class Dataset(NamedTuple):
+    """Train/test tensors. ``x_*``: ``[N, X]`` float; ``y_*``: ``[N]`` long or None.
+
+    ``support`` says what values x takes: ``"binary"`` ({0, 1}), ``"unit-interval"``
+    ([0, 1], grey images) or ``"real"``. ``binarize == "dynamic"`` means ``x_train`` holds
+    grey values to be resampled as Bernoulli draws every epoch (see :func:`epoch_inputs`).
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_test: torch.Tensor
+    y_test: torch.Tensor | None
+    image_shape: tuple[int, ...] | None  # (C, H, W) for images, None for vectors
+    num_classes: int  # 0 when there are no labels
+    support: str
+    binarize: str = "none"
+
+    @property
+    def x_dim(self) -> int:
+        return self.x_train.shape[1]
+
+
+def train_test_split(x: torch.Tensor, y: torch.Tensor | None, n_test: int, seed: int):
+    """Seeded permutation split into (x_train, y_train, x_test, y_test)."""
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[n_test:], perm[:n_test]
+    return x[tr], None if y is None else y[tr], x[te], None if y is None else y[te]
+
+
+
+ALLOWED_SHAPES = "[N, X] vectors, [N, H, W] or [N, C, H, W] images"
+
+
+def _float_points(x) -> torch.Tensor:
+    """x ``[N, ...]`` -> float32 ``[N, X]``; uint8 values are 8-bit pixels, divided by 255.
+    A tensor stays on its device; a numpy array (a memory-mapped one too) is copied once,
+    straight into a new CPU tensor, without a whole-array temporary of another dtype."""
+    n, is_uint8 = x.shape[0], str(x.dtype) in ("uint8", "torch.uint8")
+    if isinstance(x, torch.Tensor):
+        out = x.detach().reshape(n, -1).to(torch.float32)  # (N, X)
+        return out / 255 if is_uint8 else out
+    out = torch.empty(n, math.prod(x.shape[1:]))  # (N, X)
+    np.copyto(out.numpy(), x.reshape(n, -1), casting="unsafe")
+    return out.div_(255) if is_uint8 else out
+
+
+def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None]:
+    """Any numeric array or tensor of vectors ``[N, X]`` or images ``[N, H, W]``,
+    ``[N, C, H, W]`` -> float32 points ``[N, X]`` and the image shape ``(C, H, W)`` (None for
+    vectors). Every value is checked: a non-numeric type, a wrong rank, an empty set and NaN
+    or infinite values raise :class:`DataError` naming ``where``."""
+    if not isinstance(x, torch.Tensor):
+        try:
+            x = np.asarray(x)
+        except (ValueError, TypeError) as err:  # ragged nested lists, say
+            raise DataError(f"{where}: cannot be read as one array ({err}); allowed: a numpy "
+                            f"array or torch tensor of {ALLOWED_SHAPES}") from None
+    numeric = not x.is_complex() if isinstance(x, torch.Tensor) else x.dtype.kind in "biuf"
+    if not numeric:
+        raise DataError(f"{where}: values of type {x.dtype}; allowed: numbers (bool, int, float)")
+    if x.ndim not in (2, 3, 4):
+        hint = " (one value per point? reshape it to [N, 1])" if x.ndim == 1 else ""
+        raise DataError(f"{where}: an array of shape {list(x.shape)} (rank {x.ndim}); "
+                        f"allowed: {ALLOWED_SHAPES}{hint}")
+    if x.shape[0] == 0 or math.prod(x.shape[1:]) == 0:
+        raise DataError(f"{where}: empty (shape {list(x.shape)}); needs at least 2 points "
+                        "of at least 1 value each")
+    # (C, H, W) of images, C = 1 when [N, H, W] has no channel axis
+    shape = None if x.ndim == 2 else tuple(int(d) for d in (1, *x.shape[1:])[-3:])
+    points = _float_points(x)  # (N, X)
+    bad = ~torch.isfinite(points)  # (N, X)
+    if bad.any():
+        first = int(bad.any(1).nonzero()[0, 0])
+        raise DataError(f"{where}: {int(bad.sum())} NaN or infinite values (the first in point "
+                        f"{first}); allowed: finite numbers only (drop or impute those points)")
+    return points, shape
+
+
+def as_labels(y, n: int, where: str = "y") -> torch.Tensor:
+    """Labels -> long ``[N]``: one whole number >= 0 per point of x (``n`` points), every
+    value checked; anything else raises :class:`DataError` naming ``where``."""
+    if not isinstance(y, torch.Tensor):
+        y = np.array(y)  # a copy: torch never sees a read-only (memory-mapped) buffer
+        if y.dtype.kind not in "biuf":
+            raise DataError(f"{where}: labels of type {y.dtype}; allowed: integers >= 0 "
+                            "(class names? map them to 0, 1, ..., C - 1)")
+        y = torch.from_numpy(y)
+    if y.ndim != 1 or y.shape[0] != n:
+        raise DataError(f"{where}: labels of shape {list(y.shape)} for {n} points of x; "
+                        f"allowed: one label per point, shape [{n}]")
+    whole = not y.is_complex() and (
+        not y.is_floating_point() or bool((torch.isfinite(y) & (y == y.round())).all()))
+    if not whole or bool((y < 0).any()):
+        seen = "" if y.is_complex() else f", values in [{y.min().item()}, {y.max().item()}]"
+        kind = str(y.dtype).removeprefix("torch.")
+        raise DataError(f"{where}: labels of type {kind}{seen}; allowed: whole numbers "
+                        ">= 0 (class indices 0, 1, ..., C - 1)")
+    return y.long()
+
+
+def support_of(x: torch.Tensor) -> str:
+    """``"binary"`` when every value of x is 0 or 1, ``"unit-interval"`` when all lie in
+    [0, 1], else ``"real"`` (the :class:`Dataset` ``support`` field)."""
+    lo, hi = x.aminmax()
+    if lo < 0 or hi > 1:
+        return "real"
+    return "binary" if ((x == 0) | (x == 1)).all() else "unit-interval"
+
+
+def from_arrays(name: str, x, y, cfg: DataConfig, where: str = "x",
+                where_y: str = "y") -> Dataset:
+    """Checked points x (and labels y, see :func:`as_points`, :func:`as_labels`) split into
+    train and test: ``round(N * cfg.test_fraction)`` test points (at least 1, and at least 1
+    left to train on), by a permutation seeded with ``cfg.seed``."""
+    points, shape = as_points(x, where)  # (N, X)
+    n = points.shape[0]
+    labels = None if y is None else as_labels(y, n, where_y).to(points.device)  # (N,)
+    if n < 2:
+        raise DataError(f"{where}: 1 point; needs at least 2 (one to train on, one to test)")
+    n_test = min(max(1, round(n * cfg.test_fraction)), n - 1)
+    classes = 0 if labels is None else int(labels.max()) + 1
+    return Dataset(name, *train_test_split(points, labels, n_test, cfg.seed), shape, classes,
+                   support_of(points))
+
+
+def _read_npy(path: Path, where: str):
+    """A ``.npy`` array, memory-mapped: read from disk as it is converted."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False), None
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{where}: not a readable .npy array ({err})") from None
+
+
+def _read_npz(path: Path, where: str):
+    """Array ``x`` and optional labels ``y`` of a ``.npz`` file."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files if k in ("x", "y")}
+            keys = list(f.files)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"{where}: not a readable .npz file ({err})") from None
+    if "x" not in arrays:
+        raise DataError(f"{where}: no array 'x' (it holds: {', '.join(keys) or 'nothing'}); "
+                        "allowed: the data under x, labels under y: np.savez(path, x=x, y=y)")
+    return arrays["x"], arrays.get("y")
+
+
+def _read_pt(path: Path, where: str):
+    """A tensor, or a dict with tensor ``x`` and optional labels ``y``, from ``torch.save``
+    (read with ``weights_only=True``: no code in the file is run)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DataError(f"{where}: not a readable .pt file of tensors ({first})") from None
+    if isinstance(obj, torch.Tensor):
+        return obj, None
+    if isinstance(obj, dict) and "x" in obj:
+        return obj["x"], obj.get("y")
+    held = (f"a dict with keys {', '.join(map(str, obj)) or '(none)'}" if isinstance(obj, dict)
+            else f"a {type(obj).__name__}")
+    raise DataError(f"{where}: holds {held}; allowed: a tensor, or a dict with the data "
+                    "under 'x' (and labels under 'y')")
+
+
+def _read_image_folder(path: Path, cfg: DataConfig, where: str):
+    """Images ``[N, C, H, W]`` in [0, 1] (C = 1 for ``data.channels = grayscale``, 3 for
+    ``rgb``; resized to ``data.image_size`` squared when it is > 0) and labels ``[N]`` from
+    the class subfolders, by torchvision's ``ImageFolder``."""
+    import torchvision.datasets as tvd
+    import torchvision.transforms as T
+
+    steps = [T.Grayscale(1)] if cfg.channels == "grayscale" else []
+    steps += [T.Resize((cfg.image_size, cfg.image_size))] if cfg.image_size else []
+    try:
+        folder = tvd.ImageFolder(str(path), transform=T.Compose([*steps, T.ToTensor()]))
+    except FileNotFoundError as err:
+        raise DataError(f"{where}: {err}; allowed: a folder with one subfolder of images per "
+                        "class (root/cat/1.png, root/dog/2.png)") from None
+    images = []
+    for i, (file, _) in enumerate(folder.samples):
+        try:
+            images.append(folder[i][0])  # (C, H, W)
+        except OSError as err:  # PIL's UnidentifiedImageError included
+            raise DataError(f"{where}: image {file!r} cannot be read ({err})") from None
+    sizes = sorted({f"{t.shape[1]}x{t.shape[2]}" for t in images})
+    if len(sizes) > 1:
+        raise DataError(f"{where}: images of different sizes ({', '.join(sizes[:4])}"
+                        f"{', ...' if len(sizes) > 4 else ''}); set data.image_size = S to "
+                        "resize them all to SxS")
+    return torch.stack(images), torch.tensor(folder.targets)
+
+
+READERS = {".npy": _read_npy, ".npz": _read_npz, ".pt": _read_pt}
+
+
+def file_data(cfg: DataConfig) -> Dataset:
+    """Your own data from ``cfg.path``: a ``.npy``, ``.npz`` or ``.pt`` file, or a folder
+    of images; checked and split by :func:`from_arrays`."""
+    allowed = f"allowed: a {', '.join(READERS)} file, or a folder of images"
+    where = f"data.path = {cfg.path!r}"
+    if not cfg.path:
+        raise DataError(f"{where}: data.name = 'file' needs a path; {allowed}")
+    path = Path(cfg.path).expanduser()
+    if not path.exists():
+        raise DataError(f"{where}: no such file or folder ({path.resolve()}); {allowed}")
+    if path.is_dir():
+        x, y = _read_image_folder(path, cfg, where)
+    elif cfg.image_size:
+        raise DataError(f"data.image_size = {cfg.image_size}: resizes folders of images only, "
+                        f"and {where} is a file; allowed here: data.image_size = 0")
+    elif path.suffix.lower() not in READERS:
+        raise DataError(f"{where}: unknown extension {path.suffix!r}; {allowed}")
+    else:
+        x, y = READERS[path.suffix.lower()](path, where)
+    return from_arrays(path.name, x, y, cfg, where, f"{where}, labels y")
