@@ -33,7 +33,7 @@ class Dataset(NamedTuple):
 
     ``support`` says what values x takes: ``"binary"`` ({0, 1}), ``"unit-interval"``
     ([0, 1], grey images) or ``"real"``. ``binarize == "dynamic"`` means ``x_train`` holds
-    grey values to be resampled as Bernoulli draws every epoch (see :func:`epoch_inputs`).
+    grey values to be resampled as Bernoulli draws every epoch (see :func:`pyro_vae.data.epoch_inputs`).
     """
 
     name: str

@@ -70,5 +70,8 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
             opt.step()
             sched.step()
     seconds = (time.perf_counter() - t0) / n
+    if not all(torch.isfinite(p).all() for p in params):  # Pyro's NaN warning was deferred
+        raise FloatingPointError(f"the per-point {'full' if full else 'diagonal'} Gaussian fit "
+                                 f"went non-finite within {steps} steps (lr = {lr}); no result")
     loc, raw, off = loc.detach(), raw.detach(), off.detach()  # q() reads the rebound names
     return q(), seconds

@@ -63,6 +63,9 @@ def jit_notice_silenced():
         yield
 
 
+DEFERRABLE = ("trace", "meanfield")  # train.elbo values pyro_host_reads_deferred applies to
+
+
 @contextlib.contextmanager
 def pyro_host_reads_deferred():
     """Within: Pyro's ``Trace_ELBO`` and ``TraceMeanField_ELBO`` compute their loss without

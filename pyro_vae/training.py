@@ -34,9 +34,9 @@ from .distributed import Group
 from .evaluate import elbo_terms
 from .likelihoods import check_data
 from .model import VAE, registered
-from .objectives import (ELBOS, MonteCarloKLWarning, check_compilable, diagnose_nonfinite,
-                         has_closed_form_kl, has_gaussian_guide, jit_notice_silenced,
-                         negative_elbo, pyro_host_reads_deferred)
+from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, check_compilable,
+                         diagnose_nonfinite, has_closed_form_kl, has_gaussian_guide,
+                         jit_notice_silenced, negative_elbo, pyro_host_reads_deferred)
 
 
 class NonFiniteError(RuntimeError):
@@ -158,8 +158,10 @@ class TrainState:
         (``found_inf``, as ``torch.amp.GradScaler`` does) and its step number kept."""
         bad = ~torch.isfinite(both).all()  # 0-d bool, on the device
         self.optimizer.found_inf = bad.float()
-        # float64: the sum of float32 losses is exact, so it does not depend on where the
-        # reads fall (a resumed run reads at other steps and must add up to the same epoch)
+        # float64: its 29 bits beyond float32's hold the sum of an epoch's float32 losses
+        # exactly (while it stays under 2^29 times a loss's last bit), so the sum does not
+        # depend on where the reads fall: a resumed run reads at other steps and must add up
+        # to the same epoch
         loss_sum, first_bad = self.pending or (both.new_zeros((), dtype=torch.float64),
                                                both.new_full((), -1.0, dtype=torch.float64))
         self.pending = (loss_sum + torch.where(bad, 0.0, both[0].double()),
@@ -188,13 +190,13 @@ class TrainState:
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", float, bool], torch.Tensor]
 
 
-def make_loss(cfg: Config, vae: VAE, group: Group = Group(), host_reads: bool = True) -> LossFn:
+def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool = False) -> LossFn:
     """``loss(x, y, weight, validate)``: the -ELBO estimate of ``train.elbo`` for minibatch
     x ``[B, X]`` (labels y ``[B]`` or None) with KL weight ``weight``, as a scalar tensor,
     gradients left in ``.grad``. ``validate``: run Pyro's program eagerly with its shape and
     support checks (the first step; the compiled loss computes the same value, unchecked).
-    ``host_reads = False`` (deferred reads, ``train.sync_every > 1``): after the first step,
-    ``trace`` and ``meanfield`` run inside ``objectives.pyro_host_reads_deferred``.
+    ``defer_reads`` (``train.sync_every > 1``): after the first step, the ELBOs in
+    ``objectives.DEFERRABLE`` run inside ``objectives.pyro_host_reads_deferred``.
     In a group of several processes: ``distributed.make_loss`` (x is the global batch)."""
     tc = cfg.train
     closed_form_kl = has_closed_form_kl(vae)
@@ -226,7 +228,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), host_reads: bool = 
                                    torch.tensor(weight, device=x.device), analytic_kl)
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
-            defer = not (host_reads or validate) and tc.elbo in ("trace", "meanfield")
+            defer = defer_reads and not validate and tc.elbo in DEFERRABLE
             reads = pyro_host_reads_deferred() if defer else contextlib.nullcontext()
             with jit_notice_silenced(), reads:  # train.elbo = "jit" traces with torch.jit
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
@@ -366,7 +368,7 @@ def train(
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python (the same on every rank)
     state, group = TrainState.create(cfg, device), distributed.current()
     state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])
-    loss = make_loss(cfg, state.vae, group, host_reads=state.sync_every == 1)
+    loss = make_loss(cfg, state.vae, group, defer_reads=state.sync_every > 1)
     if resume is not None:
         state.load_state_dict(resume)
     saver = ckpt_io.Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes

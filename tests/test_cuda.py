@@ -88,3 +88,22 @@ def test_compiled_loss_equals_eager_on_cuda_over_200_steps():
         losses.append(torch.stack(pair))
     losses = torch.stack(losses).cpu()  # (200, 2): eager, compiled
     torch.testing.assert_close(losses[:, 1], losses[:, 0], rtol=1e-3, atol=1e-2)
+
+
+def test_a_deferred_cuda_step_never_synchronizes_with_the_host():
+    from pyro_vae.training import TrainState, make_loss, train_step
+
+    cfg = small_config("train.device=cuda")  # sync_every: 50 by default on CUDA
+    state = TrainState.create(cfg, torch.device("cuda"))
+    loss = make_loss(cfg, state.vae, defer_reads=state.sync_every > 1)
+    x = state.dataset.x_train[:64]  # (64, X) on the GPU
+    train_step(state, loss, x, None, 1.0)  # the first step validates, and may read
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        for _ in range(3):
+            train_step(state, loss, x, None, 1.0)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    state.read_pending()
+    assert state.step == 4 and state.epoch_loss > 0

@@ -1,0 +1,41 @@
+"""Per-point Gaussian fits (the amortization gap's reference) on a fixed decoder."""
+
+import pyro
+import pytest
+import torch
+
+from pyro_vae.fits import fit_gaussian
+from pyro_vae.settings import Setting
+
+from conftest import build_vae
+
+
+def _setting():
+    torch.manual_seed(0)
+    _, ds, vae = build_vae()
+    vae.eval().requires_grad_(False)
+    return Setting("small", vae, ds.x_test[:4], None, None, None)  # x (4, X)
+
+
+def _elbo(vae, x, q, draws=2048):
+    """ELBO of q per point, (N,): mean over draws of log p(x|z) + log p(z) - log q(z)."""
+    z = q.sample((draws,))  # (S, N, D)
+    return (vae.likelihood_dist(z).log_prob(x) + vae.prior_dist().log_prob(z)
+            - q.log_prob(z)).mean(0)
+
+
+def test_a_per_point_fit_raises_each_point_s_elbo_from_the_amortized_start():
+    setting = _setting()
+    q, seconds = fit_gaussian(setting, steps=200, particles=8)
+    fitted = _elbo(setting.vae, setting.x, q)
+    amortized = _elbo(setting.vae, setting.x, setting.vae.q_z(setting.x))
+    assert seconds > 0 and (fitted > amortized - 0.1).all(), (fitted, amortized)
+    assert fitted.mean() > amortized.mean() + 0.5
+
+
+def test_a_diverging_per_point_fit_is_an_error_not_a_nan_result():
+    # with Pyro's validation off (with it on, a NaN parameter fails Normal's own check first)
+    with pyro.validation_enabled(False), pytest.raises(
+            FloatingPointError, match=r"diagonal Gaussian fit went non-finite within 30 steps "
+                                      r"\(lr = 1e\+30\)"):
+        fit_gaussian(_setting(), steps=30, lr=1e30)
