@@ -116,6 +116,8 @@ class TrainConfig:
     elbo: str = _spec("trace", choices=REGISTRY)
     num_particles: int = _spec(1, low=1)
     compile: bool = _spec(False, doc="torch.compile the loss (train.elbo trace or meanfield)")
+    cuda_graph: bool = _spec(False, doc="replay each step as one CUDA graph (train.elbo trace "
+                             "or meanfield, one process; uncaptured on the CPU): graphs.py")
     seed: int = _spec(0, low=0)
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
     beta: float = _spec(1.0, low=0.0, doc="weight of the KL term")

@@ -96,6 +96,9 @@ def check_supported(cfg: Config, group: Group, n_train: int) -> Group:
             f"train.elbo = {tc.elbo!r}, guide.name = {cfg.guide.name!r} with {group.world} "
             f"processes: data-parallel training supports train.elbo = "
             f"{' or '.join(map(repr, COMPILABLE))} with guide.name = 'gaussian'")
+    if tc.cuda_graph:
+        raise ConfigError(f"train.cuda_graph = true with {group.world} processes: a captured "
+                          "step runs in one process; use train.cuda_graph = false")
     last = n_train % tc.batch_size
     if tc.batch_size < group.world or 0 < last < group.world:
         raise ConfigError(

@@ -115,21 +115,38 @@ def written_out(cfg: Config) -> bool:
 
 
 def check_compilable(cfg: Config) -> None:
-    """Refuse ``train.compile = true`` where the compiled loss is not the estimator asked
-    for, each with one error: an ELBO other than :data:`COMPILABLE`, and a guide other than
-    the diagonal Gaussian (:func:`negative_elbo` draws z = loc + scale * eps). On CPU and
-    CUDA alike the compiled loss equals the eager one on the same seed (tests/test_train.py,
+    """Refuse ``train.compile = true`` or ``train.cuda_graph = true`` where the written-out
+    loss (:func:`negative_elbo`, which both run) is not the estimator asked for, each with
+    one error: an ELBO other than :data:`COMPILABLE`, and a guide other than the diagonal
+    Gaussian (it draws z = loc + scale * eps); and the two together. On CPU and CUDA alike
+    both give the eager losses on the same seed (tests/test_train.py, tests/test_graphs.py,
     tests/test_cuda.py)."""
     tc = cfg.train
-    if not tc.compile:
-        return
-    if tc.elbo not in COMPILABLE:
-        raise ConfigError(f"train.compile = true with train.elbo = {tc.elbo!r}: compiled "
-                          f"training supports train.elbo = {' or '.join(map(repr, COMPILABLE))}")
-    if cfg.guide.name != "gaussian":
-        raise ConfigError(f"train.compile = true with guide.name = {cfg.guide.name!r}: the "
-                          "compiled loss draws z = loc + scale * eps, so it supports guide.name "
-                          "= 'gaussian'; use train.compile = false for this guide")
+    for key, on in (("compile", tc.compile), ("cuda_graph", tc.cuda_graph)):
+        if not on:
+            continue
+        if tc.elbo not in COMPILABLE:
+            raise ConfigError(f"train.{key} = true with train.elbo = {tc.elbo!r}: train.{key} "
+                              f"supports train.elbo = {' or '.join(map(repr, COMPILABLE))}")
+        if cfg.guide.name != "gaussian":
+            raise ConfigError(f"train.{key} = true with guide.name = {cfg.guide.name!r}: its "
+                              "loss draws z = loc + scale * eps, so it supports guide.name = "
+                              f"'gaussian'; use train.{key} = false for this guide")
+    if tc.compile and tc.cuda_graph:
+        raise ConfigError("train.compile = true with train.cuda_graph = true: they are "
+                          "alternatives (a compiled loss inside a captured graph is not "
+                          "supported); set one of them to false")
+
+
+def call_compiled(compiled, *args) -> torch.Tensor:
+    """``compiled(*args)``, with a compiler failure turned into one clear ConfigError."""
+    try:
+        return compiled(*args)
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
+        raise ConfigError(f"train.compile = true: torch.compile failed on this machine "
+                          f"({type(err.inner_exception).__name__}: "
+                          f"{str(err.inner_exception).splitlines()[0]}); "
+                          "allowed here: train.compile = false") from err
 
 
 def has_closed_form_kl(vae: VAE) -> bool:

@@ -9,7 +9,8 @@ torch optimizer whose state is checkpointed; equivalent to ``pyro.infer.SVI.step
 Minibatches are slices of a seeded permutation of the data tensor already on the device.
 
 The estimator is ``objectives.ELBOS[train.elbo]``; ``train.compile = true`` computes it with
-``objectives.negative_elbo`` under ``torch.compile``.
+``objectives.negative_elbo`` under ``torch.compile``; ``train.cuda_graph = true`` replays
+every step after the first as one CUDA graph (``graphs.py``).
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
 from .evaluate import elbo_terms
+from .graphs import StepGraphs
 from .likelihoods import check_data
 from .model import VAE, registered
-from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, check_compilable,
+from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, call_compiled, check_compilable,
                          diagnose_nonfinite, has_closed_form_kl, has_gaussian_guide,
                          jit_notice_silenced, negative_elbo, pyro_host_reads_deferred)
 
@@ -122,6 +124,7 @@ class TrainState:
     group: Group = Group()  # data-parallel processes (not checkpointed: a launch's choice)
     sync_every: int = 1  # steps between host reads of the loss (see defer)
     pending: tuple | None = None  # (loss sum, first non-finite step) on the device, unread
+    graphs: StepGraphs | None = None  # train.cuda_graph: the captured step (not checkpointed)
 
     POSITION = ("epoch", "step_in_epoch", "step", "epoch_loss", "epoch_seconds", "lr_factor")
 
@@ -131,7 +134,11 @@ class TrainState:
         optimizer = make_optimizer(vae.parameters(), cfg.train.lr)
         every = cfg.train.sync_every or (50 if device.type == "cuda" else 1)
         # skipping a non-finite update on the device needs the fused Adam's found_inf
-        return cls(cfg, vae, ds, optimizer, sync_every=every if optimizer.defaults["fused"] else 1)
+        state = cls(cfg, vae, ds, optimizer, sync_every=every if optimizer.defaults["fused"] else 1)
+        if cfg.train.cuda_graph:
+            analytic_kl = cfg.train.elbo == "meanfield" and has_closed_form_kl(vae)
+            state.graphs = StepGraphs(state, analytic_kl)
+        return state
 
     def state_dict(self) -> dict:
         return {
@@ -178,8 +185,9 @@ class TrainState:
             raise NonFiniteError(
                 f"non-finite loss or gradient at epoch {self.epoch + 1}, step {int(first_bad) + 1} "
                 f"(read at step {self.step}): its update, and any later non-finite one, was "
-                "skipped; the last checkpoint is intact. Rerun with train.sync_every = 1 to "
-                "name the sites; try a smaller train.lr or train.on_nan = 'rollback'.")
+                "skipped; the last checkpoint is intact. Rerun with train.sync_every = 1 (and "
+                "train.cuda_graph = false) to name the sites; try a smaller train.lr or "
+                "train.on_nan = 'rollback'.")
 
     def set_lr_factor(self, factor: float) -> None:
         self.lr_factor = factor
@@ -224,7 +232,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
         if compiled is not None and not validate:
             # eps as Pyro draws it: [B, D] for one particle, [K, B, D] for K vectorized ones
             eps = torch.randn(tc.num_particles, x.shape[0], vae.latent_dim, device=x.device)
-            value = _compiled_loss(compiled, vae, x, eps, vae.onehot(y),
+            value = call_compiled(compiled, vae, x, eps, vae.onehot(y),
                                    torch.tensor(weight, device=x.device), analytic_kl)
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
@@ -241,22 +249,18 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
     return loss
 
 
-def _compiled_loss(compiled, *args) -> torch.Tensor:
-    """``compiled(*args)``, with a compiler failure turned into one clear ConfigError."""
-    try:
-        return compiled(*args)
-    except torch._dynamo.exc.BackendCompilerFailed as err:  # e.g. no C++ compiler
-        raise ConfigError(f"train.compile = true: torch.compile failed on this machine "
-                          f"({type(err.inner_exception).__name__}: "
-                          f"{str(err.inner_exception).splitlines()[0]}); "
-                          "allowed here: train.compile = false") from err
-
-
 def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: float) -> None:
     """One SVI update on minibatch x ``[B, X]``, its loss added to ``state.epoch_loss``. A NaN
     or infinite loss or gradient raises :class:`NonFiniteError` before the update, naming
-    what went wrong; with ``state.sync_every > 1`` the update is skipped on the device and
-    the error raised at the next host read (``TrainState.defer``)."""
+    what went wrong; with ``state.sync_every > 1`` or ``train.cuda_graph`` the update is
+    skipped on the device and the error raised at the next host read (``TrainState.defer``).
+    With ``state.graphs`` every step but the first (which validates) replays its graph."""
+    if state.graphs is not None and state.step > 0:
+        state.graphs.step(state, x, y, weight)
+        state.step += 1
+        if state.step % state.sync_every == 0:
+            state.read_pending()
+        return
     state.optimizer.zero_grad(set_to_none=True)
     validate = state.step == 0  # validate shapes and supports once
     with pyro.validation_enabled(validate):

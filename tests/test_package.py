@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pyro_vae"
 
 # README's picture, in order: a module may import only from modules before it
 ORDER = ["config", "arrays", "data", "networks", "priors", "likelihoods", "guides", "model", "evaluate", "ais", "objectives",
-         "checkpoint", "distributed", "training", "runs", "toys", "settings", "fits", "mcmc", "comparison",
+         "checkpoint", "distributed", "graphs", "training", "runs", "toys", "settings", "fits", "mcmc", "comparison",
          "inspection", "report", "cli"]
 
 

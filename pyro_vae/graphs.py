@@ -1,0 +1,179 @@
+"""CUDA graphs: one training step (loss, backward, Adam update) captured once, then replayed.
+
+``train.cuda_graph = true``. On a GPU an eager step of this small network is paced by
+launching its few hundred kernels from Python, not by their arithmetic (benchmarks/README.md).
+Here the step's kernels are recorded once into a CUDA graph and each step replays them with
+one launch. Per step the host only fills the graph's inputs and replays::
+
+    x_buf <- minibatch [B, X];  y_buf <- labels [B];  eps_buf <- N(0, I) [K, B, D]
+    replay:  grads <- 0
+             loss = objectives.negative_elbo(vae, x_buf, eps_buf, onehot(y_buf), w)
+             loss.backward();  bad = not finite(loss, |grad|)
+             loss_sum += loss unless bad;  first_bad <- step if bad and none before
+             fused Adam step, skipped on the device when bad (its ``found_inf``)
+
+so it needs the written-out estimators (``objectives.written_out``: trace or meanfield with
+the Gaussian guide) and one process. eps is drawn outside the graph by the call the
+compiled loss uses, in Pyro's order, so a run gives the eager run's losses on the same seed.
+
+A graph reads and writes fixed memory: those buffers, the parameters, their gradients and
+Adam's state. Loading a checkpoint (resume, rollback) replaces Adam's state and a rollback
+changes the learning rate, which the graph holds as a constant: either makes the graphs
+stale, and they are captured again. Capturing needs warm-up steps, whose updates are undone.
+
+On the CPU there are no CUDA graphs: the same step runs uncaptured (with a warning), so a
+config written for a GPU still trains, to the same result (tests/test_graphs.py checks the
+step against eager training there; tests/test_cuda.py the captured step on a GPU).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pyro
+import torch
+
+from .config import ConfigError
+from .objectives import negative_elbo
+
+
+class UncapturedGraphWarning(UserWarning):
+    """``train.cuda_graph = true`` on the CPU: the step runs uncaptured (no speed-up)."""
+
+
+class StepGraphs:
+    """The captured training step of one ``training.TrainState``: one graph per minibatch
+    size (an epoch's last minibatch may be smaller), sharing one memory pool."""
+
+    def __init__(self, state, analytic_kl: bool):
+        self.vae, self.opt, self.analytic_kl = state.vae, state.optimizer, analytic_kl
+        self.particles = state.cfg.train.num_particles
+        if not self.opt.defaults.get("fused"):  # a skipped update needs its found_inf
+            raise ConfigError("train.cuda_graph = true needs torch's fused Adam, which this "
+                              f"torch {torch.__version__} lacks on this device; use "
+                              "train.cuda_graph = false")
+        dev = state.dataset.x_train.device
+        self.capture = dev.type == "cuda"
+        if not self.capture:
+            warnings.warn("train.cuda_graph = true on the CPU: CUDA graphs need a GPU, so each "
+                          "step runs the same computation uncaptured (same result, no speed-up)",
+                          UncapturedGraphWarning, stacklevel=3)
+        # the deferred reads of training.TrainState.defer, kept in place for the graph
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=dev)
+        self.step_no = torch.zeros((), dtype=torch.float64, device=dev)  # step of a replay
+        self.found_inf = torch.zeros((), device=dev)  # read by the fused Adam: skip if 1
+        self.weight, self.weight_value = torch.ones((), device=dev), 1.0  # the KL weight
+        self.inputs: dict[int, tuple] = {}  # batch size -> (x_buf, y_buf or None, eps_buf)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> captured step
+        self.captured_for: tuple | None = None  # ([Adam's state, *gradients], learning rates)
+        self.pool = None
+
+    def step(self, state, x: torch.Tensor, y: torch.Tensor | None, weight: float) -> None:
+        """One update on minibatch x ``[B, X]`` (labels y ``[B]`` or None) with KL weight
+        ``weight``, its loss deferred into ``state.pending``; no host read."""
+        b = x.shape[0]
+        self._refresh(b)
+        self._adopt_pending(state)
+        if self.weight_value != weight:
+            self.weight.fill_(weight)
+            self.weight_value = weight
+        x_buf, y_buf, eps = self.inputs[b]
+        x_buf.copy_(x)
+        if y_buf is not None:
+            y_buf.copy_(y)
+        torch.randn(eps.shape, out=eps)  # eps as the compiled loss draws it (Pyro's order)
+        if self.capture:
+            self.graphs[b].replay()
+        else:
+            self._body(b)
+
+    def _adopt_pending(self, state) -> None:
+        """Make ``state.pending`` these buffers: fresh after a host read, or carrying what the
+        eager first step deferred; the step counter set to ``state.step``."""
+        if state.pending is not None and state.pending[0] is self.loss_sum:
+            return
+        if state.pending is None:
+            self.loss_sum.zero_()
+            self.first_bad.fill_(-1.0)
+        else:
+            self.loss_sum.copy_(state.pending[0])
+            self.first_bad.copy_(state.pending[1])
+        self.step_no.fill_(float(state.step))
+        state.pending = (self.loss_sum, self.first_bad)
+
+    def _refresh(self, b: int) -> None:
+        """Buffers for batch size b, gradients allocated, and a graph current for them."""
+        for p in self.vae.parameters():
+            if p.grad is None:  # the graph writes gradients in place
+                p.grad = torch.zeros_like(p)
+        # what a graph holds by address: Adam's state, the gradients; and the lr, a constant
+        held = [self.opt.state, *(p.grad for p in self.vae.parameters())]
+        lrs = [g["lr"] for g in self.opt.param_groups]
+        if self.captured_for is None or lrs != self.captured_for[1] \
+                or any(a is not b for a, b in zip(held, self.captured_for[0], strict=True)):
+            self.graphs, self.pool, self.captured_for = {}, None, (held, lrs)  # stale: recapture
+        if b not in self.inputs:
+            x = self.loss_sum.new_zeros((b, self.vae.x_dim), dtype=torch.float32)
+            y = x.new_zeros(b, dtype=torch.long) if self.vae.num_classes else None
+            self.inputs[b] = (x, y, x.new_zeros(self.particles, b, self.vae.latent_dim))
+        if self.capture and b not in self.graphs:
+            self.graphs[b] = self._capture(b)
+
+    def _body(self, b: int) -> None:
+        """The step the graph holds (see the module docstring)."""
+        x, y, eps = self.inputs[b]
+        grads = [p.grad for p in self.vae.parameters()]
+        torch._foreach_zero_(grads)
+        y1h = None if y is None else onehot(y, self.vae.num_classes)
+        with pyro.validation_enabled(False):  # validation reads values on the host
+            loss = negative_elbo(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
+        loss.backward()
+        both = torch.stack([loss.detach(), torch.stack(torch._foreach_norm(grads)).sum()])
+        bad = ~torch.isfinite(both).all()  # 0-d bool
+        self.found_inf.copy_(bad)
+        self.opt.found_inf = self.found_inf
+        self.loss_sum.add_(torch.where(bad, 0.0, both[0].double()))
+        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.step_no, self.first_bad))
+        self.step_no.add_(1.0)
+        self.opt.step()
+
+    def _capture(self, b: int) -> "torch.cuda.CUDAGraph":
+        """Warm up on a side stream (lazy initialisation happens outside the graph), then
+        record one :meth:`_body` into a graph (recording runs nothing)."""
+        for group in self.opt.param_groups:
+            group["capturable"] = True  # Adam's step count stays on the device
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._warm_up(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._body(b)
+        self.pool = graph.pool()
+        return graph
+
+    def _warm_up(self, b: int, steps: int = 2) -> None:
+        """Run the step ``steps`` times (cuBLAS workspaces and autograd's buffers are made on
+        first use) and put back everything those steps changed: training is not advanced."""
+        kept = [(t, t.clone()) for t in self._mutable()]
+        for _ in range(steps):
+            self._body(b)
+        with torch.no_grad():
+            for t, saved in kept:
+                t.copy_(saved)
+
+    def _mutable(self) -> list[torch.Tensor]:
+        """What a step changes besides gradients: parameters, Adam's state, the sums."""
+        state = [v for s in self.opt.state.values() for v in s.values()
+                 if isinstance(v, torch.Tensor)]
+        return [*self.vae.parameters(), *state, self.loss_sum, self.first_bad, self.step_no,
+                self.found_inf]
+
+
+def onehot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Labels ``[B]`` -> one-hot ``[B, C]``, unchecked (``VAE.onehot`` checks the range on
+    the host, which a graph cannot; a data set's labels lie in [0, C) by construction)."""
+    out = y.new_zeros((y.shape[0], num_classes), dtype=torch.float32)
+    return out.scatter_(1, y[:, None], 1.0)
