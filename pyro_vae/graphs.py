@@ -125,8 +125,8 @@ class StepGraphs:
         x, y, eps = self.inputs[b]
         grads = [p.grad for p in self.vae.parameters()]
         torch._foreach_zero_(grads)
-        y1h = None if y is None else onehot(y, self.vae.num_classes)
         with pyro.validation_enabled(False):  # validation reads values on the host
+            y1h = self.vae.onehot(y)
             loss = negative_elbo(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
         loss.backward()
         both = torch.stack([loss.detach(), torch.stack(torch._foreach_norm(grads)).sum()])
@@ -171,9 +171,3 @@ class StepGraphs:
         return [*self.vae.parameters(), *state, self.loss_sum, self.first_bad, self.step_no,
                 self.found_inf]
 
-
-def onehot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Labels ``[B]`` -> one-hot ``[B, C]``, unchecked (``VAE.onehot`` checks the range on
-    the host, which a graph cannot; a data set's labels lie in [0, C) by construction)."""
-    out = y.new_zeros((y.shape[0], num_classes), dtype=torch.float32)
-    return out.scatter_(1, y[:, None], 1.0)

@@ -27,7 +27,6 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from torch import nn
-from torch.nn import functional as F
 
 from .config import Config, ConfigError
 from .guides import GUIDES, gaussian_params, moments
@@ -115,16 +114,19 @@ class VAE(nn.Module):
 
     def onehot(self, y: torch.Tensor | None) -> torch.Tensor | None:
         """Labels ``[B]`` -> one-hot ``[B, C]`` on the model's device for a conditional
-        model, else None."""
+        model, else None. The range check reads y on the host, so it runs where Pyro's
+        validation is on: not in a training step after the first (which validates)."""
         if not self.num_classes:
             return None
         if y is None:
             raise ValueError("this VAE is conditional (model.conditional = true): pass labels y")
-        if y.min() < 0 or y.max() >= self.num_classes:
+        if dist.is_validation_enabled() and (y.min() < 0 or y.max() >= self.num_classes):
             raise ValueError(
                 f"labels must lie in [0, {self.num_classes - 1}], got [{y.min()}, {y.max()}]"
             )
-        return F.one_hot(y.to(self.device), self.num_classes).float()
+        y = y.to(self.device)
+        return y.new_zeros((y.shape[0], self.num_classes), dtype=torch.float32).scatter_(
+            1, y[:, None], 1.0)  # F.one_hot, without its host-side check on the CPU
 
     def prior_dist(self) -> dist.Distribution:
         """p(z): batch_shape (), event_shape [D]."""

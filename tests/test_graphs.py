@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 from pyro_vae.config import ConfigError
 from pyro_vae.distributed import Group, check_supported
-from pyro_vae.graphs import StepGraphs, UncapturedGraphWarning, onehot
+from pyro_vae.graphs import StepGraphs, UncapturedGraphWarning
 from pyro_vae.training import Interrupted, NonFiniteError, TrainState, make_loss, run_epoch, train, train_step
 
 from conftest import small_config
@@ -72,10 +71,12 @@ def test_a_graph_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_run(tmp_
 
 
 @uncaptured
-def test_a_graph_step_reads_nothing_back_from_the_device(monkeypatch):
-    state, loss = graph_state("train.sync_every=50")
+@pytest.mark.parametrize("conditional", [False, True])
+def test_a_graph_step_reads_nothing_back_from_the_device(monkeypatch, conditional):
+    state, loss = graph_state("train.sync_every=50", f"model.conditional={str(conditional).lower()}")
     x = state.dataset.x_train[:64]  # (64, X)
-    train_step(state, loss, x, None, 1.0)  # the first step is eager and validates
+    y = state.dataset.y_train[:64] if conditional else None
+    train_step(state, loss, x, y, 1.0)  # the first step is eager and validates
 
     def host_read(*args, **kwargs):
         raise AssertionError("a host read in a graph step")
@@ -84,7 +85,7 @@ def test_a_graph_step_reads_nothing_back_from_the_device(monkeypatch):
         for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
             m.setattr(torch.Tensor, name, host_read)
         for _ in range(3):
-            train_step(state, loss, x, None, 0.5)
+            train_step(state, loss, x, y, 0.5)
     state.read_pending()
     assert state.step == 4 and math.isfinite(state.epoch_loss) and state.epoch_loss > 0
 
@@ -175,11 +176,6 @@ def test_without_torchs_fused_adam_a_captured_step_is_refused():
     state.optimizer.defaults["fused"] = None
     with pytest.raises(ConfigError, match="needs torch's fused Adam"):
         StepGraphs(state, False)
-
-
-def test_onehot_without_checks_equals_torchs():
-    y = torch.tensor([3, 0, 9, 3, 1])
-    assert torch.equal(onehot(y, 10), F.one_hot(y, 10).float())
 
 
 @uncaptured

@@ -103,3 +103,7 @@ def test_conditional_vae_requires_labels_in_range():
         vae.guide(x)
     with pytest.raises(ValueError, match=r"labels must lie in \[0, 9\], got \[0, 12\]"):
         vae.guide(x, torch.tensor([0, 1, 2, 12]))
+    y = torch.tensor([3, 0, 9, 3])
+    assert torch.equal(vae.onehot(y), torch.nn.functional.one_hot(y, 10).float())
+    with pyro.validation_enabled(False):  # a training step after the first: no host read
+        assert vae.onehot(torch.tensor([0, 1, 2, 9])).argmax(-1).tolist() == [0, 1, 2, 9]

@@ -214,17 +214,23 @@ def test_deferred_reads_skip_a_non_finite_update_and_then_stop_naming_its_step()
         assert torch.equal(value, before[name]), name
 
 
-@pytest.mark.parametrize("elbo", ["trace", "meanfield"])
-def test_a_deferred_step_reads_nothing_back_from_the_device(monkeypatch, elbo):
+@pytest.mark.parametrize("overrides", [("train.elbo=trace",), ("train.elbo=meanfield",),
+                                       ("train.elbo=trace", "model.conditional=true"),
+                                       ("train.compile=true", "model.conditional=true")])
+def test_a_deferred_step_reads_nothing_back_from_the_device(monkeypatch, overrides):
     """With train.sync_every > 1, a step after the first reads nothing on the host (on a
-    GPU each read stalls the queue), Pyro's own .item() calls and NaN branch included."""
+    GPU each read stalls the queue), Pyro's own .item() calls and NaN branch included, and
+    the label range check of a conditional model."""
     from pyro_vae.training import TrainState, make_loss, train_step
 
-    cfg = small_config(f"train.elbo={elbo}", "train.sync_every=50", "train.device=cpu")
+    cfg = small_config(*overrides, "train.sync_every=50", "train.device=cpu")
     state = TrainState.create(cfg, torch.device("cpu"))
     loss = make_loss(cfg, state.vae, defer_reads=True)
     x = state.dataset.x_train[:64]  # (64, X)
-    train_step(state, loss, x, None, 1.0)  # the first step validates, and may read
+    y = state.dataset.y_train[:64] if state.vae.num_classes else None
+    for _ in range(2 if cfg.train.compile else 1):  # the first validates; the second compiles
+        train_step(state, loss, x, y, 1.0)
+    before = state.step
 
     def host_read(*args, **kwargs):
         raise AssertionError("a host read in a deferred step")
@@ -233,6 +239,6 @@ def test_a_deferred_step_reads_nothing_back_from_the_device(monkeypatch, elbo):
         for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
             m.setattr(torch.Tensor, name, host_read)
         for _ in range(3):
-            train_step(state, loss, x, None, 1.0)
+            train_step(state, loss, x, y, 1.0)
     state.read_pending()
-    assert state.step == 4 and math.isfinite(state.epoch_loss) and state.epoch_loss > 0
+    assert state.step == before + 3 and math.isfinite(state.epoch_loss) and state.epoch_loss > 0
