@@ -12,7 +12,8 @@
     (``+compile``) for the two estimators it supports;
 (c) on CUDA only, one whole step (loss, backward, capturable Adam) captured as one CUDA graph
     and replayed: ``graph-floor``, the floor's loop so captured, and pyro_vae's
-    ``train.cuda_graph = true`` (``trace+cuda_graph``, ``meanfield+cuda_graph``).
+    ``train.cuda_graph = true`` (``trace+cuda_graph``, ``meanfield+cuda_graph``; with
+    ``train.compile = true`` too, ``trace+compile+cuda_graph`` in the compiled phase).
 Both networks: 784-400-50 softplus (Pyro's example) and 784-200-200-50 tanh (Burda et al.).
 
 Two phases, eager then compiled, each with its own floor measured in the same rounds: on
@@ -46,7 +47,8 @@ NETWORKS = {"784-400-50 softplus": ["model.hidden=[400]", "model.activation=soft
             "784-200-200-50 tanh": ["model.hidden=[200,200]", "model.activation=tanh"]}
 PHASES = {"eager": ["floor", "floor-same-kernels", "trace", "meanfield", "jit", "iwae"],
           "compiled": ["floor", "trace+compile", "meanfield+compile"]}
-CUDA_ONLY = ["graph-floor", "trace+cuda_graph", "meanfield+cuda_graph"]  # in the eager phase
+CUDA_ONLY = {"eager": ["graph-floor", "trace+cuda_graph", "meanfield+cuda_graph"],
+             "compiled": ["trace+compile+cuda_graph"]}
 
 
 def plain_pytorch(cfg, same_kernels=False):
@@ -184,7 +186,7 @@ class Row(NamedTuple):
 def measure(phase, net, batch, args) -> list[Row]:
     """The variants of ``phase`` for one network and batch size, in rotated rounds."""
     cuda = resolve_device(args.device).type == "cuda"
-    variants = PHASES[phase] + (CUDA_ONLY if cuda and phase == "eager" else [])
+    variants = PHASES[phase] + (CUDA_ONLY[phase] if cuda else [])
     variants = [v for v in variants if v not in args.skip]
     times = {v: [] for v in variants}
     ratios = {v: [] for v in variants}

@@ -13,7 +13,8 @@ one launch. Per step the host only fills the graph's inputs and replays::
              fused Adam step, skipped on the device when bad (its ``found_inf``)
 
 so it needs the written-out estimators (``objectives.written_out``: trace or meanfield with
-the Gaussian guide) and one process. eps is drawn outside the graph by the call the
+the Gaussian guide) and one process. With ``train.compile = true`` too, the graph holds the
+compiled loss (Inductor's fused kernels, compiled in the warm-up: fewer kernels a replay). eps is drawn outside the graph by the call the
 compiled loss uses, in Pyro's order, so a run gives the eager run's losses on the same seed.
 
 A graph reads and writes fixed memory: those buffers, the parameters, their gradients and
@@ -28,13 +29,14 @@ step against eager training there; tests/test_cuda.py the captured step on a GPU
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pyro
 import torch
 
 from .config import ConfigError
-from .objectives import negative_elbo
+from .objectives import call_compiled, negative_elbo
 
 
 class UncapturedGraphWarning(UserWarning):
@@ -47,6 +49,9 @@ class StepGraphs:
 
     def __init__(self, state, analytic_kl: bool):
         self.vae, self.opt, self.analytic_kl = state.vae, state.optimizer, analytic_kl
+        self.loss = negative_elbo
+        if state.cfg.train.compile:
+            self.loss = functools.partial(call_compiled, torch.compile(negative_elbo, dynamic=False))
         self.particles = state.cfg.train.num_particles
         if not self.opt.defaults.get("fused"):  # a skipped update needs its found_inf
             raise ConfigError("train.cuda_graph = true needs torch's fused Adam, which this "
@@ -127,7 +132,7 @@ class StepGraphs:
         torch._foreach_zero_(grads)
         with pyro.validation_enabled(False):  # validation reads values on the host
             y1h = self.vae.onehot(y)
-            loss = negative_elbo(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
+            loss = self.loss(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
         loss.backward()
         both = torch.stack([loss.detach(), torch.stack(torch._foreach_norm(grads)).sum()])
         bad = ~torch.isfinite(both).all()  # 0-d bool

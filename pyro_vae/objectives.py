@@ -118,8 +118,8 @@ def check_compilable(cfg: Config) -> None:
     """Refuse ``train.compile = true`` or ``train.cuda_graph = true`` where the written-out
     loss (:func:`negative_elbo`, which both run) is not the estimator asked for, each with
     one error: an ELBO other than :data:`COMPILABLE`, and a guide other than the diagonal
-    Gaussian (it draws z = loc + scale * eps); and the two together. On CPU and CUDA alike
-    both give the eager losses on the same seed (tests/test_train.py, tests/test_graphs.py,
+    Gaussian (it draws z = loc + scale * eps). On CPU and CUDA alike both (and the two
+    together: the compiled loss captured in the graph) give the eager losses on the same seed (tests/test_train.py, tests/test_graphs.py,
     tests/test_cuda.py)."""
     tc = cfg.train
     for key, on in (("compile", tc.compile), ("cuda_graph", tc.cuda_graph)):
@@ -132,10 +132,6 @@ def check_compilable(cfg: Config) -> None:
             raise ConfigError(f"train.{key} = true with guide.name = {cfg.guide.name!r}: its "
                               "loss draws z = loc + scale * eps, so it supports guide.name = "
                               f"'gaussian'; use train.{key} = false for this guide")
-    if tc.compile and tc.cuda_graph:
-        raise ConfigError("train.compile = true with train.cuda_graph = true: they are "
-                          "alternatives (a compiled loss inside a captured graph is not "
-                          "supported); set one of them to false")
 
 
 def call_compiled(compiled, *args) -> torch.Tensor:

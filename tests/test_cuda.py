@@ -110,10 +110,12 @@ def test_a_deferred_cuda_step_never_synchronizes_with_the_host():
     assert state.step == 4 and state.epoch_loss > 0
 
 
-def test_captured_steps_on_cuda_give_the_eager_losses_and_parameters():
+@pytest.mark.parametrize("compiled", ["false", "true"])
+def test_captured_steps_on_cuda_give_the_eager_losses_and_parameters(compiled):
     # 450 training images in batches of 125: three full batches and one of 75, two graphs
-    runs = [train(small_config("train.device=cuda", "train.batch_size=125",
-                               f"train.cuda_graph={c}", epochs=3)) for c in ("false", "true")]
+    runs = [train(small_config("train.device=cuda", "train.batch_size=125", f"train.cuda_graph={c}",
+                               f"train.compile={compiled if c == 'true' else 'false'}", epochs=3))
+            for c in ("false", "true")]
     for a, b in zip(runs[0].metrics, runs[1].metrics, strict=True):
         assert b["train_elbo"] == pytest.approx(a["train_elbo"], rel=1e-4)
         assert b["test_elbo"] == pytest.approx(a["test_elbo"], rel=1e-4)
