@@ -13,9 +13,12 @@ one launch. Per step the host only fills the graph's inputs and replays::
              fused Adam step, skipped on the device when bad (its ``found_inf``)
 
 so it needs the written-out estimators (``objectives.written_out``: trace or meanfield with
-the Gaussian guide) and one process. With ``train.compile = true`` too, the graph holds the
-compiled loss (Inductor's fused kernels, compiled in the warm-up: fewer kernels a replay). eps is drawn outside the graph by the call the
-compiled loss uses, in Pyro's order, so a run gives the eager run's losses on the same seed.
+the Gaussian guide), one process, and a model whose step never synchronises with the host
+(``objectives.check_written_out``; the warm-up refuses any other by name). With
+``train.compile = true`` too, the graph holds the compiled loss (Inductor's fused kernels,
+compiled in the warm-up: fewer kernels a replay). eps is drawn outside the graph by the call
+the compiled loss uses, in Pyro's order, so a run gives the eager run's losses on the same
+seed.
 
 A graph reads and writes fixed memory: those buffers, the parameters, their gradients and
 Adam's state. Loading a checkpoint (resume, rollback) replaces Adam's state and a rollback
@@ -29,6 +32,7 @@ step against eager training there; tests/test_cuda.py the captured step on a GPU
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 
@@ -51,7 +55,8 @@ class StepGraphs:
         self.vae, self.opt, self.analytic_kl = state.vae, state.optimizer, analytic_kl
         self.loss = negative_elbo
         if state.cfg.train.compile:
-            self.loss = functools.partial(call_compiled, torch.compile(negative_elbo, dynamic=False))
+            compiled = torch.compile(negative_elbo, dynamic=False)
+            self.loss = functools.partial(call_compiled, compiled)
         self.particles = state.cfg.train.num_particles
         if not self.opt.defaults.get("fused"):  # a skipped update needs its found_inf
             raise ConfigError("train.cuda_graph = true needs torch's fused Adam, which this "
@@ -78,7 +83,14 @@ class StepGraphs:
         """One update on minibatch x ``[B, X]`` (labels y ``[B]`` or None) with KL weight
         ``weight``, its loss deferred into ``state.pending``; no host read."""
         b = x.shape[0]
-        self._refresh(b)
+        if self._stale():
+            self.graphs, self.pool = {}, None  # captured again, per batch size, on demand
+        if b not in self.inputs:
+            y_buf = None if y is None else y.new_zeros(b)
+            self.inputs[b] = (x.new_zeros(x.shape), y_buf,
+                              x.new_zeros(self.particles, b, self.vae.latent_dim))
+        if self.capture and b not in self.graphs:
+            self.graphs[b] = self._capture(b)
         self._adopt_pending(state)
         if self.weight_value != weight:
             self.weight.fill_(weight)
@@ -107,23 +119,20 @@ class StepGraphs:
         self.step_no.fill_(float(state.step))
         state.pending = (self.loss_sum, self.first_bad)
 
-    def _refresh(self, b: int) -> None:
-        """Buffers for batch size b, gradients allocated, and a graph current for them."""
+    def _stale(self) -> bool:
+        """Whether the graphs hold memory or constants that are no longer the training
+        state's: Adam's state and the gradients (by address), the learning rates (constants).
+        Allocates missing gradients first (the graph writes them in place)."""
         for p in self.vae.parameters():
-            if p.grad is None:  # the graph writes gradients in place
+            if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        # what a graph holds by address: Adam's state, the gradients; and the lr, a constant
         held = [self.opt.state, *(p.grad for p in self.vae.parameters())]
         lrs = [g["lr"] for g in self.opt.param_groups]
-        if self.captured_for is None or lrs != self.captured_for[1] \
-                or any(a is not b for a, b in zip(held, self.captured_for[0], strict=True)):
-            self.graphs, self.pool, self.captured_for = {}, None, (held, lrs)  # stale: recapture
-        if b not in self.inputs:
-            x = self.loss_sum.new_zeros((b, self.vae.x_dim), dtype=torch.float32)
-            y = x.new_zeros(b, dtype=torch.long) if self.vae.num_classes else None
-            self.inputs[b] = (x, y, x.new_zeros(self.particles, b, self.vae.latent_dim))
-        if self.capture and b not in self.graphs:
-            self.graphs[b] = self._capture(b)
+        if self.captured_for is not None and lrs == self.captured_for[1] \
+                and all(a is b for a, b in zip(held, self.captured_for[0], strict=True)):
+            return False
+        self.captured_for = (held, lrs)
+        return True
 
     def _body(self, b: int) -> None:
         """The step the graph holds (see the module docstring)."""
@@ -137,11 +146,12 @@ class StepGraphs:
         both = torch.stack([loss.detach(), torch.stack(torch._foreach_norm(grads)).sum()])
         bad = ~torch.isfinite(both).all()  # 0-d bool
         self.found_inf.copy_(bad)
-        self.opt.found_inf = self.found_inf
         self.loss_sum.add_(torch.where(bad, 0.0, both[0].double()))
         self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.step_no, self.first_bad))
         self.step_no.add_(1.0)
+        self.opt.found_inf = self.found_inf  # read by step() (captured: by address) ...
         self.opt.step()
+        del self.opt.found_inf  # ... and by no later eager step (a rollback's first)
 
     def _capture(self, b: int) -> "torch.cuda.CUDAGraph":
         """Warm up on a side stream (lazy initialisation happens outside the graph), then
@@ -160,14 +170,19 @@ class StepGraphs:
         return graph
 
     def _warm_up(self, b: int, steps: int = 2) -> None:
-        """Run the step ``steps`` times (cuBLAS workspaces and autograd's buffers are made on
-        first use) and put back everything those steps changed: training is not advanced."""
+        """Run the step ``steps`` times (cuBLAS workspaces, autograd's buffers and a compiled
+        loss are made on first use) and put back everything those steps changed: training
+        is not advanced. On a GPU the last runs with host synchronisation an error, as it
+        would be in the capture, and is refused here with the reason."""
         kept = [(t, t.clone()) for t in self._mutable()]
-        for _ in range(steps):
-            self._body(b)
-        with torch.no_grad():
-            for t, saved in kept:
-                t.copy_(saved)
+        try:
+            for i in range(steps):
+                with _synchronisation_refused(self.capture and i == steps - 1):
+                    self._body(b)
+        finally:
+            with torch.no_grad():
+                for t, saved in kept:
+                    t.copy_(saved)
 
     def _mutable(self) -> list[torch.Tensor]:
         """What a step changes besides gradients: parameters, Adam's state, the sums."""
@@ -176,3 +191,25 @@ class StepGraphs:
         return [*self.vae.parameters(), *state, self.loss_sum, self.first_bad, self.step_no,
                 self.found_inf]
 
+
+
+@contextlib.contextmanager
+def _synchronisation_refused(on: bool):
+    """Within: a CUDA call that synchronises with the host (a read, a copy from host memory)
+    raises a ConfigError naming the cause, when ``on``."""
+    if not on:
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    except RuntimeError as err:
+        if "synchroniz" not in str(err):
+            raise
+        raise ConfigError(
+            "train.cuda_graph = true: the training step synchronises with the host "
+            f"({str(err).splitlines()[0]}), which a CUDA graph cannot capture; a prior, "
+            "likelihood or guide that builds a tensor from a Python number does this. "
+            "Use train.cuda_graph = false for this model") from err
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -35,20 +35,27 @@ class DataWarning(UserWarning):
 
 
 class Likelihood(nn.Module):
-    """p(x|z) = ``make(params..., **learnable)`` from ``K = outputs_per_pixel`` decoder
-    outputs per pixel. ``learnable``: name -> initial tensor, held as ``nn.Parameter``."""
+    """p(x|z) = ``make(params..., **learnable, **fixed)`` from ``K = outputs_per_pixel``
+    decoder outputs per pixel. ``learnable``: name -> initial tensor, held as ``nn.Parameter``;
+    ``fixed``: name -> tensor, held as a buffer on the model's device (built from the config,
+    not checkpointed): a Python number given to a distribution would be copied to the GPU
+    at every call, a host synchronisation (and a CUDA graph cannot capture it)."""
 
     def __init__(self, make: Callable, outputs_per_pixel: int, support: str,
-                 learnable: dict | None = None):
+                 learnable: dict | None = None, fixed: dict | None = None):
         super().__init__()
         self.make = make
         self.outputs_per_pixel = outputs_per_pixel
         self.support = support
         self.learnable = nn.ParameterDict({k: nn.Parameter(v) for k, v in (learnable or {}).items()})
+        for k, v in (fixed or {}).items():
+            self.register_buffer(k, v, persistent=False)
+        self._fixed = list(fixed or {})
 
     def forward(self, h: torch.Tensor) -> dist.Distribution:
         params = h.unflatten(-1, (-1, self.outputs_per_pixel)).unbind(-1)  # K x (..., X)
-        return self.make(*params, **self.learnable).to_event(1)
+        fixed = {k: getattr(self, k) for k in self._fixed}
+        return self.make(*params, **self.learnable, **fixed).to_event(1)
 
 
 class Bernoulli(dist.Bernoulli):
@@ -79,7 +86,8 @@ def _located(family, cfg: LikelihoodConfig) -> Likelihood:
     """Location-scale family with scale fixed (``sigma``), one learned global scale, or
     per-pixel from the decoder (softplus + 1e-3)."""
     if cfg.scale == "fixed":
-        return Likelihood(lambda loc: family(loc, cfg.sigma), 1, "real")
+        return Likelihood(lambda loc, scale: family(loc, scale), 1, "real",
+                          fixed={"scale": torch.tensor(float(cfg.sigma))})
     if cfg.scale == "learned":
         make = lambda loc, log_scale: family(loc, log_scale.exp())  # noqa: E731
         return Likelihood(make, 1, "real",

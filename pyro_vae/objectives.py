@@ -114,13 +114,14 @@ def written_out(cfg: Config) -> bool:
     return cfg.train.elbo in COMPILABLE and cfg.guide.name == "gaussian"
 
 
-def check_compilable(cfg: Config) -> None:
+def check_written_out(cfg: Config) -> None:
     """Refuse ``train.compile = true`` or ``train.cuda_graph = true`` where the written-out
     loss (:func:`negative_elbo`, which both run) is not the estimator asked for, each with
-    one error: an ELBO other than :data:`COMPILABLE`, and a guide other than the diagonal
-    Gaussian (it draws z = loc + scale * eps). On CPU and CUDA alike both (and the two
-    together: the compiled loss captured in the graph) give the eager losses on the same seed (tests/test_train.py, tests/test_graphs.py,
-    tests/test_cuda.py)."""
+    one error: an ELBO other than :data:`COMPILABLE`, a guide other than the diagonal
+    Gaussian (it draws z = loc + scale * eps), and for a graph the student-t prior (torch
+    builds it from a Python number: a host synchronisation). Each mode, and the two together
+    (the compiled loss captured in the graph), gives the eager losses on the same seed
+    (tests/test_train.py, tests/test_graphs.py; tests/test_cuda.py on a GPU)."""
     tc = cfg.train
     for key, on in (("compile", tc.compile), ("cuda_graph", tc.cuda_graph)):
         if not on:
@@ -132,6 +133,11 @@ def check_compilable(cfg: Config) -> None:
             raise ConfigError(f"train.{key} = true with guide.name = {cfg.guide.name!r}: its "
                               "loss draws z = loc + scale * eps, so it supports guide.name = "
                               f"'gaussian'; use train.{key} = false for this guide")
+    if tc.cuda_graph and cfg.prior.name == "student-t":
+        raise ConfigError("train.cuda_graph = true with prior.name = 'student-t': torch's "
+                          "StudentT copies a Python number to the device each time it is built "
+                          "(a host synchronisation, which a CUDA graph cannot capture); use "
+                          "another prior or train.cuda_graph = false")
 
 
 def call_compiled(compiled, *args) -> torch.Tensor:
@@ -143,6 +149,12 @@ def call_compiled(compiled, *args) -> torch.Tensor:
                           f"({type(err.inner_exception).__name__}: "
                           f"{str(err.inner_exception).splitlines()[0]}); "
                           "allowed here: train.compile = false") from err
+
+
+def uses_analytic_kl(cfg: Config, vae: VAE) -> bool:
+    """Whether the loss takes KL(q(z|x) || p(z)) in closed form: ``train.elbo = meanfield``
+    where torch knows that KL (else TraceMeanField_ELBO estimates it by Monte Carlo)."""
+    return cfg.train.elbo == "meanfield" and has_closed_form_kl(vae)
 
 
 def has_closed_form_kl(vae: VAE) -> bool:

@@ -36,9 +36,10 @@ from .evaluate import elbo_terms
 from .graphs import StepGraphs
 from .likelihoods import check_data
 from .model import VAE, registered
-from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, call_compiled, check_compilable,
-                         diagnose_nonfinite, has_closed_form_kl, has_gaussian_guide,
-                         jit_notice_silenced, negative_elbo, pyro_host_reads_deferred)
+from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, call_compiled,
+                         check_written_out, diagnose_nonfinite, has_gaussian_guide,
+                         jit_notice_silenced, negative_elbo, pyro_host_reads_deferred,
+                         uses_analytic_kl)
 
 
 class NonFiniteError(RuntimeError):
@@ -136,8 +137,7 @@ class TrainState:
         # skipping a non-finite update on the device needs the fused Adam's found_inf
         state = cls(cfg, vae, ds, optimizer, sync_every=every if optimizer.defaults["fused"] else 1)
         if cfg.train.cuda_graph:
-            analytic_kl = cfg.train.elbo == "meanfield" and has_closed_form_kl(vae)
-            state.graphs = StepGraphs(state, analytic_kl)
+            state.graphs = StepGraphs(state, uses_analytic_kl(cfg, vae))
         return state
 
     def state_dict(self) -> dict:
@@ -207,18 +207,17 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
     ``objectives.DEFERRABLE`` run inside ``objectives.pyro_host_reads_deferred``.
     In a group of several processes: ``distributed.make_loss`` (x is the global batch)."""
     tc = cfg.train
-    closed_form_kl = has_closed_form_kl(vae)
     if tc.elbo == "meanfield" and not has_gaussian_guide(vae):
         raise ConfigError(
             f"train.elbo = 'meanfield' computes KL(q(z|x) || p(z)) in closed form, which needs a "
             f"Gaussian guide; guide.name = {cfg.guide.name!r} is not one: use train.elbo = "
             "'trace' (or 'iwae', 'jit')")
-    if tc.elbo == "meanfield" and not closed_form_kl:
+    analytic_kl = uses_analytic_kl(cfg, vae)
+    if tc.elbo == "meanfield" and not analytic_kl:
         warnings.warn(
             f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
             f"prior {cfg.prior.name!r}; TraceMeanField_ELBO uses the Monte Carlo estimate "
             "for the latent site (the ELBO stays unbiased)", MonteCarloKLWarning, stacklevel=3)
-    analytic_kl = tc.elbo == "meanfield" and closed_form_kl
     if group.world > 1:
         return distributed.make_loss(vae, tc.num_particles, analytic_kl, group)
     elbo = ELBOS[tc.elbo](tc)
@@ -233,7 +232,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
             # eps as Pyro draws it: [B, D] for one particle, [K, B, D] for K vectorized ones
             eps = torch.randn(tc.num_particles, x.shape[0], vae.latent_dim, device=x.device)
             value = call_compiled(compiled, vae, x, eps, vae.onehot(y),
-                                   torch.tensor(weight, device=x.device), analytic_kl)
+                                   x.new_full((), weight), analytic_kl)
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
             defer = defer_reads and not validate and tc.elbo in DEFERRABLE
@@ -364,7 +363,7 @@ def train(
     """
     tc = cfg.train
     device = resolve_device(tc.device)
-    check_compilable(cfg)
+    check_written_out(cfg)
     if isinstance(resume, (str, Path)):
         run_dir = Path(resume) if run_dir is None else run_dir
         resume = ckpt_io.resume_checkpoint(resume, cfg, force)

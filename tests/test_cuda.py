@@ -112,8 +112,8 @@ def test_a_deferred_cuda_step_never_synchronizes_with_the_host():
 
 @pytest.mark.parametrize("compiled", ["false", "true"])
 def test_captured_steps_on_cuda_give_the_eager_losses_and_parameters(compiled):
-    # 450 training images in batches of 125: three full batches and one of 75, two graphs
-    runs = [train(small_config("train.device=cuda", "train.batch_size=125", f"train.cuda_graph={c}",
+    # 500 training images in batches of 128: three full batches and one of 116, two graphs
+    runs = [train(small_config("train.device=cuda", "train.batch_size=128", f"train.cuda_graph={c}",
                                f"train.compile={compiled if c == 'true' else 'false'}", epochs=3))
             for c in ("false", "true")]
     for a, b in zip(runs[0].metrics, runs[1].metrics, strict=True):
@@ -164,3 +164,31 @@ def test_a_captured_step_never_synchronizes_with_the_host():
         torch.cuda.set_sync_debug_mode("default")
     state.read_pending()
     assert state.step == 5 and state.epoch_loss > 0
+
+
+@pytest.mark.parametrize("overrides", [("prior.name=vamp",), ("prior.name=mixture",),
+                                       ("likelihood.name=gaussian", "data.binarize=none"),
+                                       ("likelihood.name=continuous-bernoulli",),
+                                       ("model.conditional=true",)])
+def test_captured_steps_run_for_other_priors_and_likelihoods(overrides):
+    result = train(small_config("train.device=cuda", "train.cuda_graph=true", *overrides))
+    assert math.isfinite(result.metrics[-1]["test_elbo"])
+
+
+def test_a_step_that_synchronizes_is_refused_by_name_before_its_capture():
+    import pyro.distributions as dist
+
+    from pyro_vae.config import ConfigError
+    from pyro_vae.priors import PRIORS, Prior, register_prior
+
+    def host_number(cfg, latent_dim, x_dim):  # scale 1.0: copied to the GPU at each call
+        return Prior(lambda p, enc: dist.Normal(p["loc"], 1.0).to_event(1),
+                     fixed={"loc": torch.zeros(latent_dim)})
+
+    register_prior("host-number", host_number)
+    try:
+        with pytest.raises(ConfigError, match="synchronises with the host.*train.cuda_graph = false"):
+            train(small_config("train.device=cuda", "train.cuda_graph=true",
+                               "prior.name=host-number"))
+    finally:
+        PRIORS.pop("host-number")

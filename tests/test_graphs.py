@@ -2,23 +2,30 @@
 
 On the CPU the step the graph holds runs uncaptured (with a warning), which is what these
 tests check: its arithmetic against eager training on the same seed, its deferred reads, a
-skipped non-finite update, resume and rollback, and when the graphs go stale. The capture
-itself runs only on a GPU (tests/test_cuda.py).
+skipped non-finite update, resume and rollback, when the graphs go stale, and that no prior
+or likelihood it accepts builds a tensor from a Python number (on a GPU, a host copy that a
+capture refuses). The capture itself runs only on a GPU (tests/test_cuda.py).
 """
 
 import math
 
+import pyro
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from pyro_vae.config import ConfigError
 from pyro_vae.distributed import Group, check_supported
 from pyro_vae.graphs import StepGraphs, UncapturedGraphWarning
-from pyro_vae.training import Interrupted, NonFiniteError, TrainState, make_loss, run_epoch, train, train_step
+from pyro_vae.likelihoods import LIKELIHOODS
+from pyro_vae.objectives import check_written_out, negative_elbo
+from pyro_vae.priors import PRIORS
+from pyro_vae.training import (Interrupted, NonFiniteError, TrainState, make_loss, run_epoch,
+                               train, train_step)
 
-from conftest import small_config
+from conftest import build_vae, small_config
 
-CPU = ("train.device=cpu", "train.batch_size=64")  # 500 images: 7 full batches and one of 52
+CPU = ("train.device=cpu", "train.batch_size=64")  # 500 images: 7 batches of 64, one of 52
 uncaptured = pytest.mark.filterwarnings("ignore::pyro_vae.graphs.UncapturedGraphWarning")
 
 
@@ -106,6 +113,7 @@ def test_a_non_finite_graph_step_is_skipped_and_named_at_the_next_read():
         train_step(state, loss, x, None, 1.0)
     for name, value in state.vae.encoder.state_dict().items():  # no update was applied
         assert torch.equal(value, before[name]), name
+    assert getattr(state.optimizer, "found_inf", None) is None  # no later eager step skips
 
 
 @uncaptured
@@ -126,7 +134,8 @@ def test_graphs_are_captured_again_after_a_checkpoint_load_or_a_new_learning_rat
     state, loss = graph_state()
     captured = []
     monkeypatch.setattr(state.graphs, "capture", True)  # record captures, replay nothing
-    monkeypatch.setattr(state.graphs, "_capture", lambda b: captured.append(b) or _Replay(state.graphs, b))
+    monkeypatch.setattr(state.graphs, "_capture",
+                        lambda b: captured.append(b) or _Replay(state.graphs, b))
     x = state.dataset.x_train[:64]
     train_step(state, loss, x, None, 1.0)  # eager
     saved = state.state_dict()
@@ -156,8 +165,9 @@ class _Replay:
 
 
 @pytest.mark.parametrize("overrides, match", [
-    (("train.elbo=jit",), "train.cuda_graph = true with train.elbo = 'jit'.*'trace' or 'meanfield'"),
+    (("train.elbo=jit",), "train.cuda_graph = true with train.elbo = 'jit'.*'trace' or 'mean"),
     (("guide.name=full",), "train.cuda_graph = true with guide.name = 'full'.*'gaussian'"),
+    (("prior.name=student-t",), "prior.name = 'student-t'.*StudentT copies a Python number"),
 ])
 def test_what_a_captured_step_cannot_run_is_refused_by_name(overrides, match):
     with pytest.raises(ConfigError, match=match):
@@ -182,5 +192,70 @@ def test_without_torchs_fused_adam_a_captured_step_is_refused():
 def test_an_epoch_of_graph_steps_counts_every_image_once():
     state, loss = graph_state("train.sync_every=2")
     assert run_epoch(state, loss)
-    m = state.metrics[-1]  # 270 training images: 4 batches of 64 and one of 14
+    m = state.metrics[-1]  # 300 training images: 4 batches of 64 and one of 44
     assert state.step == 5 and math.isfinite(m["train_elbo"]) and m["train_elbo"] < 0
+
+
+class _TensorsFromNumbers(TorchFunctionMode):
+    """Records torch.tensor / torch.as_tensor calls: on a GPU each copies host memory to
+    the device, which synchronises and which a CUDA graph cannot capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls += func in (torch.tensor, torch.as_tensor)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("overrides", [
+    *[(f"prior.name={p}",) for p in PRIORS],
+    *[(f"likelihood.name={name}",) for name in LIKELIHOODS],
+    *[("likelihood.name=gaussian", f"likelihood.scale={s}") for s in ("learned", "per-pixel")],
+    ("model.conditional=true",),
+    ("train.elbo=meanfield",),
+])
+def test_the_captured_step_builds_no_tensor_from_a_python_number(overrides):
+    cfg, ds, vae = build_vae(*overrides)
+    x = ds.x_test[:8].clamp(0.01, 0.99)  # (8, X), inside every likelihood's support
+    y1h = vae.onehot(ds.y_test[:8]) if vae.num_classes else None
+    eps = torch.randn(1, 8, vae.latent_dim)
+    try:
+        check_written_out(small_config(*overrides, "train.cuda_graph=true"))
+    except ConfigError:
+        assert cfg.prior.name == "student-t"  # refused up front, by name
+        return
+    spy = _TensorsFromNumbers()
+    with spy, pyro.validation_enabled(False):
+        negative_elbo(vae, x, eps, y1h, x.new_ones(()), cfg.train.elbo == "meanfield").backward()
+    assert spy.calls == 0
+
+
+@uncaptured
+def test_a_graph_run_rolls_back_from_a_transient_nan_and_finishes(tmp_path):
+    import pyro.distributions as dist
+
+    from pyro_vae.checkpoint import RollbackWarning
+    from pyro_vae.likelihoods import Likelihood, register_likelihood
+
+    calls = {"n": 0}
+
+    def flaky(cfg, x_dim):  # one poisoned forward pass (the 30th: epoch 4), then healthy
+        def make(logits):
+            calls["n"] += 1
+            return dist.Bernoulli(logits=logits * (float("nan") if calls["n"] == 30 else 1.0),
+                                  validate_args=False)
+        return Likelihood(make, 1, "unit")
+
+    register_likelihood("flaky", flaky)
+    try:
+        cfg = small_config(*CPU, "train.cuda_graph=true", "likelihood.name=flaky",
+                           "train.on_nan=rollback", epochs=4)  # 8 steps an epoch
+        with pytest.warns(RollbackWarning, match=r"rollback 1/3 to epoch 3, step 24 with train.lr "
+                                                 r"halved to 0.0005 after: non-finite .* epoch 4"):
+            result = train(cfg, tmp_path / "run")
+    finally:
+        LIKELIHOODS.pop("flaky")
+    assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
+    assert all(math.isfinite(m["train_elbo"]) for m in result.metrics)
