@@ -135,7 +135,8 @@ class StepGraphs:
         return True
 
     def _body(self, b: int) -> None:
-        """The step the graph holds (see the module docstring)."""
+        """The step the graph holds, on the buffers of batch size b: x ``[B, X]``, y ``[B]``
+        or None, eps ``[K, B, D]`` (see the module docstring)."""
         x, y, eps = self.inputs[b]
         grads = [p.grad for p in self.vae.parameters()]
         torch._foreach_zero_(grads)
@@ -157,7 +158,7 @@ class StepGraphs:
         """Warm up on a side stream (lazy initialisation happens outside the graph), then
         record one :meth:`_body` into a graph (recording runs nothing)."""
         for group in self.opt.param_groups:
-            group["capturable"] = True  # Adam's step count stays on the device
+            group["capturable"] = True  # torch refuses to capture step() otherwise
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -190,7 +191,6 @@ class StepGraphs:
                  if isinstance(v, torch.Tensor)]
         return [*self.vae.parameters(), *state, self.loss_sum, self.first_bad, self.step_no,
                 self.found_inf]
-
 
 
 @contextlib.contextmanager
