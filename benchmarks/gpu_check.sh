@@ -23,7 +23,7 @@ timeout 90 python3 benchmarks/bench_train.py --device cuda --epochs 3 --rounds 1
   --networks "784-400-50 softplus" --batch-sizes 256 --skip meanfield+compile \
   >> "$OUT/bench.log" 2>&1
 # what is left of the 9 minutes goes to the suite, with the CLI commands beside it
-timeout -s INT $((SECONDS < 480 ? 540 - SECONDS : 60)) python3 -m pytest -p no:cacheprovider -n 8 --dist loadfile -rfEs --durations=15 \
+timeout -s INT $((SECONDS < 480 ? 540 - SECONDS : 60)) python3 -m pytest -p no:cacheprovider -p no:benchmark -n 8 --dist loadfile -rfEs --durations=15 \
   > "$OUT/suite.log" 2>&1 &
 C="--points 2 --chains 2 --warmup 100 --draws 100 --iw-k 500 --ais-steps 50 --ais-chains 4 --quiet"
 ( set -x
