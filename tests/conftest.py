@@ -1,5 +1,6 @@
 """Shared test setup: Pyro validation on, param store cleared, one seed per test."""
 
+import contextlib
 import json
 
 import matplotlib
@@ -87,3 +88,41 @@ def write_torchvision_set(root, folder, n_train, n_test, seed=0):
         write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
         write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (n,)))
     return raw
+
+
+@contextlib.contextmanager
+def no_host_reads(monkeypatch, what: str = "a training step"):
+    """Within: reading a tensor's value on the host (``item``, ``tolist``, ``bool``,
+    ``float``, ``int``) fails the test; on a GPU each such read stalls the queue."""
+
+    def host_read(*args, **kwargs):
+        raise AssertionError(f"a host read in {what}")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+            m.setattr(torch.Tensor, name, host_read)
+        yield
+
+
+@contextlib.contextmanager
+def flaky_likelihood(nan_at: int):
+    """Registers likelihood ``flaky``: a Bernoulli whose ``nan_at``-th forward pass has NaN
+    logits (a transient fault), healthy before and after; unregistered on exit."""
+    import pyro.distributions as dist
+
+    from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, register_likelihood
+
+    calls = {"n": 0}
+
+    def flaky(cfg, x_dim):
+        def make(logits):
+            calls["n"] += 1
+            poison = float("nan") if calls["n"] == nan_at else 1.0
+            return dist.Bernoulli(logits=logits * poison, validate_args=False)
+        return Likelihood(make, 1, "unit")
+
+    register_likelihood("flaky", flaky)
+    try:
+        yield
+    finally:
+        LIKELIHOODS.pop("flaky")

@@ -189,31 +189,16 @@ def test_nan_in_data_is_refused_on_load():
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
 def test_rollback_recovers_from_a_transient_nan_and_halves_the_learning_rate(tmp_path):
-    import pyro.distributions as dist
-
-    from pyro_vae.likelihoods import LIKELIHOODS, Likelihood, register_likelihood
     from pyro_vae.checkpoint import RollbackWarning
     from pyro_vae.training import train
 
-    from conftest import small_config
+    from conftest import flaky_likelihood, small_config
 
-    calls = {"n": 0}
-
-    def flaky(cfg, x_dim):  # one poisoned forward pass (the 30th), then healthy again
-        def make(logits):
-            calls["n"] += 1
-            return dist.Bernoulli(logits=logits * (float("nan") if calls["n"] == 30 else 1.0),
-                                  validate_args=False)
-        return Likelihood(make, 1, "unit")
-
-    register_likelihood("flaky", flaky)
-    try:
+    with flaky_likelihood(nan_at=30):  # one poisoned forward pass, then healthy again
         cfg = small_config("likelihood.name=flaky", "train.on_nan=rollback", "train.batch_size=64",
                            epochs=4)  # 8 steps per epoch: the NaN strikes in epoch 4
         with pytest.warns(RollbackWarning, match=r"rollback 1/3 to epoch 3, step 24 with train.lr halved to 0.0005"):
             result = train(cfg, tmp_path / "run")
-    finally:
-        LIKELIHOODS.pop("flaky")
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
     ckpt = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["lr_factor"] == 0.5 and ckpt["epoch"] == 4

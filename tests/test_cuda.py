@@ -7,6 +7,7 @@ modified in place: pytorch/pytorch#180642); captured steps (train.cuda_graph) gi
 losses too, resume mid-epoch, and never synchronize with the host.
 """
 
+import contextlib
 import copy
 import math
 
@@ -22,6 +23,17 @@ from pyro_vae.training import make_optimizer, train
 from conftest import small_config
 
 pytestmark = pytest.mark.cuda
+
+@contextlib.contextmanager
+def no_synchronization():
+    """Within: any CUDA call that synchronizes with the host raises (after a drain)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
 
 QUICK = ["--quiet", "--set", "data.subset=500", "--set", "model.hidden=[64]",
          "--set", "model.latent_dim=4", "--set", "train.epochs=2", "--set", "train.device=cuda"]
@@ -99,13 +111,9 @@ def test_a_deferred_cuda_step_never_synchronizes_with_the_host():
     loss = make_loss(cfg, state.vae, defer_reads=state.sync_every > 1)
     x = state.dataset.x_train[:64]  # (64, X) on the GPU
     train_step(state, loss, x, None, 1.0)  # the first step validates, and may read
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
-    try:
+    with no_synchronization():
         for _ in range(3):
             train_step(state, loss, x, None, 1.0)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     state.read_pending()
     assert state.step == 4 and state.epoch_loss > 0
 
@@ -155,13 +163,9 @@ def test_a_captured_step_never_synchronizes_with_the_host():
     for _ in range(2):  # the eager first step, then the capture (which synchronizes)
         train_step(state, loss, x, None, 1.0)
     assert list(state.graphs.graphs) == [64]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
-    try:
+    with no_synchronization():
         for _ in range(3):
             train_step(state, loss, x, None, 0.5)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     state.read_pending()
     assert state.step == 5 and state.epoch_loss > 0
 

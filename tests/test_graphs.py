@@ -23,7 +23,7 @@ from pyro_vae.priors import PRIORS
 from pyro_vae.training import (Interrupted, NonFiniteError, TrainState, make_loss, run_epoch,
                                train, train_step)
 
-from conftest import build_vae, small_config
+from conftest import build_vae, flaky_likelihood, no_host_reads, small_config
 
 CPU = ("train.device=cpu", "train.batch_size=64")  # 500 images: 7 batches of 64, one of 52
 uncaptured = pytest.mark.filterwarnings("ignore::pyro_vae.graphs.UncapturedGraphWarning")
@@ -85,13 +85,7 @@ def test_a_graph_step_reads_nothing_back_from_the_device(monkeypatch, conditiona
     x = state.dataset.x_train[:64]  # (64, X)
     y = state.dataset.y_train[:64] if conditional else None
     train_step(state, loss, x, y, 1.0)  # the first step is eager and validates
-
-    def host_read(*args, **kwargs):
-        raise AssertionError("a host read in a graph step")
-
-    with monkeypatch.context() as m:
-        for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
-            m.setattr(torch.Tensor, name, host_read)
+    with no_host_reads(monkeypatch, "a graph step"):
         for _ in range(3):
             train_step(state, loss, x, y, 0.5)
     state.read_pending()
@@ -234,28 +228,13 @@ def test_the_captured_step_builds_no_tensor_from_a_python_number(overrides):
 
 @uncaptured
 def test_a_graph_run_rolls_back_from_a_transient_nan_and_finishes(tmp_path):
-    import pyro.distributions as dist
-
     from pyro_vae.checkpoint import RollbackWarning
-    from pyro_vae.likelihoods import Likelihood, register_likelihood
 
-    calls = {"n": 0}
-
-    def flaky(cfg, x_dim):  # one poisoned forward pass (the 30th: epoch 4), then healthy
-        def make(logits):
-            calls["n"] += 1
-            return dist.Bernoulli(logits=logits * (float("nan") if calls["n"] == 30 else 1.0),
-                                  validate_args=False)
-        return Likelihood(make, 1, "unit")
-
-    register_likelihood("flaky", flaky)
-    try:
+    with flaky_likelihood(nan_at=30):  # the 30th forward pass: epoch 4 of 8 steps each
         cfg = small_config(*CPU, "train.cuda_graph=true", "likelihood.name=flaky",
-                           "train.on_nan=rollback", epochs=4)  # 8 steps an epoch
+                           "train.on_nan=rollback", epochs=4)
         with pytest.warns(RollbackWarning, match=r"rollback 1/3 to epoch 3, step 24 with train.lr "
                                                  r"halved to 0.0005 after: non-finite .* epoch 4"):
             result = train(cfg, tmp_path / "run")
-    finally:
-        LIKELIHOODS.pop("flaky")
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
     assert all(math.isfinite(m["train_elbo"]) for m in result.metrics)
