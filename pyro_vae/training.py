@@ -232,7 +232,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
             # eps as Pyro draws it: [B, D] for one particle, [K, B, D] for K vectorized ones
             eps = torch.randn(tc.num_particles, x.shape[0], vae.latent_dim, device=x.device)
             value = call_compiled(compiled, vae, x, eps, vae.onehot(y),
-                                   x.new_full((), weight), analytic_kl)
+                                  x.new_full((), weight), analytic_kl)
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
             defer = defer_reads and not validate and tc.elbo in DEFERRABLE
