@@ -144,11 +144,9 @@ class StepGraphs:
             y1h = self.vae.onehot(y)
             loss = self.loss(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
         loss.backward()
-        both = torch.stack([loss.detach(), torch.stack(torch._foreach_norm(grads)).sum()])
-        bad = ~torch.isfinite(both).all()  # 0-d bool
+        both = loss_and_grad_norm(loss, grads)  # (2,)
+        bad = fold_step(self.loss_sum, self.first_bad, both, self.step_no)
         self.found_inf.copy_(bad)
-        self.loss_sum.add_(torch.where(bad, 0.0, both[0].double()))
-        self.first_bad.copy_(torch.where(bad & (self.first_bad < 0), self.step_no, self.first_bad))
         self.step_no.add_(1.0)
         self.opt.found_inf = self.found_inf  # read by step() (captured: by address) ...
         self.opt.step()
@@ -191,6 +189,25 @@ class StepGraphs:
                  if isinstance(v, torch.Tensor)]
         return [*self.vae.parameters(), *state, self.loss_sum, self.first_bad, self.step_no,
                 self.found_inf]
+
+
+def loss_and_grad_norm(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """``[2]``: the step's loss and the sum of its gradients' norms (one fused reduction),
+    non-finite where the loss or any gradient entry is."""
+    norm = torch.stack(torch._foreach_norm(grads)).sum()
+    return torch.stack([loss.detach().to(norm), norm])
+
+
+def fold_step(loss_sum: torch.Tensor, first_bad: torch.Tensor, both: torch.Tensor,
+              step) -> torch.Tensor:
+    """Fold a step's ``both`` (:func:`loss_and_grad_norm`) into the unread sums, in place and
+    on the device: its loss added to ``loss_sum`` unless non-finite, else its number ``step``
+    (a float or 0-d tensor) kept in ``first_bad`` if none was before (both 0-d float64).
+    Returns the step's non-finite flag (0-d bool), Adam's ``found_inf``."""
+    bad = ~torch.isfinite(both).all()
+    loss_sum.add_(torch.where(bad, 0.0, both[0].double()))
+    first_bad.copy_(torch.where(bad & (first_bad < 0), step, first_bad))
+    return bad
 
 
 @contextlib.contextmanager

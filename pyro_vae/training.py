@@ -33,7 +33,7 @@ from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
 from .evaluate import elbo_terms
-from .graphs import StepGraphs
+from .graphs import StepGraphs, fold_step, loss_and_grad_norm
 from .likelihoods import check_data
 from .model import VAE, registered
 from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, call_compiled,
@@ -163,16 +163,13 @@ class TrainState:
         """Record a step's (loss, gradient norm) ``[2]`` without reading it on the host (a
         GPU runs ahead): a non-finite step's update is skipped inside the fused Adam
         (``found_inf``, as ``torch.amp.GradScaler`` does) and its step number kept."""
-        bad = ~torch.isfinite(both).all()  # 0-d bool, on the device
-        self.optimizer.found_inf = bad.float()
         # float64: its 29 bits beyond float32's hold the sum of an epoch's float32 losses
         # exactly (while it stays under 2^29 times a loss's last bit), so the sum does not
         # depend on where the reads fall: a resumed run reads at other steps and must add up
         # to the same epoch
-        loss_sum, first_bad = self.pending or (both.new_zeros((), dtype=torch.float64),
-                                               both.new_full((), -1.0, dtype=torch.float64))
-        self.pending = (loss_sum + torch.where(bad, 0.0, both[0].double()),
-                        torch.where(bad & (first_bad < 0), float(self.step), first_bad))
+        self.pending = self.pending or (both.new_zeros((), dtype=torch.float64),
+                                        both.new_full((), -1.0, dtype=torch.float64))
+        self.optimizer.found_inf = fold_step(*self.pending, both, float(self.step)).float()
 
     def read_pending(self) -> None:
         """Fold the deferred losses into ``epoch_loss`` (one host read); a non-finite step
@@ -264,10 +261,8 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     validate = state.step == 0  # validate shapes and supports once
     with pyro.validation_enabled(validate):
         value = loss(x, y, weight, validate)
-    # one fused reduction over all gradients: non-finite if any gradient entry is
     grads = [p.grad for p in state.vae.parameters() if p.grad is not None]
-    grad_norm = torch.stack(torch._foreach_norm(grads)).sum()
-    both = distributed.all_sum(torch.stack([value.to(grad_norm), grad_norm]), state.group)
+    both = distributed.all_sum(loss_and_grad_norm(value, grads), state.group)
     if state.sync_every > 1:  # no host read in this step: see TrainState.defer
         state.defer(both)
         state.optimizer.step()
