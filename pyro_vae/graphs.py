@@ -26,8 +26,9 @@ changes the learning rate, which the graph holds as a constant: either makes the
 stale, and they are captured again. Capturing needs warm-up steps, whose updates are undone.
 
 On the CPU there are no CUDA graphs: the same step runs uncaptured (with a warning), so a
-config written for a GPU still trains, to the same result (tests/test_graphs.py checks the
-step against eager training there; tests/test_cuda.py the captured step on a GPU).
+config written for a GPU still trains, to the same result. tests/test_graphs.py checks the
+step against eager training there, and against replays of a record of its ATen operations
+(a CUDA graph's semantics on the CPU); tests/test_cuda.py the captured step on a GPU.
 """
 
 from __future__ import annotations
