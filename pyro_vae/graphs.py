@@ -54,6 +54,9 @@ class StepGraphs:
 
     def __init__(self, state, analytic_kl: bool):
         self.vae, self.opt, self.analytic_kl = state.vae, state.optimizer, analytic_kl
+        # the same tensors for the run's life (a checkpoint load copies into them); listed
+        # once, as walking the modules every step cost most of a replay's host time
+        self.params = list(state.vae.parameters())
         self.loss = negative_elbo
         if state.cfg.train.compile:
             compiled = torch.compile(negative_elbo, dynamic=False)
@@ -124,10 +127,10 @@ class StepGraphs:
         """Whether the graphs hold memory or constants that are no longer the training
         state's: Adam's state and the gradients (by address), the learning rates (constants).
         Allocates missing gradients first (the graph writes them in place)."""
-        for p in self.vae.parameters():
+        for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        held = [self.opt.state, *(p.grad for p in self.vae.parameters())]
+        held = [self.opt.state, *(p.grad for p in self.params)]
         lrs = [g["lr"] for g in self.opt.param_groups]
         if self.captured_for is not None and lrs == self.captured_for[1] \
                 and all(a is b for a, b in zip(held, self.captured_for[0], strict=True)):
@@ -139,7 +142,7 @@ class StepGraphs:
         """The step the graph holds, on the buffers of batch size b: x ``[B, X]``, y ``[B]``
         or None, eps ``[K, B, D]`` (see the module docstring)."""
         x, y, eps = self.inputs[b]
-        grads = [p.grad for p in self.vae.parameters()]
+        grads = [p.grad for p in self.params]
         torch._foreach_zero_(grads)
         with pyro.validation_enabled(False):  # validation reads values on the host
             y1h = self.vae.onehot(y)
@@ -188,7 +191,7 @@ class StepGraphs:
         """What a step changes besides gradients: parameters, Adam's state, the sums."""
         state = [v for s in self.opt.state.values() for v in s.values()
                  if isinstance(v, torch.Tensor)]
-        return [*self.vae.parameters(), *state, self.loss_sum, self.first_bad, self.step_no,
+        return [*self.params, *state, self.loss_sum, self.first_bad, self.step_no,
                 self.found_inf]
 
 
