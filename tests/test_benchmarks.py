@@ -1,8 +1,10 @@
 """The benchmarks run (they are not tests of speed: a broken benchmark is what fails here)."""
 
+import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,11 +26,31 @@ def test_bench_train_runs_every_eager_variant_and_writes_its_png(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_one_epoch_of_the_default_network_is_37_gflop():
+def bench_train():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_train
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    flops = bench_train.flops_per_image(bench_train.NETWORKS["784-400-50 softplus"])
-    assert flops * bench_train.N_TRAIN == pytest.approx(37.1e9, rel=0.01)
+    return bench_train
+
+
+def test_one_epoch_of_the_default_network_is_37_gflop():
+    bench = bench_train()
+    flops = bench.flops_per_image(bench.NETWORKS["784-400-50 softplus"])
+    assert flops * bench.N_TRAIN == pytest.approx(37.1e9, rel=0.01)
+
+
+@pytest.mark.filterwarnings("ignore::pyro_vae.graphs.UncapturedGraphWarning")
+def test_the_host_only_row_runs_every_graph_step_without_its_device_work(monkeypatch):
+    from pyro_vae.graphs import StepGraphs
+
+    bench, body, step, stubbed = bench_train(), StepGraphs._body, StepGraphs.step, []
+    monkeypatch.setattr(StepGraphs, "step", lambda self, *args: stubbed.append(
+        StepGraphs._body is not body) or step(self, *args))
+    args = SimpleNamespace(epochs=2, device="cpu")
+    secs, test_elbo = bench.run_variant("trace+cuda_graph-host", ["data.subset=600"], args, 256)
+    assert stubbed == [True] * 5  # 2 epochs of 3 steps, the first eager
+    assert StepGraphs._body is body  # put back
+    assert len(secs) == 1 and secs[0] > 0 and math.isnan(test_elbo)
+    assert "trace+cuda_graph-host" in bench.CUDA_ONLY["eager"]
