@@ -261,7 +261,8 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     validate = state.step == 0  # validate shapes and supports once
     with pyro.validation_enabled(validate):
         value = loss(x, y, weight, validate)
-    params = (p for g in state.optimizer.param_groups for p in g["params"])  # not vae's walk
+    # the optimizer's list of the parameters: vae.parameters() walks the modules (~45 us)
+    params = (p for g in state.optimizer.param_groups for p in g["params"])
     grads = [p.grad for p in params if p.grad is not None]
     both = distributed.all_sum(loss_and_grad_norm(value, grads), state.group)
     if state.sync_every > 1:  # no host read in this step: see TrainState.defer
