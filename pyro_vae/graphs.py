@@ -54,9 +54,10 @@ class StepGraphs:
 
     def __init__(self, state, analytic_kl: bool):
         self.vae, self.opt, self.analytic_kl = state.vae, state.optimizer, analytic_kl
-        # the same tensors for the run's life (a checkpoint load copies into them); listed
-        # once, as walking the modules every step cost most of a replay's host time
-        self.params = list(state.vae.parameters())
+        # the optimizer's parameters, as the eager step reads them: the same tensors for the
+        # run's life (a checkpoint load copies into them), listed once, as walking the
+        # modules every step cost most of a replay's host time
+        self.params = [p for g in self.opt.param_groups for p in g["params"]]
         self.loss = negative_elbo
         if state.cfg.train.compile:
             compiled = torch.compile(negative_elbo, dynamic=False)
