@@ -320,5 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def entry() -> None:
+    """The ``pyro-vae`` and ``python -m pyro_vae`` process: run :func:`main` and exit with its
+    status (under torchrun through :func:`distributed.exit_process`)."""
+    distributed.exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -19,7 +19,8 @@ DDP's own (gloo on the CPU, NCCL on GPUs); rank 0 alone writes the run directory
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+import sys
+from typing import NamedTuple, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -63,6 +64,24 @@ def init_from_env(device: torch.device) -> Group:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return current()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with status ``code``; one of several under torchrun, without the
+    interpreter's finalization (``os._exit`` once stdout and stderr are flushed).
+
+    Why: gloo's worker threads outlive ``destroy_process_group`` (DDP keeps the backend
+    alive), and a worker that drops the last C++ reference to a finished all-reduce's tensor
+    takes the GIL to release its Python object. If that falls in the interpreter's
+    finalization, CPython ends the thread inside a C++ destructor and the process aborts
+    ("terminate called without an active exception"), after which torchrun kills the other
+    ranks, rank 0 mid-way through writing its figures (pytorch/pytorch#190489; seen here in
+    about 1 run in 10 on a loaded machine). By now every file is written and closed."""
+    if launched():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _local_gpu() -> int:

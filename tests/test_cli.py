@@ -1,3 +1,5 @@
+import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -5,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pyro_vae.cli import main
+from pyro_vae.cli import entry, main
 
 from conftest import metrics_without_seconds
 
@@ -66,6 +68,40 @@ def test_console_script_reports_bad_input_in_a_subprocess(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "train.elbo = 'tracee': unknown name (did you mean 'trace'?); allowed: iwae, jit, meanfield, trace" in proc.stderr
+
+
+class _Exited(Exception):
+    """Raised by the stand-in for ``os._exit``."""
+
+
+class _FlushCount(io.StringIO):
+    flushes = 0
+
+    def flush(self):
+        self.flushes += 1
+        super().flush()
+
+
+@pytest.mark.parametrize("world", [None, "2"])
+def test_the_process_exits_with_mains_status_and_under_torchrun_skips_finalization(
+        monkeypatch, world):
+    """Alone: ``sys.exit``. One of several under torchrun: ``os._exit`` after flushing both
+    streams, so a gloo thread cannot abort the process in the interpreter's finalization."""
+    monkeypatch.setattr(sys, "argv", ["pyro-vae", "sample", "no-such-run"])
+    monkeypatch.setattr(os, "_exit", lambda code: (_ for _ in ()).throw(_Exited(code)))
+    out, err = _FlushCount(), _FlushCount()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    if world is None:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("WORLD_SIZE", world)
+    with pytest.raises(SystemExit if world is None else _Exited) as exited:
+        entry()
+    status = exited.value.code if world is None else exited.value.args[0]
+    assert status == 2
+    assert "pyro-vae: error: " in err.getvalue() and "no-such-run" in err.getvalue()
+    assert (out.flushes >= 1 and err.flushes >= 1) == (world is not None)
 
 
 def test_sample_writes_grids_and_checks_labels(tmp_path, capsys):
