@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from pyro_vae.config import ConfigError
 from pyro_vae.distributed import Group, check_supported
-from pyro_vae.graphs import StepGraphs, UncapturedGraphWarning
+from pyro_vae.graphs import StepGraphs, UncapturedGraphWarning, optimized
 from pyro_vae.likelihoods import LIKELIHOODS
 from pyro_vae.priors import PRIORS
 from pyro_vae.training import (Interrupted, NonFiniteError, TrainState, make_loss, run_epoch,
@@ -137,6 +137,18 @@ def graph_state(*overrides, subset=300):
         state = TrainState.create(cfg, torch.device("cpu"))
     assert isinstance(state.graphs, StepGraphs)
     return state, make_loss(cfg, state.vae, defer_reads=state.sync_every > 1)
+
+
+def test_both_steps_read_the_models_parameters_themselves_through_a_checkpoint_load():
+    """``optimized`` lists each of the model's parameters once, as the very tensors (the graph
+    writes their gradients in place), and a checkpoint load keeps them."""
+    state, _ = graph_state("model.conditional=true")
+    listed = optimized(state.optimizer)
+    assert len(listed) == len(list(state.vae.parameters()))
+    assert {id(p) for p in listed} == {id(p) for p in state.vae.parameters()}
+    state.load_state_dict(state.state_dict())
+    assert all(a is b for a, b in zip(optimized(state.optimizer), listed, strict=True))
+    assert all(a is b for a, b in zip(state.graphs.params, listed, strict=True))
 
 
 SETTINGS = [("train.elbo=trace",),
