@@ -30,7 +30,6 @@ from . import distributed
 from .config import ConfigError, load_config
 from .data import DataError
 from .evaluate import evaluate_model
-from .inspection import samples_figure, save_figure, write_basic_figures, write_figures
 from .runs import RunError, check_run_dir, load_run
 from .training import Interrupted, NonFiniteError, resolve_device, train
 
@@ -176,6 +175,8 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
         return 128 + (stop.signum or signal.SIGTERM)
     if not group.is_main:
         return 0
+    from .inspection import write_basic_figures  # pyplot: only the commands that draw load it
+
     write_basic_figures(result.vae, result.dataset, run_dir)
     last = result.metrics[-1]
     print(f"final test ELBO {last['test_elbo']:.2f} nats per data point after "
@@ -198,6 +199,8 @@ def cmd_sample(args) -> int:
     suffix = "" if args.label is None else f"_label{args.label}"
     out = Path(args.out or run.path / f"samples{suffix}.png")
     title = "samples" + ("" if args.label is None else f" of class {args.label}")
+    from .inspection import samples_figure, save_figure
+
     save_figure(samples_figure(images, run.dataset.image_shape, title=title), out)
     print(f"wrote {out}")
     return 0
@@ -271,6 +274,8 @@ def cmd_evaluate(args) -> int:
 def cmd_inspect(args) -> int:
     run = load_run(args.run)
     out = Path(args.out or run.path / "figures")
+    from .inspection import write_figures
+
     written = write_figures(run, out)
     print(f"wrote {len(written)} figures to {out}/: {', '.join(p.name for p in written)}")
     return 0
