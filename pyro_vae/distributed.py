@@ -18,6 +18,7 @@ DDP's own (gloo on the CPU, NCCL on GPUs); rank 0 alone writes the run directory
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import NamedTuple, NoReturn
@@ -67,8 +68,14 @@ def init_from_env(device: torch.device) -> Group:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End this process with status ``code``; one of several under torchrun, without the
-    interpreter's finalization (``os._exit`` once stdout and stderr are flushed).
+    """End this process with status ``code``. Alone: ``sys.exit``, after ``gc.freeze()``:
+    the interpreter's finalization then skips the cycle collection of every object alive
+    now, which takes about 1 s once torch, Dynamo and Pyro are loaded (on the project's
+    2-core machine, a short ``pyro-vae train`` took 1.20 s from its last line to its exit
+    before, 0.25 s after). The rest of the exit (atexit handlers, flushing stdout and
+    stderr, module teardown) runs as usual; every file the command wrote is closed by then.
+    One of several under torchrun: without the interpreter's finalization (``os._exit``
+    once stdout and stderr are flushed).
 
     Why: gloo's worker threads outlive ``destroy_process_group`` (DDP keeps the backend
     alive), and a worker that drops the last C++ reference to a finished all-reduce's tensor
@@ -81,6 +88,7 @@ def exit_process(code: int) -> NoReturn:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    gc.freeze()
     sys.exit(code)
 
 
