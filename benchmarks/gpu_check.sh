@@ -14,14 +14,6 @@ case $PART in correctness|speed|all) ;;
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
 python3 -c "import torch, pyro, arviz, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'pyro', pyro.__version__, 'arviz', arviz.__version__)" | tee -a "$OUT/env.log"
 
-train_default() {  # train_default NAME [train.key=value ...]: the default command, timed
-  local name=$1 start=$SECONDS sets=(); shift
-  for m in "$@"; do sets+=(--set "train.$m"); done
-  timeout 150 pyro-vae train --name "$name" --runs-dir "$R" --quiet "${sets[@]}" >> "$OUT/train.log" 2>&1
-  echo "train $name ($*): rc $?, wall $((SECONDS - start)) s" >> "$OUT/train.log"
-  tail -1 "$R/$name/metrics.jsonl" >> "$OUT/train.log" 2>&1
-}
-
 correctness() {  # the suite (12 workers, stopped at SUITE_S seconds) with every CLI command beside it
   timeout -s INT "${SUITE_S:-400}" python3 -m pytest -p no:cacheprovider -p no:benchmark -n 12 \
     --dist loadfile -rfEs --durations=15 > "$OUT/suite.log" 2>&1 &
@@ -43,10 +35,10 @@ correctness() {  # the suite (12 workers, stopped at SUITE_S seconds) with every
   grep -a "^rc " "$OUT/cli.log"
 }
 
-speed() {  # the default command eager and captured, then bench_train's GPU table and curve
-  train_default eager compile=false
-  train_default graph cuda_graph=true
-  cat "$OUT/train.log"
+speed() {  # the default command on 2 CPU cores, eager and captured; bench_train's table and curve
+  timeout 200 python3 benchmarks/bench_command.py > "$OUT/command.log" 2>&1
+  echo "bench_command: rc $?" >> "$OUT/command.log"
+  grep -E "^\||rc " "$OUT/command.log"
   timeout 170 python3 benchmarks/bench_train.py --device cuda --epochs 3 --rounds 1 --phases eager \
     --networks "784-400-50 softplus" --batch-sizes 256 1024 4096 --skip jit --verbose \
     --png "$OUT/throughput.png" --peak-tflops 67 > "$OUT/bench.log" 2>&1

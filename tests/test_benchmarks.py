@@ -54,3 +54,46 @@ def test_the_host_only_row_runs_every_graph_step_without_its_device_work(monkeyp
     assert StepGraphs._body is body  # put back
     assert len(secs) == 1 and secs[0] > 0 and math.isnan(test_elbo)
     assert "trace+cuda_graph-host" in bench.CUDA_ONLY["eager"]
+
+
+def bench_command():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_command
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_command
+
+
+@pytest.mark.slow
+def test_bench_command_splits_each_variants_wall_time(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_command.py"), "--set", "train.epochs=3",
+         "--set", "data.subset=600", "--variant", "cpu: train.device=cpu",
+         "--variant", "one-core@1: train.device=cpu"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {cells[0]: cells[1:] for cells in (
+        [c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
+        if line.startswith(("| cpu |", "| one-core |")))}
+    assert set(rows) == {"cpu", "one-core"} and rows["cpu"][1] == "1.00x"
+    for wall, _, to_first, epoch_wall, training, after, fixed, test_elbo in rows.values():
+        # the run's own training seconds lie inside the gaps between its epoch lines, and
+        # start-up (imports, data, model) makes the first line come later than one epoch
+        assert 0 < float(training) <= float(epoch_wall) < float(to_first) < float(wall)
+        assert 0 < float(after) and 0 < float(fixed) <= float(wall) and float(test_elbo) < 0
+
+
+def test_bench_command_reads_variants_and_refuses_malformed_ones(capsys):
+    bench = bench_command()
+    assert bench.parse_variant("cpu@2: train.device=cpu train.epochs=5") == bench.Variant(
+        "cpu", 2, ["train.device=cpu", "train.epochs=5"])
+    assert bench.parse_variant("cuda+graph: train.cuda_graph=true").cores is None
+    for bad in ["cpu train.device=cpu", "cpu@0: train.device=cpu", "cpu: train.device",
+                "two words: train.device=cpu"]:
+        with pytest.raises(SystemExit) as exited:
+            bench.main(["--variant", bad])
+        assert exited.value.code == 2 and repr(bad) in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--variant", "a: train.epochs=1", "--variant", "a: train.epochs=2"])
+    assert "its own NAME" in capsys.readouterr().err
