@@ -4,6 +4,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyro_vae.likelihoods import Bernoulli
 from pyro_vae.networks import ACTIVATIONS, Softplus, softplus
@@ -62,3 +63,29 @@ def test_bernoulli_log_density_and_gradient_equal_torchs(grey):
     (g,) = torch.autograd.grad(ours.sum(), logits)
     assert torch.allclose(g, x - torch.sigmoid(logits.detach()), atol=1e-12)  # d/dl log p = x - p
     assert isinstance(Bernoulli(logits=logits[0, 0]).expand([5, 784]), Bernoulli)
+
+
+class _AtenOps(TorchDispatchMode):
+    """Records the name of every ATen operation run within."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_softplus_is_the_vectorized_node_on_the_cpu_and_torchs_kernel_elsewhere(device):
+    # meta stands in for a GPU (no data, same dispatch): there one launch forward and one
+    # backward; the CPU node's log-based arithmetic would be eleven and two
+    x = torch.randn(3, 4, device=device, requires_grad=True)
+    with _AtenOps() as ops:
+        softplus(x).sum().backward()
+    torchs = {"softplus", "softplus_backward"}
+    if device == "cpu":
+        assert not torchs & set(ops.names) and "log" in ops.names and "sigmoid" in ops.names
+    else:
+        assert torchs <= set(ops.names) and not {"log", "exp_", "sigmoid"} & set(ops.names)
