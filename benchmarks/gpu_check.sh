@@ -48,6 +48,8 @@ speed() {  # the default command on 2 CPU cores, eager and captured; bench_train
     >> "$OUT/bench.log" 2>&1
   echo "bench compiled: rc $?" >> "$OUT/bench.log"
   grep -E "^\| [0-9]|^batch|rc " "$OUT/bench.log" | cut -c1-230
+  timeout 60 python3 benchmarks/bench_host.py --gpu-path --rounds 5 > "$OUT/host.log" 2>&1  # this host's
+  echo "bench_host: rc $?" >> "$OUT/host.log"; cat "$OUT/host.log"  # share of the eager rows above
 }
 
 case $PART in

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,3 +98,27 @@ def test_bench_command_reads_variants_and_refuses_malformed_ones(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--variant", "a: train.epochs=1", "--variant", "a: train.epochs=2"])
     assert "its own NAME" in capsys.readouterr().err
+
+
+def bench_host():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_host
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_host
+
+
+def test_bench_host_counts_launches_but_not_views_and_times_each_step():
+    bench = bench_host()
+    x = torch.randn(3, 4)
+    with bench.LaunchCount() as views:
+        x.t(), x.view(12), x[1:], x.detach(), x.unsqueeze(0)
+    with bench.LaunchCount() as launches:
+        x + 1, x.add_(1), x.sum(), torch.mm(x, x.t())
+    assert views.count == 0 and launches.count == 4
+    result = bench.measure({"floor": bench.floor_step(False), "trace": bench.pyro_vae_step("trace")},
+                           rounds=1, n=2)
+    (floor_us, floor_ops), (trace_us, trace_ops) = result["floor"], result["trace"]
+    # Pyro's trace computes a Monte Carlo KL and its own sums: more operations than the floor
+    assert 0 < floor_ops < trace_ops and floor_us > 0 and trace_us > 0
