@@ -1,5 +1,6 @@
 """The benchmarks run (they are not tests of speed: a broken benchmark is what fails here)."""
 
+import importlib
 import math
 import subprocess
 import sys
@@ -27,17 +28,17 @@ def test_bench_train_runs_every_eager_variant_and_writes_its_png(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def bench_train():
+def benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (they import each other by name)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import bench_train
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_train
 
 
 def test_one_epoch_of_the_default_network_is_37_gflop():
-    bench = bench_train()
+    bench = benchmark("bench_train")
     flops = bench.flops_per_image(bench.NETWORKS["784-400-50 softplus"])
     assert flops * bench.N_TRAIN == pytest.approx(37.1e9, rel=0.01)
 
@@ -46,7 +47,7 @@ def test_one_epoch_of_the_default_network_is_37_gflop():
 def test_the_host_only_row_runs_every_graph_step_without_its_device_work(monkeypatch):
     from pyro_vae.graphs import StepGraphs
 
-    bench, body, step, stubbed = bench_train(), StepGraphs._body, StepGraphs.step, []
+    bench, body, step, stubbed = benchmark("bench_train"), StepGraphs._body, StepGraphs.step, []
     monkeypatch.setattr(StepGraphs, "step", lambda self, *args: stubbed.append(
         StepGraphs._body is not body) or step(self, *args))
     args = SimpleNamespace(epochs=2, device="cpu")
@@ -55,15 +56,6 @@ def test_the_host_only_row_runs_every_graph_step_without_its_device_work(monkeyp
     assert StepGraphs._body is body  # put back
     assert len(secs) == 1 and secs[0] > 0 and math.isnan(test_elbo)
     assert "trace+cuda_graph-host" in bench.CUDA_ONLY["eager"]
-
-
-def bench_command():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_command
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_command
 
 
 @pytest.mark.slow
@@ -86,7 +78,7 @@ def test_bench_command_splits_each_variants_wall_time(tmp_path):
 
 
 def test_bench_command_reads_variants_and_refuses_malformed_ones(capsys):
-    bench = bench_command()
+    bench = benchmark("bench_command")
     assert bench.parse_variant("cpu@2: train.device=cpu train.epochs=5") == bench.Variant(
         "cpu", 2, ["train.device=cpu", "train.epochs=5"])
     assert bench.parse_variant("cuda+graph: train.cuda_graph=true").cores is None
@@ -100,17 +92,8 @@ def test_bench_command_reads_variants_and_refuses_malformed_ones(capsys):
     assert "its own NAME" in capsys.readouterr().err
 
 
-def bench_host():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_host
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return bench_host
-
-
 def test_bench_host_counts_launches_but_not_views_and_times_each_step():
-    bench = bench_host()
+    bench = benchmark("bench_host")
     x = torch.randn(3, 4)
     with bench.LaunchCount() as views:
         x.t(), x.view(12), x[1:], x.detach(), x.unsqueeze(0)
