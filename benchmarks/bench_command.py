@@ -2,32 +2,39 @@
 into where its wall time goes; variants side by side in one run, each a fresh process.
 
     python benchmarks/bench_command.py [--variant "NAME[@CORES]: KEY=VALUE ..."] ...
-        [--set KEY=VALUE ...] [--rounds 1]
+        [--set KEY=VALUE ...] [--rounds 1] [--warm-cache]
 
 A variant is ``pyro-vae train`` with its ``KEY=VALUE`` settings (and every ``--set``), in a
 fresh Python process as a user starts it; ``@CORES`` pins that process to the first CORES
-CPUs (``sched_setaffinity``, and as many torch threads), so a GPU machine can measure "2 CPU
-cores" beside its GPU in the same run. Default variants: ``cpu`` alone; where CUDA is
-available, ``cpu@2`` (the reference), ``cuda`` (the default eager loop) and ``cuda+graph``
-(``train.cuda_graph = true``).
+CPUs (``sched_setaffinity`` in a launcher that then execs it, and as many torch threads), so
+a GPU machine can measure "2 CPU cores" beside its GPU in the same run. Default variants:
+``cpu`` alone; where CUDA is available, ``cpu-2-cores`` (``@2``, the reference), ``cuda``
+(the default eager loop) and ``cuda+graph`` (``train.cuda_graph = true``). Each run gets an
+empty Inductor cache, as a first run does (``--warm-cache``: the one cache every process
+shares, as a user's later runs do); it matters for ``train.compile`` only.
 
-The command prints a line as each epoch ends; each is timestamped as it arrives. Columns:
+The command prints a line as each epoch's metrics are recorded, before that epoch's metrics
+and checkpoint are written; each line is timestamped as it arrives. Columns:
 - ``wall``: process start to exit; ``speed-up``: the first variant's wall over this one's
   (rounds rotate the order; medians over rounds);
-- ``to epoch 1``: start to the first epoch's line: imports, data, model, CUDA set-up and
-  the first epoch with any warm-up or compilation, its evaluation and checkpoint;
-- ``epoch wall``: median gap between epoch lines (training, the test-set evaluation, the
-  checkpoint and metrics writes), of which ``training``: the median of the ``seconds``
-  the run itself records per epoch (metrics.jsonl; epochs after the first);
-- ``after``: last epoch's line to exit (the figures, interpreter shutdown);
+- ``to epoch 1``: start to the first epoch's line: imports, data, model, CUDA set-up and the
+  first epoch with any warm-up or compilation, and its evaluation;
+- ``epoch wall``: median gap between epoch lines: one epoch's metrics and checkpoint writes,
+  the next one's binarization and shuffle, training and evaluation; of which ``training``:
+  the median of the ``seconds`` the run itself records per epoch (metrics.jsonl; epochs
+  after the first);
+- ``after``: last epoch's line to exit (its metrics and checkpoint, the figures, the exit);
 - ``fixed``: ``wall - epochs x training``: everything that does not shrink with a faster
   step, the bound on any speed-up of the step (Amdahl).
+Each run's row is printed as it finishes; a variant that fails is named, the others go on.
 """
 
 import argparse
 import json
+import math
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -62,43 +69,57 @@ def parse_variant(text: str) -> Variant:
     sets = rest.split()
     if not sep or m is None or not all("=" in s for s in sets) or m.group(2) == "0":
         raise ValueError(f"--variant {text!r}: expected 'NAME[@CORES]: KEY=VALUE ...', e.g. "
-                         "'cpu@2: train.device=cpu' (CORES >= 1)")
+                         "'cpu@2: train.device=cpu' (CORES >= 1; settings separated by "
+                         "spaces, so none may hold one: model.hidden=[400,200])")
     return Variant(m.group(1), int(m.group(2)) if m.group(2) else None, sets)
 
 
-def default_variants(cuda: bool) -> list[Variant]:
-    if not cuda:
+def default_variants() -> list[Variant]:
+    """``cpu`` alone; with CUDA (asked of a child process: this one never loads torch, so a
+    pinned child is started from a process without torch's threads) the GPU set."""
+    probe = [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"]
+    if subprocess.run(probe, capture_output=True, text=True).stdout.strip() != "True":
         return [Variant("cpu", None, ["train.device=cpu"])]
-    return [Variant("cpu", 2, ["train.device=cpu"]), Variant("cuda", None, ["train.device=cuda"]),
+    return [Variant("cpu-2-cores", 2, ["train.device=cpu"]),
+            Variant("cuda", None, ["train.device=cuda"]),
             Variant("cuda+graph", None, ["train.device=cuda", "train.cuda_graph=true"])]
 
 
-def command(variant: Variant, common: list[str], runs: Path, name: str) -> list[str]:
-    sets = [arg for s in [*common, *variant.sets] for arg in ("--set", s)]
-    return [sys.executable, "-m", "pyro_vae", "train", "--name", name, "--runs-dir", str(runs),
-            *sets]
+def launch(args: list[str], cores: int | None) -> list[str]:
+    """``python ARGS``, or with ``cores``: a launcher that pins itself to the first ``cores``
+    CPUs this process may use and execs ``python ARGS`` (the affinity is inherited; the
+    launcher's own interpreter start, ~20 ms, counts in the variant's wall)."""
+    if cores is None:
+        return [sys.executable, *args]
+    cpus = sorted(os.sched_getaffinity(0))
+    if cores > len(cpus):
+        raise ValueError(f"@{cores}: this process may use {len(cpus)} CPUs")
+    pin = ("import os, sys; os.sched_setaffinity(0, %r); "
+           "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])" % cpus[:cores])
+    return [sys.executable, "-c", pin, *args]
 
 
-def run_once(variant: Variant, common: list[str], runs: Path, name: str) -> Timing:
+def run_once(variant: Variant, common: list[str], runs: Path, name: str, warm: bool) -> Timing:
     """One fresh ``pyro-vae train`` process of ``variant``, timed (see the module's columns)."""
+    sets = [arg for s in [*common, *variant.sets] for arg in ("--set", s)]
+    args = ["-m", "pyro_vae", "train", "--name", name, "--runs-dir", str(runs), *sets]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    pin = None
+    if not warm:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(runs / f"{name}.inductor-cache")
     if variant.cores:
-        cpus = sorted(os.sched_getaffinity(0))[:variant.cores]
-        env["OMP_NUM_THREADS"] = str(len(cpus))
-        pin = lambda: os.sched_setaffinity(0, cpus)  # noqa: E731  (in the child, before exec)
+        env["OMP_NUM_THREADS"] = str(variant.cores)
     with tempfile.TemporaryFile("w+") as err:
         t0, stamps = time.perf_counter(), []
-        proc = subprocess.Popen(command(variant, common, runs, name), stdout=subprocess.PIPE,
-                                stderr=err, text=True, env=env, preexec_fn=pin)
-        for line in proc.stdout:
-            if EPOCH_LINE.match(line):
-                stamps.append(time.perf_counter() - t0)
-        wall = time.perf_counter() - t0 if proc.wait() == 0 else None
-        if wall is None or not stamps:
+        with subprocess.Popen(launch(args, variant.cores), stdout=subprocess.PIPE, stderr=err,
+                              text=True, env=env) as proc:
+            for line in proc.stdout:
+                if EPOCH_LINE.match(line):
+                    stamps.append(time.perf_counter() - t0)
+        wall = time.perf_counter() - t0
+        if proc.returncode != 0 or not stamps:
             err.seek(0)
-            raise RuntimeError(f"variant {variant.name}: pyro-vae train exited with "
-                               f"{proc.returncode}:\n{err.read()[-3000:]}")
+            raise RuntimeError(f"pyro-vae train exited with {proc.returncode}:\n"
+                               f"{err.read()[-3000:]}")
     metrics = [json.loads(s) for s in (runs / name / "metrics.jsonl").read_text().splitlines()]
     gaps = [b - a for a, b in zip(stamps, stamps[1:])] or [stamps[0]]
     later = [m["seconds"] for m in metrics[1:]] or [metrics[0]["seconds"]]
@@ -106,30 +127,46 @@ def run_once(variant: Variant, common: list[str], runs: Path, name: str) -> Timi
                   wall - stamps[-1], len(metrics), metrics[-1]["test_elbo"])
 
 
-def measure(variants: list[Variant], common: list[str], rounds: int) -> dict[str, list[Timing]]:
-    """Every variant ``rounds`` times, the order rotated each round; name -> timings."""
-    out = {v.name: [] for v in variants}
+def measure(variants: list[Variant], common: list[str], rounds: int,
+            warm: bool = False) -> dict[str, list[Timing]]:
+    """Every variant ``rounds`` times, the order rotated each round; name -> timings (empty
+    for a variant that failed: its error is printed and the others go on)."""
+    out, failed = {v.name: [] for v in variants}, set()
     with tempfile.TemporaryDirectory() as runs:
         for r in range(rounds):
             for v in variants[r % len(variants):] + variants[:r % len(variants)]:
-                t = run_once(v, common, Path(runs), f"{v.name}-{r}")
-                out[v.name].append(t)
-                print(f"round {r + 1} {v.name}: wall {t.wall:.1f} s, to epoch 1 {t.to_first:.1f} s",
-                      file=sys.stderr)
+                if v.name in failed:
+                    continue
+                try:
+                    out[v.name].append(run_once(v, common, Path(runs), f"{v.name}-{r}", warm))
+                except RuntimeError as err:
+                    failed.add(v.name)
+                    out[v.name] = []
+                    print(f"variant {v.name} failed: {err}", file=sys.stderr)
+                    continue
+                print(f"round {r + 1}: " + row(v.name, out[v.name][-1], out[variants[0].name]),
+                      flush=True)
     return out
 
 
+def row(name: str, t: Timing, reference: list[Timing]) -> str:
+    """One markdown row of the module's columns; speed-up against the reference's median wall."""
+    ref = statistics.median(r.wall for r in reference) if reference else math.nan
+    fixed = t.wall - t.epochs * t.training
+    return (f"| {name} | {t.wall:.1f} | {ref / t.wall:.2f}x | {t.to_first:.1f} | "
+            f"{t.epoch_wall:.3f} | {t.training:.3f} | {t.after:.1f} | {fixed:.1f} | "
+            f"{t.test_elbo:.2f} |")
+
+
 def table(results: dict[str, list[Timing]]) -> str:
-    """The markdown table of the module's columns, medians over rounds."""
-    med = {name: Timing(*(statistics.median(col) for col in zip(*ts))) for name, ts in results.items()}
-    ref = next(iter(med.values())).wall
+    """The markdown table of the module's columns, medians over rounds (failed variants out)."""
+    reference = next(iter(results.values()))
     lines = ["| variant | wall s | speed-up | to epoch 1 s | epoch wall s | training s / epoch "
              "| after s | fixed s | final test ELBO |", "|" + " --- |" * 9]
-    for name, t in med.items():
-        fixed = t.wall - t.epochs * t.training
-        lines.append(f"| {name} | {t.wall:.1f} | {ref / t.wall:.2f}x | {t.to_first:.1f} | "
-                     f"{t.epoch_wall:.3f} | {t.training:.3f} | {t.after:.1f} | {fixed:.1f} | "
-                     f"{t.test_elbo:.2f} |")
+    for name, ts in results.items():
+        if ts:
+            median = Timing(*(statistics.median(col) for col in zip(*ts)))
+            lines.append(row(name, median, reference))
     return "\n".join(lines)
 
 
@@ -139,19 +176,21 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a setting for every variant, e.g. train.epochs=5")
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--warm-cache", action="store_true",
+                   help="all runs share the user's Inductor cache (default: each an empty one)")
     args = p.parse_args(argv)
     try:
-        variants = [parse_variant(v) for v in args.variant]
+        variants = [parse_variant(v) for v in args.variant] or default_variants()
+        for v in variants:
+            launch([], v.cores)  # more cores than this process may use: refused here
     except ValueError as err:
         p.error(str(err))
-    if not variants:
-        import torch
-
-        variants = default_variants(torch.cuda.is_available())
     if len({v.name for v in variants}) < len(variants) or args.rounds < 1:
         p.error("each --variant needs its own NAME, and --rounds must be >= 1")
-    print(table(measure(variants, args.set, args.rounds)))
-    return 0
+    print("$ " + shlex.join(sys.argv if argv is None else ["bench_command.py", *argv]))
+    results = measure(variants, args.set, args.rounds, args.warm_cache)
+    print(table(results))
+    return 0 if all(results.values()) else 1
 
 
 if __name__ == "__main__":

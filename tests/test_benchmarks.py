@@ -2,6 +2,7 @@
 
 import importlib
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -63,9 +64,11 @@ def test_bench_command_splits_each_variants_wall_time(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_command.py"), "--set", "train.epochs=3",
          "--set", "data.subset=600", "--variant", "cpu: train.device=cpu",
-         "--variant", "one-core@1: train.device=cpu"],
+         "--variant", "one-core@1: train.device=cpu", "--variant", "broken: train.lr=-1"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert out.returncode == 0, out.stderr[-2000:]
+    # a variant that fails is named and left out; the others are measured all the same
+    assert out.returncode == 1 and "variant broken failed" in out.stderr, out.stderr[-2000:]
+    assert "train.lr" in out.stderr and "| broken |" not in out.stdout
     rows = {cells[0]: cells[1:] for cells in (
         [c.strip() for c in line.strip("|").split("|")] for line in out.stdout.splitlines()
         if line.startswith(("| cpu |", "| one-core |")))}
@@ -75,6 +78,16 @@ def test_bench_command_splits_each_variants_wall_time(tmp_path):
         # start-up (imports, data, model) makes the first line come later than one epoch
         assert 0 < float(training) <= float(epoch_wall) < float(to_first) < float(wall)
         assert 0 < float(after) and 0 < float(fixed) <= float(wall) and float(test_elbo) < 0
+
+
+def test_bench_command_pins_a_variant_to_its_cores():
+    bench = benchmark("bench_command")
+    count = ["-c", "import os; print(len(os.sched_getaffinity(0)))"]
+    run = lambda cores: subprocess.run(bench.launch(count, cores), capture_output=True,  # noqa: E731
+                                       text=True, check=True).stdout.strip()
+    assert run(1) == "1" and run(None) == str(len(os.sched_getaffinity(0)))
+    with pytest.raises(ValueError, match="may use"):
+        bench.launch(count, len(os.sched_getaffinity(0)) + 1)
 
 
 def test_bench_command_reads_variants_and_refuses_malformed_ones(capsys):
@@ -105,3 +118,21 @@ def test_bench_host_counts_launches_but_not_views_and_times_each_step():
     (floor_us, floor_ops), (trace_us, trace_ops) = result["floor"], result["trace"]
     # Pyro's trace computes a Monte Carlo KL and its own sums: more operations than the floor
     assert 0 < floor_ops < trace_ops and floor_us > 0 and trace_us > 0
+
+
+def test_bench_host_gpu_path_runs_torchs_softplus_and_puts_ours_back(capsys):
+    from pyro_vae import networks
+
+    bench, ops = benchmark("bench_host"), {}
+    for path in ([], ["--gpu-path"]):
+        bench.main([*path, "--rounds", "1", "--steps", "2"])
+        rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+        ops[bool(path)] = {r[1].strip(): int(r[4].split()[0]) for r in rows}
+    assert set(ops[True]) == {"floor", "floor-same-kernels", "trace", "meanfield"}
+    # softplus calls a step: the encoder's and decoder's hidden layers, the encoder's scale
+    # and (not in the floor, which uses torch's BCE) the Bernoulli log-density; each is now
+    # one operation forward and one backward instead of 13
+    calls = {"floor": 3, "floor-same-kernels": 4, "trace": 4, "meanfield": 4}
+    assert {name: ops[False][name] - ops[True][name] for name in calls} == {
+        name: 11 * n for name, n in calls.items()}
+    assert "apply" not in vars(networks._Softplus)  # the CPU node is back
