@@ -9,13 +9,14 @@ hundred kernels. This measures that cost where no GPU is needed: each variant's 
 network so small that its arithmetic is negligible (784-8-2, batch 4, one CPU thread), so a
 step's time is its host work, side by side in rotated rounds (the fastest round of each,
 microseconds). ``ops`` counts the ATen operations one step issues, views left out: on a GPU
-each is a kernel launch. Variants: the plain-PyTorch ``floor`` and ``floor-same-kernels``
+roughly one kernel launch each (a multi-tensor or fused operation may launch several). Variants: the plain-PyTorch ``floor`` and ``floor-same-kernels``
 (bench_train.py), and pyro_vae's ``trace`` and ``meanfield`` with the host reads deferred
 as on CUDA (``train.sync_every = 50``). ``--gpu-path``: the softplus that only the CPU
 uses (``networks._Softplus``, 13 operations) swapped for torch's kernel, as on a GPU.
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -55,12 +56,13 @@ def pyro_vae_step(elbo: str):
 
 
 def floor_step(same_kernels: bool):
-    """bench_train's floor step (its loss, backward, Adam; the loss summed on the device),
-    with the multi-tensor Adam torch picks on a GPU (on the CPU it loops over parameters)."""
+    """bench_train's floor step (its loss, backward, Adam; the loss summed on the device).
+    ``floor``: the multi-tensor Adam torch picks on a GPU (on the CPU it would loop over the
+    parameters); ``floor-same-kernels``: pyro_vae's fused Adam."""
     ds, vae = build(load_config(None, TINY), "cpu")
     x = ds.x_train[:4].bernoulli()
-    opt = (make_optimizer(vae.parameters(), 1e-3) if same_kernels  # foreach: torch's GPU default
-           else torch.optim.Adam(vae.parameters(), lr=1e-3, foreach=True))
+    opt = (make_optimizer(vae.parameters(), 1e-3) if same_kernels
+           else torch.optim.Adam(vae.parameters(), lr=1e-3, foreach=True))  # torch's GPU default
     total = x.new_zeros(())
 
     def step():
@@ -92,19 +94,28 @@ def measure(steps: dict, rounds: int, n: int) -> dict:
     return {name: (best[name], ops[name]) for name in steps}
 
 
-def main() -> None:
+@contextlib.contextmanager
+def gpu_path():
+    """Within: ``networks.softplus`` on the CPU runs torch's kernel, as it does on a GPU."""
+    networks._Softplus.apply = F.softplus
+    try:
+        yield
+    finally:
+        del networks._Softplus.apply  # torch.autograd.Function's own again
+
+
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--gpu-path", action="store_true",
                    help="torch's softplus instead of the CPU-only vectorized node, as on a GPU")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(1)
-    if args.gpu_path:
-        networks._Softplus.apply = F.softplus
-    steps = {"floor": floor_step(False), "floor-same-kernels": floor_step(True),
-             "trace": pyro_vae_step("trace"), "meanfield": pyro_vae_step("meanfield")}
-    result = measure(steps, args.rounds, args.steps)
+    with gpu_path() if args.gpu_path else contextlib.nullcontext():
+        steps = {"floor": floor_step(False), "floor-same-kernels": floor_step(True),
+                 "trace": pyro_vae_step("trace"), "meanfield": pyro_vae_step("meanfield")}
+        result = measure(steps, args.rounds, args.steps)
     floor_us, floor_ops = result["floor"]
     print("| variant | host us / step | ratio to floor | ATen ops / step (no views) |")
     print("| --- | --- | --- | --- |")
