@@ -175,7 +175,7 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
         return 128 + (stop.signum or signal.SIGTERM)
     if not group.is_main:
         return 0
-    from .inspection import write_basic_figures  # pyplot: only the commands that draw load it
+    from .inspection import write_basic_figures  # pyplot: loaded only where a command draws
 
     write_basic_figures(result.vae, result.dataset, run_dir)
     last = result.metrics[-1]

@@ -1,10 +1,12 @@
 """What only a GPU can show (marked ``cuda``: skipped, with the reason, without one).
 
 Devices meet: a CPU tensor given to a CUDA run is moved; a CUDA-trained checkpoint scores the
-same on the CPU within float32 rounding; compiled training on CUDA gives the eager losses on
-the same seed (it diverged under torch 2.11 until our softplus stopped returning a tensor
-modified in place: pytorch/pytorch#180642); captured steps (train.cuda_graph) give the eager
-losses too, resume mid-epoch, and never synchronize with the host.
+same on the CPU within float32 rounding; softplus, torch's kernel on a GPU and our vectorized
+node on the CPU, agree in value and gradient; compiled training on CUDA gives the eager losses
+on the same seed (it diverged under torch 2.11 while our softplus node, then used on CUDA too,
+returned a tensor modified in place: pytorch/pytorch#180642); captured steps
+(train.cuda_graph) give the eager losses too, resume mid-epoch, and never synchronize with the
+host.
 """
 
 import contextlib
@@ -37,6 +39,22 @@ def no_synchronization():
 
 QUICK = ["--quiet", "--set", "data.subset=500", "--set", "model.hidden=[64]",
          "--set", "model.latent_dim=4", "--set", "train.epochs=2", "--set", "train.device=cuda"]
+
+
+def test_softplus_on_a_gpu_is_the_cpus_in_value_and_gradient():
+    from pyro_vae.networks import softplus
+
+    x = torch.linspace(-80.0, 80.0, 100_001)  # (N,) both tails and the threshold at 20
+    values, grads = [], []
+    for xd in (x.clone().requires_grad_(), x.cuda().requires_grad_()):
+        y = softplus(xd)
+        (g,) = torch.autograd.grad(y.sum(), xd)
+        values.append(y.detach().cpu())
+        grads.append(g.cpu())
+    # a few float32 ulps apart at most (torch's kernel returns x itself above 20, where the
+    # rest, e^-x, is below half an ulp of x)
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0.0)
 
 
 def test_a_cuda_trained_run_scores_the_same_on_the_cpu(tmp_path):

@@ -47,7 +47,7 @@ def test_only_arviz_bridge_imports_arviz():
 
 @pytest.mark.parametrize("module", ["pyro_vae", "pyro_vae.cli"])
 def test_import_loads_neither_pyplot_nor_arviz(module):
-    # pyplot alone takes ~0.5 s to import: `pyro-vae evaluate` and `compare` draw nothing
+    # pyplot alone takes ~0.5 s to import: a command loads it only when it draws (`evaluate` never)
     code = (f"import sys, {module}; "
             "print(sorted(m for m in ('matplotlib.pyplot', 'arviz') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
