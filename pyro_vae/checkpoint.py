@@ -61,7 +61,7 @@ def set_rng_state(state: dict) -> None:
 def atomic_write(path: str | Path, write) -> None:
     """Call ``write(file)`` on a temp file next to ``path``; fsync; rename over ``path``.
     Every file is closed here, not left to the exit: ``distributed.exit_process`` freezes
-    the heap, so nothing is finalised there."""
+    the heap, so an object kept alive by a reference cycle is not finalised there."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
