@@ -75,8 +75,8 @@ def parse_variant(text: str) -> Variant:
 
 
 def default_variants() -> list[Variant]:
-    """``cpu`` alone; with CUDA (asked of a child process: this one never loads torch, so a
-    pinned child is started from a process without torch's threads) the GPU set."""
+    """``cpu`` alone; with CUDA (asked of a child process, so that this one, which only
+    starts and times the runs, never loads torch) the GPU set."""
     probe = [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"]
     if subprocess.run(probe, capture_output=True, text=True).stdout.strip() != "True":
         return [Variant("cpu", None, ["train.device=cpu"])]
@@ -181,12 +181,19 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         variants = [parse_variant(v) for v in args.variant] or default_variants()
-        for v in variants:
-            launch([], v.cores)  # more cores than this process may use: refused here
     except ValueError as err:
         p.error(str(err))
-    if len({v.name for v in variants}) < len(variants) or args.rounds < 1:
-        p.error("each --variant needs its own NAME, and --rounds must be >= 1")
+    for v in variants:
+        try:
+            launch([], v.cores)  # more cores than this process may use: refused here
+        except ValueError as err:
+            p.error(f"--variant {v.name!r}: {err}")
+    names = [v.name for v in variants]
+    if len(set(names)) < len(names):
+        p.error(f"--variant NAME {next(n for n in names if names.count(n) > 1)!r} is given "
+                "twice: each variant needs its own NAME")
+    if args.rounds < 1:
+        p.error(f"--rounds {args.rounds}: must be >= 1")
     print("$ " + shlex.join(sys.argv if argv is None else ["bench_command.py", *argv]))
     results = measure(variants, args.set, args.rounds, args.warm_cache)
     print(table(results))

@@ -1,7 +1,10 @@
 """Shared test setup: Pyro validation on, param store cleared, one seed per test."""
 
 import contextlib
+import importlib
 import json
+import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -127,3 +130,13 @@ def flaky_likelihood(nan_at: int):
         yield
     finally:
         LIKELIHOODS.pop("flaky")
+
+
+def benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (they import each other by name)."""
+    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)

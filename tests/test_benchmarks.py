@@ -1,6 +1,5 @@
 """The benchmarks run (they are not tests of speed: a broken benchmark is what fails here)."""
 
-import importlib
 import math
 import os
 import subprocess
@@ -10,6 +9,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+
+from conftest import benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,15 +28,6 @@ def test_bench_train_runs_every_eager_variant_and_writes_its_png(tmp_path):
     assert {r.split(" | ")[3] for r in rows} == {"floor", "floor-same-kernels", "trace",
                                                  "meanfield", "jit", "iwae"}
     assert png.stat().st_size > 10_000
-
-
-def benchmark(name: str):
-    """The script ``benchmarks/<name>.py`` as a module (they import each other by name)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def test_one_epoch_of_the_default_network_is_37_gflop():
@@ -102,7 +94,13 @@ def test_bench_command_reads_variants_and_refuses_malformed_ones(capsys):
         assert exited.value.code == 2 and repr(bad) in capsys.readouterr().err
     with pytest.raises(SystemExit):
         bench.main(["--variant", "a: train.epochs=1", "--variant", "a: train.epochs=2"])
-    assert "its own NAME" in capsys.readouterr().err
+    assert "NAME 'a' is given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--variant", "a: train.epochs=1", "--rounds", "0"])
+    assert "--rounds 0: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--variant", f"big@{len(os.sched_getaffinity(0)) + 1}: train.epochs=1"])
+    assert "--variant 'big': @" in capsys.readouterr().err
 
 
 def test_bench_host_counts_launches_but_not_views_and_times_each_step():
@@ -113,26 +111,28 @@ def test_bench_host_counts_launches_but_not_views_and_times_each_step():
     with bench.LaunchCount() as launches:
         x + 1, x.add_(1), x.sum(), torch.mm(x, x.t())
     assert views.count == 0 and launches.count == 4
-    result = bench.measure({"floor": bench.floor_step(False), "trace": bench.pyro_vae_step("trace")},
-                           rounds=1, n=2)
-    (floor_us, floor_ops), (trace_us, trace_ops) = result["floor"], result["trace"]
+    steps = {("floor", "gpu"): bench.floor_step(False),
+             ("trace", "gpu"): bench.pyro_vae_step("trace")}
+    result = bench.measure(steps, rounds=1, n=2)
+    (floor_us, floor_ops), (trace_us, trace_ops) = result.values()
     # Pyro's trace computes a Monte Carlo KL and its own sums: more operations than the floor
     assert 0 < floor_ops < trace_ops and floor_us > 0 and trace_us > 0
 
 
-def test_bench_host_gpu_path_runs_torchs_softplus_and_puts_ours_back(capsys):
+def test_bench_host_measures_both_paths_and_leaves_softplus_and_threads_as_they_were(capsys):
     from pyro_vae import networks
 
-    bench, ops = benchmark("bench_host"), {}
-    for path in ([], ["--gpu-path"]):
-        bench.main([*path, "--rounds", "1", "--steps", "2"])
-        rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
-        ops[bool(path)] = {r[1].strip(): int(r[4].split()[0]) for r in rows}
-    assert set(ops[True]) == {"floor", "floor-same-kernels", "trace", "meanfield"}
+    bench, threads = benchmark("bench_host"), torch.get_num_threads()
+    bench.main(["--rounds", "1", "--steps", "2"])
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
+    cpu_ops = {r[1].strip(): int(r[3]) for r in rows}
+    gpu_ops = {r[1].strip(): int(r[6].split()[0]) for r in rows}
+    assert set(gpu_ops) == {"floor", "floor-same-kernels", "trace", "meanfield"}
     # softplus calls a step: the encoder's and decoder's hidden layers, the encoder's scale
-    # and (not in the floor, which uses torch's BCE) the Bernoulli log-density; each is now
-    # one operation forward and one backward instead of 13
+    # and (not in the floor, which uses torch's BCE) the Bernoulli log-density; each is
+    # one operation forward and one backward on the GPU path instead of 13
     calls = {"floor": 3, "floor-same-kernels": 4, "trace": 4, "meanfield": 4}
-    assert {name: ops[False][name] - ops[True][name] for name in calls} == {
+    assert {name: cpu_ops[name] - gpu_ops[name] for name in calls} == {
         name: 11 * n for name, n in calls.items()}
+    assert torch.get_num_threads() == threads  # main measures on one thread, then restores
     assert "apply" not in vars(networks._Softplus)  # the CPU node is back
