@@ -17,7 +17,7 @@ python3 -c "import torch, pyro, arviz, sys; print('python', sys.version.split()[
 correctness() {  # the suite (12 workers, stopped at SUITE_S seconds) with every CLI command beside it
   timeout -s INT "${SUITE_S:-400}" python3 -m pytest -p no:cacheprovider -p no:benchmark -n 12 \
     --dist loadfile -rfEs --durations=15 > "$OUT/suite.log" 2>&1 &
-  local C="--points 2 --chains 2 --warmup 100 --draws 100 --iw-k 500 --ais-steps 50 --ais-chains 4 --quiet"
+  local C="--points 2 --chains 2 --warmup 100 --draws 100 --iw-k 500 --ais-steps 50 --ais-chains 4 --fit-steps 300 --quiet"
   ( set -x
     timeout 120 pyro-vae train --name cli --runs-dir "$R" --quiet --set train.epochs=5; echo "rc $? (train)"
     timeout 120 pyro-vae evaluate "$R/cli" --k 100 --n 200 --device cuda; echo "rc $? (evaluate)"

@@ -90,6 +90,8 @@ def _compare_parser(sub) -> None:
     c.add_argument("--ais-steps", type=int, default=500,
                    help="AIS steps for the log p(x) reference (ring and run)")
     c.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point")
+    c.add_argument("--fit-steps", type=int, default=1500,
+                   help="SVI steps of each per-point Gaussian fit (fewer: faster, less converged)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the toy setting's bundled config, e.g. guide.name=iaf")
@@ -288,7 +290,8 @@ def cmd_compare(args) -> int:
 
     _at_least(("--points", args.points, 1), ("--chains", args.chains, 2),
               ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 1),
-              ("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2))
+              ("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2),
+              ("--fit-steps", args.fit_steps, 1))
     if args.setting == "run":
         if not args.run:
             raise ConfigError("--setting run needs --run RUN (a trained run directory)")
@@ -305,7 +308,8 @@ def cmd_compare(args) -> int:
                               overrides=args.set)
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
                      iw_k=args.iw_k, seed=args.seed, progress=not args.quiet,
-                     ais_steps=args.ais_steps, ais_chains=args.ais_chains)
+                     ais_steps=args.ais_steps, ais_chains=args.ais_chains,
+                     fit_steps=args.fit_steps)
     written = write_comparison(result, out)
     print((out / "report.md").read_text())
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")

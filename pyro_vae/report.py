@@ -77,8 +77,9 @@ def report_markdown(r: dict) -> str:
         f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s {n['min_ess_bulk_per_second']:.0f}.",
         "",
         f"{r['points']} data points, latent dimension {r['latent_dim']}, amortized guide "
-        f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}. "
-        "Means over points; errors in units of the reference posterior std.",
+        f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}"
+        + (f", per-point Gaussians fitted in {r['fit_steps']} SVI steps" if "fit_steps" in r else "")
+        + ". Means over points; errors in units of the reference posterior std.",
         "",
         "| approximation | mean error | std ratio | energy dist. to NUTS | 90% coverage of NUTS |"
         + (" KL to exact |" if "kl_to_exact" in r["methods"]["amortized"] else "")

@@ -1,5 +1,7 @@
 """VI versus MCMC on settings where the answer is known (pPCA) or NUTS is affordable (ring)."""
 
+import json
+
 import pytest
 import torch
 
@@ -134,17 +136,22 @@ def test_energy_distance_is_zero_for_equal_samples_and_grows_with_a_shift():
 def test_compare_cli_writes_every_file(tmp_path, capsys):
     out = tmp_path / "lg"
     assert main(["compare", "--setting", "linear-gaussian", "--points", "2", "--warmup", "100",
-                 "--draws", "150", "--chains", "2", "--out", str(out), "--quiet"]) == 0
+                 "--draws", "150", "--chains", "2", "--fit-steps", "200", "--out", str(out),
+                 "--quiet"]) == 0
     for name in ("report.md", "comparison.json", "nuts.nc", "amortized.nc", "gaussian-diag.nc",
                  "gaussian-full.nc", "marginals.png", "pair.png", "trace.png"):
         assert (out / name).stat().st_size > 0, name
     assert main(["evaluate", str(out / "run"), "--k", "50"]) == 0  # the toy VAE is a run
     text = capsys.readouterr().out
     assert "NUTS health gates" in text.splitlines()[2]
+    assert "per-point Gaussians fitted in 200 SVI steps" in text
+    assert json.loads((out / "comparison.json").read_text())["fit_steps"] == 200
     assert main(["compare", "--setting", "run"]) == 2
     assert "--setting run needs --run RUN" in capsys.readouterr().err
     assert main(["compare", "--setting", "ring", "--ais-steps", "0"]) == 2
     assert "--ais-steps = 0" in capsys.readouterr().err
+    assert main(["compare", "--setting", "ring", "--fit-steps", "0"]) == 2
+    assert "--fit-steps = 0: must be >= 1" in capsys.readouterr().err
 
 
 def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split():
