@@ -2,7 +2,9 @@
 # The GPU check in two parts, each one device call (a lease is 15 minutes in all):
 #     bash benchmarks/gpu_check.sh correctness   # the whole suite, every CLI command (~7 min)
 #     bash benchmarks/gpu_check.sh speed         # bench_command, bench_train, bench_host (~5-9 min)
-# (no argument: both). Needs the project installed (README) and pytest-xdist; writes its
+# (no argument: both). Needs the project installed (README) and pytest-xdist: on an offline
+# machine with Python and torch, the wheels `python benchmarks/gpu_wheels.py` downloads
+# (elsewhere, into .whl/), installed there as it prints. Writes its
 # logs under ${OUT:-gpu-check}/ and prints a summary. Correctness comes first: timings taken
 # beside the suite would be worthless, and the suite is what resolves the CUDA issue.
 set -u

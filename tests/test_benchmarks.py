@@ -136,3 +136,58 @@ def test_bench_host_measures_both_paths_and_leaves_softplus_and_threads_as_they_
         name: 11 * n for name, n in calls.items()}
     assert torch.get_num_threads() == threads  # main measures on one thread, then restores
     assert "apply" not in vars(networks._Softplus)  # the CPU node is back
+
+
+def _wheel(folder: Path, name: str, version: str, requires=()) -> Path:
+    """A wheel holding only its METADATA, with ``requires`` as Requires-Dist lines."""
+    import zipfile
+
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"]
+                   + [f"Requires-Dist: {r}\n" for r in requires])
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name}-{version}.dist-info/METADATA", meta)
+    return path
+
+
+def test_gpu_wheels_follows_requirements_for_the_target_only(tmp_path):
+    from packaging.requirements import Requirement
+
+    gw, index, dest = benchmark("gpu_wheels"), tmp_path / "index", tmp_path / "dest"
+    index.mkdir(), dest.mkdir()
+    _wheel(index, "app", "1.0", ["lib[fast]>=2", "numpy>=1", 'old; python_version < "3.12"',
+                                 'win; sys_platform == "win32"', 'docs; extra == "docs"'])
+    _wheel(index, "lib", "2.5", ['speedup; extra == "fast"', 'slow; extra == "slow"'])
+    _wheel(index, "speedup", "0.1", ["app"])  # a cycle back: fetched once
+    fetched = []
+
+    def download(req):  # the index's wheel for req into dest, as pip download does
+        fetched.append(req.name)
+        wheel = next(index.glob(f"{req.name}-*.whl"))
+        (dest / wheel.name).write_bytes(wheel.read_bytes())
+
+    kit, edges = gw.resolve([Requirement("app")], {"numpy"}, dest, gw.target_env("3.12"),
+                            download)
+    # numpy is on the machine; old (< 3.12), win (Windows) and the unasked extras are not needed
+    assert list(kit) == ["app", "lib", "speedup"] and fetched == ["app", "lib", "speedup"]
+    assert gw.version_conflicts(kit, edges) == []
+    _wheel(index, "old", "1.0")
+    kit, edges = gw.resolve([Requirement("app")], {"numpy"}, dest, gw.target_env("3.11"),
+                            download)
+    assert list(kit) == ["app", "lib", "old", "speedup"]  # for Python 3.11 (in dest: reused)
+    assert fetched == ["app", "lib", "speedup", "old"]
+    edges.append(("pyro_vae", Requirement("lib>=3")))
+    assert gw.version_conflicts(kit, edges) == ["pyro_vae needs lib>=3, the kit has "
+                                                "lib-2.5-py3-none-any.whl"]
+
+
+def test_gpu_wheels_refuses_two_versions_and_a_missing_list(tmp_path):
+    gw = benchmark("gpu_wheels")
+    _wheel(tmp_path, "lib", "1.0"), _wheel(tmp_path, "Lib", "1.1")
+    with pytest.raises(SystemExit, match="holds two versions of lib: Lib-1.1.*lib-1.0"):
+        gw.kit_wheels(tmp_path)
+    with pytest.raises(SystemExit, match="--have .*nope.txt: no such file"):
+        gw.read_have(tmp_path / "nope.txt")
+    roots = {r.name for r in gw.roots(ROOT / "pyproject.toml")}
+    assert {"pyro-ppl", "arviz", "pytest", "pytest-xdist"} <= roots
+    assert "torch" in gw.read_have(ROOT / "benchmarks" / "gpu_image_packages.txt")
