@@ -98,7 +98,8 @@ def pip_download(req: Requirement, dest: Path, python_version: str) -> None:
 def resolve(todo: list[Requirement], have: set[str], dest: Path, env: dict, download) -> tuple:
     """Fetch (``download(req)``) and follow requirements until each is in ``dest`` or
     ``have``. Returns (kit: name -> wheel, every (requirer, requirement) seen)."""
-    seen, extras_done, edges = set(), {}, []
+    extras_done: dict[str, set[str]] = {}  # name in the kit -> the extras followed
+    edges = []
     todo = [("pyro_vae", r) for r in todo]
     while todo:
         requirer, req = todo.pop(0)
@@ -112,10 +113,9 @@ def resolve(todo: list[Requirement], have: set[str], dest: Path, env: dict, down
             kit = kit_wheels(dest)
         extras = extras_done.setdefault(name, set())
         extras |= req.extras
-        seen.add(name)
         todo += [(name, r) for r in requirements(kit[name], extras, env)]
     kit = kit_wheels(dest)
-    return {n: kit[n] for n in sorted(seen)}, edges
+    return {n: kit[n] for n in sorted(extras_done)}, edges
 
 
 def version_conflicts(kit: dict[str, Path], edges) -> list[str]:
