@@ -15,7 +15,10 @@ kit and the line that installs it there:
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site DEST/*.whl
     export PYTHONPATH=/tmp/site
-    pip install --no-deps -e .
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+
+(offline, pip cannot fetch the build backend into an isolated build: the machine's own
+setuptools builds pyro_vae). ``gpu_check.sh`` runs these itself when it finds ``.whl/``.
 
 rc 1, naming them, where a download fails, where DEST holds two versions of one
 distribution (pip would refuse the whole install), or where a wheel in the kit does not
@@ -161,7 +164,8 @@ def main(argv=None) -> int:
     where = args.dest.resolve()
     where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
     print(f"install there: python3 -m pip install -q --no-index --no-deps --target /tmp/site "
-          f"{where}/*.whl && export PYTHONPATH=/tmp/site && pip install --no-deps -e .")
+          f"{where}/*.whl && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index "
+          "--no-deps --no-build-isolation -e .")
     return 1 if bad else 0
 
 
