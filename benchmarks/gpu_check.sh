@@ -2,12 +2,13 @@
 # The GPU check in two parts, each one device call (a lease is 15 minutes in all):
 #     bash benchmarks/gpu_check.sh correctness   # the whole suite, every CLI command (~7 min)
 #     bash benchmarks/gpu_check.sh speed         # bench_command, bench_train, bench_host (~5-9 min)
-# (no argument: both). Needs the project installed (README) and pytest-xdist. On an offline
-# machine with Python and torch, carry the kit `python benchmarks/gpu_wheels.py` downloads
-# into .whl/ (elsewhere): finding it, this script installs it and pyro_vae first, as that
-# script says. Writes its logs under ${OUT:-gpu-check}/ and prints a summary. Correctness
-# comes first: timings taken beside the suite would be worthless, and the suite is what
-# resolves the CUDA issue.
+# (no argument: both). Needs the project installed (README) and pytest-xdist. For a machine
+# with Python and torch but no package index, run `python benchmarks/gpu_wheels.py` where pip
+# reaches one and carry the .whl/ it fills: finding it, this script installs those wheels
+# (pip --target /tmp/site, on PYTHONPATH) and pyro_vae (without build isolation: offline, pip
+# cannot fetch setuptools into one) before it starts. Writes its logs under
+# ${OUT:-gpu-check}/ and prints a summary. Correctness comes first: timings taken beside the
+# suite would be worthless, and the suite is what resolves the CUDA issue.
 set -u
 OUT=${OUT:-gpu-check}; mkdir -p "$OUT"; R=${RUNS:-/tmp/gpu-check-runs}; mkdir -p "$R"
 export PYTHONUNBUFFERED=1
@@ -21,6 +22,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then  # gpu_wheels.py's kit, carried to 
   python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     || { echo "gpu_check.sh: pyro_vae did not install (pip install -e .)" >&2; exit 1; }
 fi
+command -v pyro-vae > /dev/null || { echo "gpu_check.sh: no pyro-vae command on PATH: install the project (README)" >&2; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.log"
 python3 -c "import torch, pyro, arviz, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'pyro', pyro.__version__, 'arviz', arviz.__version__)" | tee -a "$OUT/env.log"
 

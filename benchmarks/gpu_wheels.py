@@ -10,19 +10,14 @@ need beyond those the machine holds (``--have``, one name per line; the default 
 lent H200's image), as wheels for CPython ``--python-version`` on manylinux x86_64. Each is
 fetched alone (``pip download --no-deps``); then the requirements in its metadata, with
 their environment markers and extras evaluated for that target, join the queue, until every
-requirement is in DEST or on the machine. Wheels already in DEST are reused. It prints the
-kit and the line that installs it there:
-
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site DEST/*.whl
-    export PYTHONPATH=/tmp/site
-    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
-
-(offline, pip cannot fetch the build backend into an isolated build: the machine's own
-setuptools builds pyro_vae). ``gpu_check.sh`` runs these itself when it finds ``.whl/``.
+requirement is in DEST or on the machine (a name on the machine is taken as it is: neither
+its version nor the extras asked of it can be checked here). Wheels already in DEST are
+reused. It prints the kit; carried to the machine as ``.whl/`` in the repository,
+``gpu_check.sh`` installs it and pyro_vae there before it starts.
 
 rc 1, naming them, where a download fails, where DEST holds two versions of one
-distribution (pip would refuse the whole install), or where a wheel in the kit does not
-satisfy a requirement on it (the versions of what the machine holds cannot be checked here).
+distribution (pip would refuse the whole install) or a wheel that the target cannot install
+(one kit per Python version), or where a wheel in the kit does not satisfy a requirement on it.
 """
 
 import argparse
@@ -34,28 +29,40 @@ from email.parser import HeaderParser
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_ROOTS = ["pytest-xdist"]  # gpu_check.sh runs the suite with -n 12
-PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + [
-    "manylinux2014_x86_64", "manylinux1_x86_64"]
+PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(5, 40)] + [
+    "manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"]  # glibc 2.5 to 2.39
 
 
-def roots(pyproject: Path) -> list[Requirement]:
-    """pyproject's ``dependencies`` and ``dev`` extra, and :data:`EXTRA_ROOTS`."""
+def roots(pyproject: Path, env: dict) -> list[Requirement]:
+    """pyproject's ``dependencies`` and ``dev`` extra, and :data:`EXTRA_ROOTS`, those whose
+    marker holds in ``env``."""
     project = tomllib.loads(pyproject.read_text())["project"]
     lines = project["dependencies"] + project.get("optional-dependencies", {}).get("dev", [])
-    return [Requirement(line) for line in lines + EXTRA_ROOTS]
+    reqs = [Requirement(line) for line in lines + EXTRA_ROOTS]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({**env, "extra": ""})]
 
 
-def target_env(python_version: str) -> dict:
-    """The marker environment of CPython ``python_version`` on Linux x86_64."""
-    return dict(python_version=python_version, python_full_version=f"{python_version}.0",
-                sys_platform="linux", platform_system="Linux", platform_machine="x86_64",
-                os_name="posix", implementation_name="cpython",
-                platform_python_implementation="CPython", platform_release="",
-                platform_version="", implementation_version=f"{python_version}.0")
+def target(python_version: str) -> tuple[dict, frozenset]:
+    """(marker environment, wheel tags it installs) of CPython ``python_version`` (X.Y or
+    X.Y.Z) on manylinux x86_64; another form: SystemExit naming it."""
+    parts = python_version.split(".")
+    if not (2 <= len(parts) <= 3 and all(p.isdigit() for p in parts)):
+        sys.exit(f"gpu_wheels: --python-version {python_version!r}: allowed: X.Y or X.Y.Z, "
+                 "e.g. 3.12")
+    full = ".".join((parts + ["0"])[:3])
+    env = dict(python_version=".".join(parts[:2]), python_full_version=full,
+               implementation_version=full, sys_platform="linux", platform_system="Linux",
+               platform_machine="x86_64", os_name="posix", implementation_name="cpython",
+               platform_python_implementation="CPython", platform_release="", platform_version="")
+    version = (int(parts[0]), int(parts[1]))
+    tags = frozenset(cpython_tags(version, platforms=PLATFORMS)) | frozenset(
+        compatible_tags(version, f"cp{parts[0]}{parts[1]}", PLATFORMS))
+    return env, tags
 
 
 def requirements(wheel: Path, extras: set[str], env: dict) -> list[Requirement]:
@@ -73,14 +80,19 @@ def requirements(wheel: Path, extras: set[str], env: dict) -> list[Requirement]:
     return out
 
 
-def kit_wheels(dest: Path) -> dict[str, Path]:
-    """Canonical name -> the wheel for it in ``dest``; two versions of one name: SystemExit."""
+def kit_wheels(dest: Path, tags: frozenset) -> dict[str, Path]:
+    """Canonical name -> the wheel for it in ``dest``. SystemExit where ``dest`` holds two
+    versions of one name, or a wheel none of whose tags is in ``tags`` (the target's)."""
     kit: dict[str, Path] = {}
     for wheel in sorted(dest.glob("*.whl")):
-        name = canonicalize_name(parse_wheel_filename(wheel.name)[0])
+        raw, _, _, wheel_tags = parse_wheel_filename(wheel.name)
+        name = canonicalize_name(raw)
         if name in kit:
             sys.exit(f"gpu_wheels: {dest} holds two versions of {name}: {kit[name].name} and "
                      f"{wheel.name}; pip installs neither. Delete one and run again")
+        if not wheel_tags & tags:
+            sys.exit(f"gpu_wheels: {dest} holds {wheel.name}, which this --python-version "
+                     "cannot install: one DEST per Python version (another --dest)")
         kit[name] = wheel
     return kit
 
@@ -90,7 +102,7 @@ def pip_download(req: Requirement, dest: Path, python_version: str) -> None:
     plats = [a for p in PLATFORMS for a in ("--platform", p)]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
            "--python-version", python_version, "--implementation", "cp", *plats,
-           "-d", str(dest), str(Requirement(f"{req.name}{req.specifier}"))]
+           "-d", str(dest), f"{req.name}{req.specifier}"]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         last = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -98,9 +110,12 @@ def pip_download(req: Requirement, dest: Path, python_version: str) -> None:
                  f"x86_64 ({last})")
 
 
-def resolve(todo: list[Requirement], have: set[str], dest: Path, env: dict, download) -> tuple:
+def resolve(todo: list[Requirement], have: set[str], dest: Path, target: tuple,
+            download) -> tuple:
     """Fetch (``download(req)``) and follow requirements until each is in ``dest`` or
-    ``have``. Returns (kit: name -> wheel, every (requirer, requirement) seen)."""
+    ``have``, for ``target`` (:func:`target`). Returns (kit: name -> wheel, every
+    (requirer, requirement) seen)."""
+    env, tags = target
     extras_done: dict[str, set[str]] = {}  # name in the kit -> the extras followed
     edges = []
     todo = [("pyro_vae", r) for r in todo]
@@ -110,14 +125,14 @@ def resolve(todo: list[Requirement], have: set[str], dest: Path, env: dict, down
         edges.append((requirer, req))
         if name in have or (name in extras_done and extras_done[name] >= req.extras):
             continue
-        kit = kit_wheels(dest)
+        kit = kit_wheels(dest, tags)
         if name not in kit:
             download(req)
-            kit = kit_wheels(dest)
+            kit = kit_wheels(dest, tags)
         extras = extras_done.setdefault(name, set())
         extras |= req.extras
         todo += [(name, r) for r in requirements(kit[name], extras, env)]
-    kit = kit_wheels(dest)
+    kit = kit_wheels(dest, tags)
     return {n: kit[n] for n in sorted(extras_done)}, edges
 
 
@@ -129,11 +144,13 @@ def version_conflicts(kit: dict[str, Path], edges) -> list[str]:
         if wheel is not None:
             version = parse_wheel_filename(wheel.name)[1]
             if not req.specifier.contains(version, prereleases=True):
-                bad.append(f"{requirer} needs {req}, the kit has {wheel.name}")
+                bad.append(f"{requirer} needs {req}, the kit has {wheel.name} (put a "
+                           f"matching wheel there instead: pip download --no-deps '{req}')")
     return bad
 
 
 def read_have(path: Path) -> set[str]:
+    """The canonical names listed in ``path``, one a line (``#`` starts a comment)."""
     if not path.is_file():
         sys.exit(f"gpu_wheels: --have {path}: no such file (one distribution name per line)")
     lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
@@ -146,11 +163,11 @@ def main(argv=None) -> int:
     p.add_argument("--have", type=Path, default=ROOT / "benchmarks" / "gpu_image_packages.txt")
     p.add_argument("--python-version", default="3.12")
     args = p.parse_args(argv)
-    have, env = read_have(args.have), target_env(args.python_version)
+    have, tgt = read_have(args.have), target(args.python_version)
     args.dest.mkdir(parents=True, exist_ok=True)
-    kit, edges = resolve(roots(ROOT / "pyproject.toml"), have, args.dest, env,
+    kit, edges = resolve(roots(ROOT / "pyproject.toml", tgt[0]), have, args.dest, tgt,
                          lambda req: pip_download(req, args.dest, args.python_version))
-    extra = sorted(set(kit_wheels(args.dest)) - set(kit))
+    extra = sorted(set(kit_wheels(args.dest, tgt[1])) - set(kit))
     mib = sum(w.stat().st_size for w in kit.values()) / 2**20
     print(f"{len(kit)} wheels, {mib:.1f} MiB, in {args.dest}:")
     for wheel in kit.values():
@@ -161,11 +178,8 @@ def main(argv=None) -> int:
     bad = version_conflicts(kit, edges)
     for line in bad:
         print(f"gpu_wheels: version conflict: {line}", file=sys.stderr)
-    where = args.dest.resolve()
-    where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
-    print(f"install there: python3 -m pip install -q --no-index --no-deps --target /tmp/site "
-          f"{where}/*.whl && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index "
-          "--no-deps --no-build-isolation -e .")
+    print("carry them to the GPU machine as .whl/ in the repository: gpu_check.sh installs "
+          "them and pyro_vae there")
     return 1 if bad else 0
 
 

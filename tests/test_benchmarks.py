@@ -138,11 +138,11 @@ def test_bench_host_measures_both_paths_and_leaves_softplus_and_threads_as_they_
     assert "apply" not in vars(networks._Softplus)  # the CPU node is back
 
 
-def _wheel(folder: Path, name: str, version: str, requires=()) -> Path:
+def _wheel(folder: Path, name: str, version: str, requires=(), tag="py3-none-any") -> Path:
     """A wheel holding only its METADATA, with ``requires`` as Requires-Dist lines."""
     import zipfile
 
-    path = folder / f"{name}-{version}-py3-none-any.whl"
+    path = folder / f"{name}-{version}-{tag}.whl"
     meta = "".join([f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"]
                    + [f"Requires-Dist: {r}\n" for r in requires])
     with zipfile.ZipFile(path, "w") as z:
@@ -159,6 +159,7 @@ def test_gpu_wheels_follows_requirements_for_the_target_only(tmp_path):
                                  'win; sys_platform == "win32"', 'docs; extra == "docs"'])
     _wheel(index, "lib", "2.5", ['speedup; extra == "fast"', 'slow; extra == "slow"'])
     _wheel(index, "speedup", "0.1", ["app"])  # a cycle back: fetched once
+    _wheel(index, "old", "1.0"), _wheel(index, "slow", "1.0")
     fetched = []
 
     def download(req):  # the index's wheel for req into dest, as pip download does
@@ -166,28 +167,44 @@ def test_gpu_wheels_follows_requirements_for_the_target_only(tmp_path):
         wheel = next(index.glob(f"{req.name}-*.whl"))
         (dest / wheel.name).write_bytes(wheel.read_bytes())
 
-    kit, edges = gw.resolve([Requirement("app")], {"numpy"}, dest, gw.target_env("3.12"),
-                            download)
+    kit, edges = gw.resolve([Requirement("app")], {"numpy"}, dest, gw.target("3.12"), download)
     # numpy is on the machine; old (< 3.12), win (Windows) and the unasked extras are not needed
     assert list(kit) == ["app", "lib", "speedup"] and fetched == ["app", "lib", "speedup"]
     assert gw.version_conflicts(kit, edges) == []
-    _wheel(index, "old", "1.0")
-    kit, edges = gw.resolve([Requirement("app")], {"numpy"}, dest, gw.target_env("3.11"),
-                            download)
+    kit, edges = gw.resolve([Requirement("app")], {"numpy"}, dest, gw.target("3.11"), download)
     assert list(kit) == ["app", "lib", "old", "speedup"]  # for Python 3.11 (in dest: reused)
     assert fetched == ["app", "lib", "speedup", "old"]
+    # a new extra of a name already followed brings its requirements
+    kit, _ = gw.resolve([Requirement("app"), Requirement("lib[slow]")], {"numpy"}, dest,
+                        gw.target("3.12"), download)
+    assert "slow" in kit and fetched[4:] == ["slow"]
     edges.append(("pyro_vae", Requirement("lib>=3")))
-    assert gw.version_conflicts(kit, edges) == ["pyro_vae needs lib>=3, the kit has "
-                                                "lib-2.5-py3-none-any.whl"]
+    assert gw.version_conflicts(kit, edges) == [
+        "pyro_vae needs lib>=3, the kit has lib-2.5-py3-none-any.whl (put a matching wheel "
+        "there instead: pip download --no-deps 'lib>=3')"]
 
 
-def test_gpu_wheels_refuses_two_versions_and_a_missing_list(tmp_path):
+def test_gpu_wheels_refuses_a_kit_pip_cannot_install_and_bad_arguments(tmp_path):
     gw = benchmark("gpu_wheels")
+    tags = {v: gw.target(v)[1] for v in ("3.11", "3.12")}
+    _wheel(tmp_path, "fast", "1.0", tag="cp312-cp312-manylinux_2_17_x86_64")
+    assert list(gw.kit_wheels(tmp_path, tags["3.12"])) == ["fast"]
+    with pytest.raises(SystemExit, match="fast-1.0-cp312.*cannot install: one DEST per Python"):
+        gw.kit_wheels(tmp_path, tags["3.11"])  # a kit built for 3.12, reused for 3.11
     _wheel(tmp_path, "lib", "1.0"), _wheel(tmp_path, "Lib", "1.1")
     with pytest.raises(SystemExit, match="holds two versions of lib: Lib-1.1.*lib-1.0"):
-        gw.kit_wheels(tmp_path)
+        gw.kit_wheels(tmp_path, tags["3.12"])
+    env = gw.target("3.12.3")[0]
+    assert env["python_version"] == "3.12" and env["python_full_version"] == "3.12.3"
+    with pytest.raises(SystemExit, match="--python-version '3.x': allowed: X.Y or X.Y.Z"):
+        gw.target("3.x")
     with pytest.raises(SystemExit, match="--have .*nope.txt: no such file"):
         gw.read_have(tmp_path / "nope.txt")
-    roots = {r.name for r in gw.roots(ROOT / "pyproject.toml")}
+    (tmp_path / "pyproject.toml").write_text(
+        '[project]\ndependencies = ["a", \'b; python_version < "3.12"\']\n'
+        '[project.optional-dependencies]\ndev = ["c"]\n')
+    assert [r.name for r in gw.roots(tmp_path / "pyproject.toml", env)] == ["a", "c",
+                                                                           "pytest-xdist"]
+    roots = {r.name for r in gw.roots(ROOT / "pyproject.toml", env)}
     assert {"pyro-ppl", "arviz", "pytest", "pytest-xdist"} <= roots
     assert "torch" in gw.read_have(ROOT / "benchmarks" / "gpu_image_packages.txt")
