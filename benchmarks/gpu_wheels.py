@@ -110,12 +110,12 @@ def pip_download(req: Requirement, dest: Path, python_version: str) -> None:
                  f"x86_64 ({last})")
 
 
-def resolve(todo: list[Requirement], have: set[str], dest: Path, target: tuple,
+def resolve(todo: list[Requirement], have: set[str], dest: Path, for_target: tuple,
             download) -> tuple:
     """Fetch (``download(req)``) and follow requirements until each is in ``dest`` or
-    ``have``, for ``target`` (:func:`target`). Returns (kit: name -> wheel, every
+    ``have``, for ``for_target`` (:func:`target`). Returns (kit: name -> wheel, every
     (requirer, requirement) seen)."""
-    env, tags = target
+    env, tags = for_target
     extras_done: dict[str, set[str]] = {}  # name in the kit -> the extras followed
     edges = []
     todo = [("pyro_vae", r) for r in todo]
