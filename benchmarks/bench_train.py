@@ -176,7 +176,8 @@ def run_variant(variant, net_args, args, batch):
                              f"train.cuda_graph={'true' if '+cuda_graph' in variant else 'false'}"])
     if "+compile" in variant:
         torch._dynamo.reset()  # a fresh compile cache: no recompile limit across runs
-    if torch.cuda.is_available():
+    on_gpu = resolve_device(args.device).type == "cuda"
+    if on_gpu:
         torch.cuda.reset_peak_memory_stats()
     if variant == "graph-floor":
         secs, test_elbo = graph_step(cfg)
@@ -186,11 +187,11 @@ def run_variant(variant, net_args, args, batch):
         secs, test_elbo = plain_pytorch(cfg, same_kernels=variant == "floor-same-kernels")
     else:
         secs, test_elbo = pyro_vae(cfg)
-    PEAK_MIB[variant] = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else math.nan
+    PEAK_MIB[variant] = torch.cuda.max_memory_allocated() / 2**20 if on_gpu else math.nan
     return secs[1:] if len(secs) > 1 else secs, test_elbo
 
 
-PEAK_MIB = {}  # variant -> peak GPU memory of its last run (MiB)
+PEAK_MIB = {}  # variant -> peak GPU memory of its last run (MiB); nan off the GPU
 N_TRAIN = 9000  # mnist-10k's training images
 
 
@@ -242,7 +243,13 @@ def print_table(rows: list[Row], args) -> None:
         t, r = statistics.median(w.times), w.ratios
         print(f"| {w.batch} | {w.phase} | {w.network} | {w.variant} | {t:.4f} | "
               f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f}) | {w.fastest:.2f}x | "
-              f"{N_TRAIN / t:,.0f} | {w.peak_mib:.0f} | {w.test_elbo:.2f} |")
+              f"{N_TRAIN / t:,.0f} | {known(w.peak_mib, '.0f', 'n/a: not on a GPU')} | "
+              f"{known(w.test_elbo, '.2f', 'n/a: not trained')} |")
+
+
+def known(value: float, spec: str, why: str) -> str:
+    """``value`` formatted with ``spec``, or ``why`` where it was not measured (nan)."""
+    return why if math.isnan(value) else format(value, spec)
 
 
 def flops_per_image(net_args) -> float:

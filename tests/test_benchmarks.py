@@ -28,6 +28,8 @@ def test_bench_train_runs_every_eager_variant_and_writes_its_png(tmp_path):
     assert {r.split(" | ")[3] for r in rows} == {"floor", "floor-same-kernels", "trace",
                                                  "meanfield", "jit", "iwae"}
     assert png.stat().st_size > 10_000
+    assert all(r.split(" | ")[8] == "n/a: not on a GPU" for r in rows)  # never "nan"
+    assert all(float(r.split(" | ")[9].rstrip(" |")) < 0 for r in rows)
 
 
 def test_one_epoch_of_the_default_network_is_37_gflop():
@@ -49,6 +51,9 @@ def test_the_host_only_row_runs_every_graph_step_without_its_device_work(monkeyp
     assert StepGraphs._body is body  # put back
     assert len(secs) == 1 and secs[0] > 0 and math.isnan(test_elbo)
     assert "trace+cuda_graph-host" in bench.CUDA_ONLY["eager"]
+    assert math.isnan(bench.PEAK_MIB["trace+cuda_graph-host"])  # a CPU run has no GPU peak
+    assert bench.known(test_elbo, ".2f", "n/a: not trained") == "n/a: not trained"
+    assert bench.known(-85.126, ".2f", "n/a: not trained") == "-85.13"
 
 
 @pytest.mark.slow
