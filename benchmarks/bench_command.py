@@ -31,7 +31,6 @@ Each run's row is printed as it finishes; a variant that fails is named, the oth
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
@@ -151,9 +150,10 @@ def measure(variants: list[Variant], common: list[str], rounds: int,
 
 def row(name: str, t: Timing, reference: list[Timing]) -> str:
     """One markdown row of the module's columns; speed-up against the reference's median wall."""
-    ref = statistics.median(r.wall for r in reference) if reference else math.nan
+    speedup = (f"{statistics.median(r.wall for r in reference) / t.wall:.2f}x" if reference
+               else "n/a: the first variant failed")
     fixed = t.wall - t.epochs * t.training
-    return (f"| {name} | {t.wall:.1f} | {ref / t.wall:.2f}x | {t.to_first:.1f} | "
+    return (f"| {name} | {t.wall:.1f} | {speedup} | {t.to_first:.1f} | "
             f"{t.epoch_wall:.3f} | {t.training:.3f} | {t.after:.1f} | {fixed:.1f} | "
             f"{t.test_elbo:.2f} |")
 

@@ -77,6 +77,14 @@ def test_bench_command_splits_each_variants_wall_time(tmp_path):
         assert 0 < float(after) and 0 < float(fixed) <= float(wall) and float(test_elbo) < 0
 
 
+def test_bench_command_names_a_missing_reference_instead_of_dividing_by_it():
+    bench = benchmark("bench_command")
+    t = bench.Timing(10.0, 3.0, 0.2, 0.15, 1.0, 40, -107.5)
+    assert "| 2.00x |" in bench.row("gpu", t, [t._replace(wall=20.0)])
+    assert "| n/a: the first variant failed |" in bench.row("gpu", t, [])
+    assert "nan" not in bench.table({"cpu": [], "gpu": [t]})
+
+
 def test_bench_command_pins_a_variant_to_its_cores():
     bench = benchmark("bench_command")
     count = ["-c", "import os; print(len(os.sched_getaffinity(0)))"]
