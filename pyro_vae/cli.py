@@ -208,27 +208,42 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _estimate(e: dict) -> str:
-    """``mean (Monte Carlo SE a, test-set SE b)`` for a :func:`evaluate.with_errors` dict."""
-    parts = [f"Monte Carlo SE {e['mc_se']:.2g}"] if e.get("mc_se") is not None else []
+def _estimate(e: dict, digits: int = 2) -> str:
+    """``mean (Monte Carlo SE a, test-set SE b)`` for a :func:`evaluate.with_errors` dict; an
+    SE that does not exist is named with its reason, never printed as a number."""
+    parts = []
+    if e.get("mc_se") is not None:
+        parts.append(f"Monte Carlo SE {e['mc_se']:.2g}")
+    elif e.get("mc_se_note"):
+        parts.append(f"Monte Carlo SE {e['mc_se_note']}")
     if e.get("test_set_se") is not None:
         parts.append(f"test-set SE {e['test_set_se']:.2g}")
-    return f"{e['mean']:.2f}" + (f"  ({', '.join(parts)})" if parts else "")
+    return f"{e['mean']:.{digits}f}" + (f"  ({', '.join(parts)})" if parts else "")
+
+
+def _khat_row(r: dict) -> str:
+    """The k-hat share with its count and Wilson interval, or why it is not available."""
+    if r["khat_mean"] is None:
+        return r["khat_note"]
+    lo, hi = r["khat_share_interval_95"]
+    notes = [f"{r['khat_above_0.7']} of {r['khat_points']} points, test-set 95% interval "
+             f"{lo:.3f}-{hi:.3f}"]
+    if r["khat_note"]:
+        notes.append(r["khat_note"])
+    return f"{r['khat_share_above_0.7']:.3f}  ({'; '.join(notes)})"
 
 
 def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
-    khat = r["khat_note"] if r["khat_mean"] is None else (
-        f"{r['khat_share_above_0.7']:.3f}" + (f" ({r['khat_note']})" if r["khat_note"] else ""))
     return [
         ("test points", f"{r['n']}"),
         (f"ELBO, K={r['k']} draws (nats)", _estimate(r["elbo"])),
         ("  reconstruction E_q[log p(x|z)]", _estimate(r["reconstruction"])),
         ("  KL(q(z|x) || p(z))", _estimate(r["kl"])),
-        ("ELBO (bits/dim)", f"{r['elbo_bits_per_dim']:.4f}"),
+        ("ELBO (bits/dim)", _estimate(r["elbo_bits_per_dim"], 4)),
         (f"log p(x), IW K={r['k']} (nats)", _estimate(r["iw_log_likelihood"])),
-        ("log p(x) (bits/dim)", f"{r['iw_bits_per_dim']:.4f}"),
+        ("log p(x) (bits/dim)", _estimate(r["iw_bits_per_dim"], 4)),
         ("active units (Cov > 0.01)", f"{r['active_units']} / {r['latent_dim']}"),
-        ("PSIS k-hat > 0.7 (share)", khat),
+        ("PSIS k-hat > 0.7 (share)", _khat_row(r)),
     ]
 
 

@@ -118,16 +118,35 @@ def log_mean_exp(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return iw_bound(log_w), se
 
 
-def with_errors(values: torch.Tensor, mc_se: torch.Tensor | None = None) -> dict:
+def with_errors(values: torch.Tensor, mc_se: torch.Tensor | None = None,
+                mc_se_unavailable: str | None = None) -> dict:
     """Mean over data points of per-point estimates ``[N]``, with its two uncertainties named
     apart: ``mc_se``, the Monte Carlo SE of the estimator (per-point SEs combined,
-    sqrt(sum se^2) / N), and ``test_set_se``, the spread over data points / sqrt(N)."""
+    sqrt(sum se^2) / N), and ``test_set_se``, the spread over data points / sqrt(N).
+    ``mc_se_unavailable`` (a reason) replaces ``mc_se`` by None and ``mc_se_note``."""
     n = values.shape[0]
     out = {"mean": values.mean().item(),
            "test_set_se": (values.std() / math.sqrt(n)).item() if n > 1 else None}
-    if mc_se is not None:
+    if mc_se_unavailable:
+        out.update(mc_se=None, mc_se_note=mc_se_unavailable)
+    elif mc_se is not None:
         out["mc_se"] = (mc_se.pow(2).sum().sqrt() / n).item()
     return out
+
+
+def in_bits_per_dim(estimate: dict, x_dim: int) -> dict:
+    """A :func:`with_errors` dict of log-densities in nats per point -> bits per dimension,
+    -value / (X ln 2); its SEs scale by 1 / (X ln 2), None and notes stay."""
+    c = x_dim * math.log(2)
+    return {key: (-v if key == "mean" else v) / c if isinstance(v, float) else v
+            for key, v in estimate.items()}
+
+
+def mean_se(t: torch.Tensor) -> torch.Tensor:
+    """Monte Carlo SE of the mean over K draws ``[K, B]`` -> ``[B]``: sd_k / sqrt(K) (NaN
+    for K = 1, which has no spread)."""
+    k = t.shape[0]
+    return t.std(0) / math.sqrt(k) if k > 1 else torch.full_like(t[0], math.nan)
 
 
 @torch.no_grad()
@@ -247,25 +266,41 @@ def _khat_summary(khat: torch.Tensor, k: int) -> dict:
     fitted = khat[khat.isfinite()]
     if reason or fitted.numel() == 0:
         reason = reason or "not available: no data point has a tail of distinct weights"
-        return {"khat_share_above_0.7": None, "khat_mean": None, "khat_note": reason}
-    missing = khat.numel() - fitted.numel()
+        return {"khat_share_above_0.7": None, "khat_above_0.7": None, "khat_points": None,
+                "khat_share_interval_95": None, "khat_mean": None, "khat_note": reason}
+    missing, n = khat.numel() - fitted.numel(), fitted.numel()
     note = (f"{missing} of {khat.numel()} points have fewer than {PSIS_MIN_TAIL} distinct "
             "tail weights: k-hat not available there, share over the rest") if missing else None
-    return {"khat_share_above_0.7": (fitted > 0.7).float().mean().item(),
-            "khat_mean": fitted.mean().item(), "khat_note": note}
+    above = int((fitted > 0.7).sum())
+    return {"khat_share_above_0.7": above / n, "khat_above_0.7": above, "khat_points": n,
+            "khat_share_interval_95": wilson_interval(above, n), "khat_mean": fitted.mean().item(),
+            "khat_note": note}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> list[float]:
+    """Wilson's score interval for a proportion from ``successes`` of ``n`` points (95% for
+    z = 1.96): the test-set uncertainty of a share, honest at 0 or n successes, where the
+    plug-in SE sqrt(p (1 - p) / n) would claim 0.
+    centre = (p + z^2 / 2n) / (1 + z^2 / n), half-width = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)."""
+    p, d = successes / n, 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return [max(0.0, centre - half), min(1.0, centre + half)]
 
 
 def _per_point(vae: VAE, x, y, k: int, batch_size: int, chunk: int) -> dict:
     """Per data point ``[N]`` from K draws of q(z|x): reconstruction, KL, ELBO and its Monte
     Carlo SE sd_k(log w)/sqrt(K), the IW estimate of log p(x) and its SE, PSIS k-hat."""
-    out: dict[str, list] = {key: [] for key in ("rec", "kl", "elbo_se", "iw", "iw_se", "khat")}
+    out: dict[str, list] = {key: [] for key in ("rec", "rec_se", "kl", "kl_se", "elbo_se", "iw",
+                                                "iw_se", "khat")}
     for xb, yb in batches(x, y, batch_size):
         t = all_log_terms(vae, xb, yb, k, chunk)  # each (K, B)
-        lw = t.log_w
+        lw, log_ratio = t.log_w, t.log_q - t.log_prior  # (K, B) each
         iw, iw_se = log_mean_exp(lw)
-        out["rec"].append(t.log_lik.mean(0))
-        out["kl"].append((t.log_q - t.log_prior).mean(0))
-        out["elbo_se"].append(lw.std(0) / math.sqrt(k) if k > 1 else torch.full_like(iw, math.nan))
+        for key, draws in (("rec", t.log_lik), ("kl", log_ratio)):
+            out[key].append(draws.mean(0))
+            out[f"{key}_se"].append(mean_se(draws))
+        out["elbo_se"].append(mean_se(lw))
         out["iw"].append(iw)
         out["iw_se"].append(iw_se)
         out["khat"].append(psis_khat(lw))
@@ -280,22 +315,22 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     Carlo SE (of the estimator at this K) and its test-set SE (spread over points), named
     apart (:func:`with_errors`): the ELBO with its reconstruction and KL terms, the
     importance-weighted log p(x) (a stochastic lower bound; its SE says nothing of its bias),
-    bits per dimension, KL per dimension, active units and the share of points with PSIS
-    k-hat > 0.7 (None, with ``khat_note`` saying why, when K is too small for a Pareto fit)."""
+    both also in bits per dimension (SEs scaled alike), KL per dimension, active units and the
+    share of points with PSIS k-hat > 0.7 with its count and Wilson 95% interval (None, with
+    ``khat_note`` saying why, when K is too small for a Pareto fit). With K = 1 no Monte Carlo
+    SE exists: each is None with ``mc_se_note`` saying so."""
     with seeded(seed, x.device):
         p = _per_point(vae, x, y, k, batch_size, chunk)
-    elbo = p["rec"] - p["kl"]
-    bits = x.shape[1] * math.log(2)
+    p["elbo"] = p["rec"] - p["kl"]
+    one_draw = "n/a: one draw per point (K=1) has no spread" if k == 1 else None
+    est = {name: with_errors(p[key], p[f"{key}_se"], one_draw) for name, key in (
+        ("elbo", "elbo"), ("reconstruction", "rec"), ("kl", "kl"), ("iw_log_likelihood", "iw"))}
     count, variances = active_units(posterior_means(vae, x, y))
     per_dim = kl_per_dimension(vae, x, y)
     return {
-        "n": x.shape[0], "k": k, "seed": seed,
-        "elbo": with_errors(elbo, p["elbo_se"]),
-        "reconstruction": with_errors(p["rec"]),
-        "kl": with_errors(p["kl"]),
-        "iw_log_likelihood": with_errors(p["iw"], p["iw_se"]),
-        "elbo_bits_per_dim": -elbo.mean().item() / bits,
-        "iw_bits_per_dim": -p["iw"].mean().item() / bits,
+        "n": x.shape[0], "k": k, "seed": seed, **est,
+        "elbo_bits_per_dim": in_bits_per_dim(est["elbo"], x.shape[1]),
+        "iw_bits_per_dim": in_bits_per_dim(est["iw_log_likelihood"], x.shape[1]),
         "active_units": count,
         "latent_dim": vae.latent_dim,
         "posterior_mean_variance": variances.tolist(),

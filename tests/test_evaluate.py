@@ -4,10 +4,10 @@ import math
 import pytest
 import torch
 
-from pyro_vae.evaluate import (active_units, all_log_weights, elbo, elbo_terms, iw_bound, iw_log_likelihood,
-                               log_mean_exp,
-                               kl_per_dimension, log_weights, posterior_means, psis_khat,
-                               psis_khat_unavailable)
+from pyro_vae.evaluate import (active_units, all_log_weights, elbo, elbo_terms, evaluate_model,
+                               in_bits_per_dim, iw_bound, iw_log_likelihood, kl_per_dimension,
+                               log_mean_exp, log_weights, mean_se, posterior_means, psis_khat,
+                               psis_khat_unavailable, wilson_interval)
 from pyro_vae.toys import linear_gaussian_evidence, linear_gaussian_posterior
 
 from conftest import build_vae, linear_setup
@@ -127,6 +127,51 @@ def test_log_mean_exp_se_matches_the_spread_of_repeated_iw_estimates():
     assert torch.stack(se).mean().item() == pytest.approx(spread.mean().item(), rel=0.03)
 
 
+def test_mean_se_matches_the_spread_of_repeated_means_and_is_nan_for_one_draw():
+    torch.manual_seed(0)
+    draws = 3.0 + 2.0 * torch.randn(300, 50, 40, dtype=torch.float64)  # (repeats, K, B)
+    spread = draws.mean(1).std(0)  # (B,) sd of the K-draw mean over repeats
+    assert torch.stack([mean_se(d) for d in draws]).mean().item() == pytest.approx(
+        spread.mean().item(), rel=0.03)
+    assert mean_se(draws[0]).mean().item() == pytest.approx(2.0 / math.sqrt(50), rel=0.03)
+    assert mean_se(draws[0, :1]).isnan().all()
+
+
+def test_every_estimate_carries_its_errors_in_nats_and_bits_and_none_is_nan():
+    cfg, ds, vae = build_vae()
+    x = ds.x_test[:60]
+    r = evaluate_model(vae, x, k=50, batch_size=25)
+    for key in ("elbo", "reconstruction", "kl", "iw_log_likelihood"):
+        assert r[key]["mc_se"] > 0 and r[key]["test_set_se"] > 0, key
+    assert r["elbo"]["mean"] == pytest.approx(r["reconstruction"]["mean"] - r["kl"]["mean"], abs=1e-4)
+    c = x.shape[1] * math.log(2)  # nats per point -> bits per dimension
+    for nats, bits in (("elbo", "elbo_bits_per_dim"), ("iw_log_likelihood", "iw_bits_per_dim")):
+        assert r[bits]["mean"] == pytest.approx(-r[nats]["mean"] / c)
+        assert r[bits]["mc_se"] == pytest.approx(r[nats]["mc_se"] / c)
+        assert r[bits]["test_set_se"] == pytest.approx(r[nats]["test_set_se"] / c)
+    lo, hi = r["khat_share_interval_95"]
+    assert r["khat_points"] == 60 and lo <= r["khat_share_above_0.7"] <= hi and hi > lo
+    assert r["khat_share_above_0.7"] == r["khat_above_0.7"] / 60
+    one = evaluate_model(vae, x, k=1, batch_size=25)  # no spread from one draw: named, not NaN
+    for key in ("elbo", "reconstruction", "kl", "iw_log_likelihood", "iw_bits_per_dim"):
+        assert one[key]["mc_se"] is None and "K=1" in one[key]["mc_se_note"], key
+    json.dumps(one, allow_nan=False)  # strict JSON: no NaN anywhere in eval.json
+    assert in_bits_per_dim({"mean": -10.0, "mc_se": None, "mc_se_note": "n/a"}, 5) == {
+        "mean": 10.0 / (5 * math.log(2)), "mc_se": None, "mc_se_note": "n/a"}
+
+
+def test_wilson_interval_covers_the_share_at_its_level_even_at_zero():
+    assert wilson_interval(7, 200) == pytest.approx([0.0170, 0.0705], abs=5e-4)
+    lo, hi = wilson_interval(0, 200)  # the plug-in SE would say 0 +- 0
+    assert lo == 0 and hi == pytest.approx(1.96**2 / (200 + 1.96**2))
+    assert wilson_interval(200, 200)[1] == 1 and wilson_interval(200, 200)[0] < 1
+    gen = torch.Generator().manual_seed(0)
+    for p, n in ((0.1, 50), (0.02, 200)):  # coverage near 95% where plug-in intervals fall short
+        hits = (torch.rand(4000, n, generator=gen) < p).sum(1).tolist()
+        covered = sum(lo <= p <= hi for lo, hi in (wilson_interval(h, n) for h in hits)) / 4000
+        assert 0.92 < covered < 0.98, (p, n, covered)
+
+
 def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys):
     from pyro_vae.cli import main
 
@@ -151,6 +196,9 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert saved["iw k=10 n=20 seed=0"]["khat_share_above_0.7"] is None
     assert saved["ais steps=5 chains=4 n=20 seed=0"]["log_px"]["mc_se"] > 0
     assert "not available: K=10" in capsys.readouterr().out
+    assert main(["evaluate", run, "--k", "1", "--n", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "Monte Carlo SE n/a: one draw per point (K=1)" in text and "nan" not in text
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--seed", "1"]) == 0
     other = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=10 n=20 seed=1"]
     same = saved["iw k=10 n=20 seed=0"]
