@@ -181,8 +181,11 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
 
     write_basic_figures(result.vae, result.dataset, run_dir)
     last = result.metrics[-1]
+    se = last.get("test_elbo_se")  # absent from runs begun before it was recorded
+    error = "" if se is None else (f" (SE {se:.2g} over {result.dataset.x_test.shape[0]} test "
+                                   "points, one draw each)")
     print(f"final test ELBO {last['test_elbo']:.2f} nats per data point after "
-          f"{last['epoch']} epochs; wrote {run_dir}/ (config.toml, metrics.jsonl, "
+          f"{last['epoch']} epochs{error}; wrote {run_dir}/ (config.toml, metrics.jsonl, "
           "checkpoint.pt, reconstructions.png, samples.png)")
     return 0
 

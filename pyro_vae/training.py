@@ -316,16 +316,23 @@ def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
 
 def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     """Evaluate the test ELBO and its terms, append the epoch's metrics, move to the next
-    epoch; returns the metrics dict."""
+    epoch; returns the metrics dict. ``test_elbo_se``: sd / sqrt(N) of the N test points'
+    one-draw ELBOs, the error of ``test_elbo`` from the draws and the test points together
+    (``pyro-vae evaluate`` names the two apart); None for one test point."""
     tc, ds = state.cfg.train, state.dataset
     rec, kl = elbo_terms(state.vae, ds.x_test, ds.y_test if state.vae.num_classes else None,
-                         batch_size=tc.eval_batch_size, seed=tc.seed)
+                         batch_size=tc.eval_batch_size, seed=tc.seed)  # (N,) each
+    n, per_point = rec.shape[0], rec - kl
+    spread = per_point.std() / math.sqrt(n) if n > 1 else per_point.new_tensor(math.nan)
+    test_elbo, se, test_rec, test_kl = torch.stack(
+        [per_point.mean(), spread, rec.mean(), kl.mean()]).tolist()  # one host read
     state.metrics.append({
         "epoch": state.epoch + 1,
         "train_elbo": -state.epoch_loss / ds.x_train.shape[0],
-        "test_elbo": (rec - kl).mean().item(),
-        "test_reconstruction": rec.mean().item(),
-        "test_kl": kl.mean().item(),
+        "test_elbo": test_elbo,
+        "test_elbo_se": None if math.isnan(se) else se,
+        "test_reconstruction": test_rec,
+        "test_kl": test_kl,
         "kl_weight": weight,
         "seconds": seconds,
     })

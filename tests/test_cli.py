@@ -22,7 +22,8 @@ def test_train_writes_every_file_and_its_config_reproduces_the_run(tmp_path, cap
     run = tmp_path / "a"
     for name in RUN_FILES:
         assert (run / name).stat().st_size > 0, name
-    assert f"wrote {run}/" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"wrote {run}/" in out and " test points, one draw each)" in out  # the ELBO's SE
     assert len(metrics_without_seconds(run)) == 2
     assert main(["train", "--quiet", "--config", str(run / "config.toml"),
                  "--runs-dir", str(tmp_path), "--name", "b"]) == 0

@@ -6,7 +6,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from pyro_vae.config import ConfigError, load_config
-from pyro_vae.evaluate import elbo, log_weights
+from pyro_vae.evaluate import elbo, elbo_terms, log_weights
 from pyro_vae.objectives import ELBOS, has_closed_form_kl
 from pyro_vae.training import NonFiniteError, build, kl_weight, resolve_device, train
 
@@ -27,6 +27,18 @@ def test_a_few_hundred_svi_steps_on_mnist_improve_test_elbo_widely():
     assert before < -400 and after > before + 250
     assert after > -200
     assert [m["epoch"] for m in result.metrics] == list(range(1, 11))
+
+
+def test_each_epochs_test_elbo_carries_the_se_of_its_per_point_estimates():
+    cfg = small_config(epochs=2)
+    result = train(cfg)
+    ds, last = result.dataset, result.metrics[-1]
+    rec, kl = elbo_terms(result.vae, ds.x_test, seed=cfg.train.seed)  # the same draws
+    per_point = rec - kl  # (N,)
+    assert last["test_elbo"] == pytest.approx(per_point.mean().item(), abs=1e-4)
+    assert last["test_elbo_se"] == pytest.approx(
+        (per_point.std() / math.sqrt(per_point.shape[0])).item(), rel=1e-5)
+    assert 0 < last["test_elbo_se"] < abs(last["test_elbo"])
 
 
 def test_same_seed_gives_identical_metrics_on_cpu():
