@@ -162,8 +162,10 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
 
     def report(m: dict) -> None:
         if not args.quiet and group.is_main:
+            se = m.get("test_elbo_se")  # None for one test point: nothing to spread
+            error = "" if se is None else f" +- {se:.2f}"
             print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
-                  f"test ELBO {m['test_elbo']:9.2f}  ({m['seconds']:.1f} s)", flush=True)
+                  f"test ELBO {m['test_elbo']:9.2f}{error}  ({m['seconds']:.1f} s)", flush=True)
 
     try:
         with _StopFlag() as stop:

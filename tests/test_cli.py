@@ -1,5 +1,6 @@
 import gc
 import io
+import json
 import os
 import subprocess
 import sys
@@ -31,6 +32,15 @@ def test_train_writes_every_file_and_its_config_reproduces_the_run(tmp_path, cap
     a = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_each_epoch_line_prints_the_test_elbo_with_its_se(tmp_path, capsys):
+    assert main(["train", *SMALL, "--runs-dir", str(tmp_path), "--name", "a"]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch")]
+    metrics = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == len(metrics) == 2
+    for line, m in zip(lines, metrics):
+        assert f"test ELBO {m['test_elbo']:9.2f} +- {m['test_elbo_se']:.2f}" in line, line
 
 
 def test_existing_run_name_is_refused(tmp_path, capsys):
