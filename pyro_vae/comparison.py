@@ -95,17 +95,26 @@ def _accuracy(mean: torch.Tensor, std: torch.Tensor, ref_mean, ref_std) -> dict:
             "std_ratio": (std / ref_std).mean(1).tolist()}
 
 
+def _mcse_in_ref_std(nuts: NutsResult, ref_std: torch.Tensor) -> list:
+    """NUTS' Monte Carlo SE of the posterior mean in units of the reference std, averaged
+    over dims, per point ``[N]``: the smallest mean error NUTS can resolve."""
+    mcse = torch.as_tensor(arviz_bridge.mcse_mean(nuts.idata), dtype=ref_std.dtype)  # (N, D)
+    return (mcse.to(ref_std.device) / ref_std).mean(1).tolist()
+
+
 def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
-                   elbo: torch.Tensor, exact: dist.Distribution | None) -> dict:
+                   elbo: tuple, exact: dist.Distribution | None) -> dict:
     """Accuracy of approximation ``q`` against the reference ``ref`` = (mean, std) ``[N, D]``
-    and NUTS draws ``[S, N, D]``: errors, energy distance, 90% coverage, ELBO ``[N]``, and
-    the KL to the exact posterior where known. Lists over points."""
+    and NUTS draws ``[S, N, D]``: errors, energy distance, 90% coverage, ELBO ``[N]`` with
+    its Monte Carlo SE (``elbo`` = (value, SE), :func:`elbo_and_se`), and the KL to the
+    exact posterior where known. Lists over points."""
     thin = nuts_draws[:: max(1, nuts_draws.shape[0] // 1000)]  # (<=1000, N, D)
     z = q.sample((thin.shape[0],))
     m = {**_accuracy(*moments(q), *ref),
          "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n])
                                      for n in range(thin.shape[1])],
-         "coverage_90": coverage(q, nuts_draws).tolist(), "elbo": elbo.tolist()}
+         "coverage_90": coverage(q, nuts_draws).tolist(), "elbo": elbo[0].tolist(),
+         "elbo_se": elbo[1].tolist()}
     if exact is not None:
         m["kl_to_exact"] = kl_to_exact(q, exact).tolist()
     return m
@@ -214,7 +223,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         log_px, source, checks = _log_px(setting, qs, iw_k, (ais_steps, ais_chains))
         elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q))
                  for k, q in qs.items()}
-        methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k][0], setting.exact),
+        methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k], setting.exact),
                        "seconds_per_point": seconds[k]} for k, q in qs.items()}
         half = nuts.samples.shape[1] // 2
         floor = [energy_distance(nuts.samples[0, :half, n],
@@ -226,6 +235,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "jit": jit,
                  **nuts_health(nuts, n_points, max_rhat, min_ess),
                  **_accuracy(nuts_draws.mean(0), nuts_draws.std(0), *ref),
+                 "mcse_mean_in_ref_std": _mcse_in_ref_std(nuts, ref[1]),
                  "energy_distance_chain_vs_chain": floor,
                  "seconds_per_point": nuts.seconds_per_point},
         "methods": methods, "gaps": gaps(log_px, elbos, source, setting.vae.guide_name),

@@ -72,6 +72,26 @@ def test_every_gap_carries_its_monte_carlo_se_and_no_gap_is_negative_beyond_it(l
     assert "(0 within noise)" in report_markdown(r.summary)
 
 
+def test_each_elbo_and_nuts_error_in_the_table_carries_its_monte_carlo_error(linear, ring):
+    _, r = linear
+    methods, nuts = r.summary["methods"], r.summary["nuts"]
+    # the full-covariance fit is the exact posterior: log p(x, z) - log q(z) is nearly
+    # constant, so its ELBO's SE vanishes while the diagonal guide's cannot
+    full, amortized = methods["gaussian-full"]["elbo_se"], methods["amortized"]["elbo_se"]
+    assert max(full) < 0.3 * min(amortized)
+    assert all(len(m["elbo_se"]) == len(m["elbo"]) for m in methods.values())
+    mcse = torch.tensor(nuts["mcse_mean_in_ref_std"])  # (N,)
+    assert ((mcse > 0) & (mcse < 0.2)).all()
+    assert (torch.tensor(nuts["mean_error_in_ref_std"]) < 4 * mcse).all()  # exact reference
+    text = report_markdown(r.summary)
+    amortized_row = next(ln for ln in text.splitlines() if ln.startswith("| amortized |"))
+    assert amortized_row.count(" +- ") == 1
+    nuts_error = text.split("| NUTS |")[1].split("|")[0]  # against the exact posterior
+    assert "(MCSE " in nuts_error and "noise floor" not in nuts_error, nuts_error
+    ring_nuts_error = report_markdown(ring[1].summary).split("| NUTS |")[1].split("|")[0]
+    assert "MCSE" in ring_nuts_error and "(noise floor)" in ring_nuts_error  # NUTS is the reference
+
+
 def test_diagonal_guide_kl_is_at_least_the_analytic_floor(linear):
     setting, r = linear
     cov = setting.exact.covariance_matrix.cpu()  # (N, D, D)
