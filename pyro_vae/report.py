@@ -69,7 +69,7 @@ def _elbo_cell(m: dict) -> str:
     if "elbo_se" not in m:
         return f"{_mean(m['elbo']):.3f}"
     mean, se = _mean_and_se(m["elbo"], m["elbo_se"])
-    return f"{mean:.3f} +- {se:.3f}"
+    return f"{mean:.3f} +- {se:.2g}"  # 2 significant digits: a tiny SE is not 0.000
 
 
 def _nuts_error_cell(r: dict) -> str:
