@@ -32,7 +32,7 @@ from . import distributed
 from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
-from .evaluate import elbo_terms
+from .evaluate import elbo_terms, mean_se
 from .graphs import StepGraphs, fold_step, loss_and_grad_norm, optimized
 from .likelihoods import check_data
 from .model import VAE, registered
@@ -322,8 +322,8 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     tc, ds = state.cfg.train, state.dataset
     rec, kl = elbo_terms(state.vae, ds.x_test, ds.y_test if state.vae.num_classes else None,
                          batch_size=tc.eval_batch_size, seed=tc.seed)  # (N,) each
-    n, per_point = rec.shape[0], rec - kl
-    spread = per_point.std() / math.sqrt(n) if n > 1 else per_point.new_tensor(math.nan)
+    per_point = rec - kl
+    spread = mean_se(per_point[:, None])[0]  # sd / sqrt(N) over the points; NaN for N = 1
     test_elbo, se, test_rec, test_kl = torch.stack(
         [per_point.mean(), spread, rec.mean(), kl.mean()]).tolist()  # one host read
     state.metrics.append({
