@@ -135,11 +135,11 @@ def ring(cfg: DataConfig) -> Dataset:
 
 
 class LinearGaussian(NamedTuple):
-    """x = W z + b + s * eps, z ~ N(0, I).  W: ``[X, D]``, b: ``[X]``, s: float."""
+    """x = W z + b + s * eps, z ~ N(0, I).  W: ``[X, D]``, b: ``[X]``, s: a float or 0-d tensor."""
 
     W: torch.Tensor
     b: torch.Tensor
-    s: float
+    s: float | torch.Tensor
 
 
 def linear_gaussian_params(cfg: DataConfig) -> LinearGaussian:

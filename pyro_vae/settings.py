@@ -13,7 +13,7 @@ from typing import NamedTuple
 import pyro.distributions as dist
 import torch
 
-from .config import BUNDLED_CONFIGS, load_config
+from .config import BUNDLED_CONFIGS, Config, load_config
 from .data import LinearGaussian
 from .model import VAE
 from .toys import linear_gaussian_evidence, linear_gaussian_posterior
@@ -50,12 +50,27 @@ def toy_setting(name: str, points: int = 5, seed: int = 0, run_dir=None,
     vae, ds = _freeze(result.vae), result.dataset
     x = ds.x_test[:points]
     exact = log_px = None
-    if name == "linear-gaussian":  # the trained decoder is linear-Gaussian: posterior exact
-        layer = vae.decoder.net[0]
-        params = LinearGaussian(layer.weight, layer.bias, cfg.likelihood.sigma)
+    params = ppca_params(cfg, vae) if name == "linear-gaussian" else None
+    if params is not None:  # the trained model is probabilistic PCA: posterior exact
         exact = linear_gaussian_posterior(params, x)
         log_px = linear_gaussian_evidence(params).log_prob(x)
     return Setting(name, vae, x, None, exact, log_px)
+
+
+def ppca_params(cfg: Config, vae: VAE) -> LinearGaussian | None:
+    """(W ``[X, D]``, b ``[X]``, s) of ``vae`` when its model is probabilistic PCA,
+    z ~ N(0, I), x | z ~ N(W z + b, s^2 I) (``toys.py``), else None: a linear MLP decoder
+    without labels, a Gaussian likelihood with one scale (fixed, or learned: read from the
+    model), and the fixed standard normal prior. Overrides such as ``prior.learnable=true``
+    or ``likelihood.scale=per-pixel`` leave a model with no closed form here."""
+    m, lik = cfg.model, cfg.likelihood
+    if (m.network != "mlp" or m.hidden or m.conditional or lik.name != "gaussian"
+            or lik.scale == "per-pixel" or cfg.prior.name != "normal" or cfg.prior.learnable):
+        return None
+    layer = vae.decoder.net[0]
+    scale = (vae.likelihood.scale if lik.scale == "fixed"
+             else vae.likelihood.learnable["log_scale"].exp())
+    return LinearGaussian(layer.weight, layer.bias, scale)
 
 
 def run_setting(run, points: int = 3) -> Setting:

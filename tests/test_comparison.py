@@ -186,3 +186,30 @@ def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split()
     assert flow["amortization_fit"] is None and "amortization_gap" not in flow
     table = "\n".join(_gaps_markdown(flow))
     assert "| inference_gap | 3.0000" in table and "amortization_gap" not in table
+
+
+def _log_joint_minus_exact(setting, draws=64):
+    """log p(x, z) - log p(z | x) at exact posterior draws z ``[S, N, D]``: log p(x) at
+    every z when ``exact`` is the model's posterior."""
+    vae, x = setting.vae, setting.x
+    z = setting.exact.sample((draws,))
+    with torch.no_grad():
+        joint = vae.likelihood_dist(z).log_prob(x) + vae.prior_dist().log_prob(z)
+    return joint - setting.exact.log_prob(z)
+
+
+def test_the_exact_reference_is_the_trained_models_own_posterior_with_a_learned_scale():
+    # the learned noise scale moves away from the config's sigma (0.3): the closed form
+    # must use the model's, or log p(x, z) - log p(z | x) varies with z
+    setting = toy_setting("linear-gaussian", points=3, overrides=(
+        "likelihood.scale=learned", "likelihood.sigma=1.0", "train.epochs=5"))
+    assert abs(setting.vae.likelihood.learnable["log_scale"].exp().item() - 1.0) > 0.05
+    diff = _log_joint_minus_exact(setting)  # (S, N)
+    torch.testing.assert_close(diff, setting.log_px.expand_as(diff), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("override", ["prior.learnable=true", "likelihood.scale=per-pixel",
+                                      "likelihood.name=laplace", "model.hidden=[8]"])
+def test_a_linear_gaussian_setting_that_is_not_ppca_has_no_exact_reference(override):
+    setting = toy_setting("linear-gaussian", points=2, overrides=(override, "train.epochs=1"))
+    assert setting.exact is None and setting.log_px is None
