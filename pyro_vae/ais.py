@@ -111,8 +111,7 @@ def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, step: torch.Tenso
         step = step * torch.where(rate > target_accept, 1.02, 0.98)
         accepted = accepted + rate
     log_px, se = log_mean_exp(log_w)  # reverse: exp(log_w) estimates 1 / p(x)
-    return AISResult(-log_px if reverse else log_px, se,
-                     accepted / max(1, len(betas) - 2), log_w)
+    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w)
 
 
 @torch.no_grad()
@@ -127,9 +126,10 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
     With ``z_exact`` ``[C, B, D]`` (exact posterior draws, e.g. the latents that simulated
     x), runs *reverse* AIS from them instead (``chains`` is then C): the stochastic upper
     bound of BDMC."""
-    if steps < 1 or leapfrogs < 1 or chains < 1:
+    if steps < 2 or leapfrogs < 1 or chains < 1:
         raise ValueError(f"steps = {steps}, leapfrogs = {leapfrogs}, chains = {chains}: "
-                         "each must be >= 1")
+                         "steps must be >= 2 (one step makes no HMC move: plain importance "
+                         "sampling from q0), leapfrogs and chains >= 1")
     y1h = vae.onehot(y)
     if start == "guide":
         q0 = base_gaussian(vae.q_z_onehot(x, y1h))  # batch [B], event [D]

@@ -247,7 +247,8 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
         ("ELBO (bits/dim)", _estimate(r["elbo_bits_per_dim"], 4)),
         (f"log p(x), IW K={r['k']} (nats)", _estimate(r["iw_log_likelihood"])),
         ("log p(x) (bits/dim)", _estimate(r["iw_bits_per_dim"], 4)),
-        ("active units (Cov > 0.01)", f"{r['active_units']} / {r['latent_dim']}"),
+        ("active units (Cov > 0.01)", r.get("active_units_note") or
+         f"{r['active_units']} / {r['latent_dim']}"),
         ("PSIS k-hat > 0.7 (share)", _khat_row(r)),
     ]
 
@@ -259,7 +260,7 @@ def cmd_evaluate(args) -> int:
     if args.seed is not None:
         _at_least(("--seed", args.seed, 0))
     if args.ais_steps is not None:
-        _at_least(("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2))
+        _at_least(("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2))
     run = load_run(args.run, device=args.device)
     ds = run.dataset
     n = ds.x_test.shape[0] if args.n is None else args.n
@@ -309,8 +310,8 @@ def cmd_compare(args) -> int:
     from .settings import run_setting, toy_setting
 
     _at_least(("--points", args.points, 1), ("--chains", args.chains, 2),
-              ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 1),
-              ("--ais-steps", args.ais_steps, 1), ("--ais-chains", args.ais_chains, 2),
+              ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 2),
+              ("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2),
               ("--fit-steps", args.fit_steps, 1))
     if args.setting == "run":
         if not args.run:

@@ -315,25 +315,36 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     Carlo SE (of the estimator at this K) and its test-set SE (spread over points), named
     apart (:func:`with_errors`): the ELBO with its reconstruction and KL terms, the
     importance-weighted log p(x) (a stochastic lower bound; its SE says nothing of its bias),
-    both also in bits per dimension (SEs scaled alike), KL per dimension, active units and the
+    both also in bits per dimension (SEs scaled alike), KL per dimension, active units (None,
+    with ``active_units_note``, for one point) and the
     share of points with PSIS k-hat > 0.7 with its count and Wilson 95% interval (None, with
     ``khat_note`` saying why, when K is too small for a Pareto fit). With K = 1 no Monte Carlo
     SE exists: each is None with ``mc_se_note`` saying so."""
-    with seeded(seed, x.device):
+    with seeded(seed, x.device):  # a flow guide's posterior means are drawn too
         p = _per_point(vae, x, y, k, batch_size, chunk)
+        means = posterior_means(vae, x, y)  # (N, D)
     p["elbo"] = p["rec"] - p["kl"]
     one_draw = "n/a: one draw per point (K=1) has no spread" if k == 1 else None
     est = {name: with_errors(p[key], p[f"{key}_se"], one_draw) for name, key in (
         ("elbo", "elbo"), ("reconstruction", "rec"), ("kl", "kl"), ("iw_log_likelihood", "iw"))}
-    count, variances = active_units(posterior_means(vae, x, y))
     per_dim = kl_per_dimension(vae, x, y)
     return {
         "n": x.shape[0], "k": k, "seed": seed, **est,
         "elbo_bits_per_dim": in_bits_per_dim(est["elbo"], x.shape[1]),
         "iw_bits_per_dim": in_bits_per_dim(est["iw_log_likelihood"], x.shape[1]),
-        "active_units": count,
+        **_active_summary(means),
         "latent_dim": vae.latent_dim,
-        "posterior_mean_variance": variances.tolist(),
         "kl_per_dimension": None if per_dim is None else per_dim.tolist(),
         **_khat_summary(p["khat"], k),
     }
+
+
+def _active_summary(means: torch.Tensor) -> dict:
+    """Active units and the variances over points of E_q[z | x] ``[N, D]``, or None with
+    ``active_units_note`` saying why for one point (a variance needs two)."""
+    if means.shape[0] < 2:
+        return {"active_units": None, "posterior_mean_variance": None,
+                "active_units_note": "not available: one test point has no spread of E_q[z|x]"}
+    count, variances = active_units(means)
+    return {"active_units": count, "posterior_mean_variance": variances.tolist(),
+            "active_units_note": None}

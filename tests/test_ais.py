@@ -108,7 +108,9 @@ def test_ais_refuses_bad_arguments_naming_them():
     x = ds.x_test[:2]
     with pytest.raises(ValueError, match="start = 'posterior': allowed: guide, prior"):
         ais(vae, x, steps=2, start="posterior")
-    with pytest.raises(ValueError, match="leapfrogs = 0, chains = 16: each must be >= 1"):
+    with pytest.raises(ValueError, match="leapfrogs = 0, chains = 16: steps must be >= 2"):
         ais(vae, x, steps=2, leapfrogs=0)
+    with pytest.raises(ValueError, match="steps = 1, .*one step makes no HMC move"):
+        ais(vae, x, steps=1)  # its acceptance rate would be 0 of 0 moves
     with pytest.raises(ValueError, match=r"z_exact has shape \[4, 3, 2\]; expected \[C, 2, 2\]"):
         ais(vae, x, steps=2, z_exact=torch.zeros(4, 3, 2))

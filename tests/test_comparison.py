@@ -168,8 +168,10 @@ def test_compare_cli_writes_every_file(tmp_path, capsys):
     assert json.loads((out / "comparison.json").read_text())["fit_steps"] == 200
     assert main(["compare", "--setting", "run"]) == 2
     assert "--setting run needs --run RUN" in capsys.readouterr().err
-    assert main(["compare", "--setting", "ring", "--ais-steps", "0"]) == 2
-    assert "--ais-steps = 0" in capsys.readouterr().err
+    assert main(["compare", "--setting", "ring", "--ais-steps", "1"]) == 2
+    assert "--ais-steps = 1: must be >= 2" in capsys.readouterr().err
+    assert main(["compare", "--setting", "ring", "--iw-k", "1"]) == 2  # an SE needs 2 draws
+    assert "--iw-k = 1: must be >= 2" in capsys.readouterr().err
     assert main(["compare", "--setting", "ring", "--fit-steps", "0"]) == 2
     assert "--fit-steps = 0: must be >= 1" in capsys.readouterr().err
 

@@ -199,15 +199,41 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert main(["evaluate", run, "--k", "1", "--n", "20"]) == 0
     text = capsys.readouterr().out
     assert "Monte Carlo SE n/a: one draw per point (K=1)" in text and "nan" not in text
+    assert main(["evaluate", run, "--k", "10", "--n", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "not available: one test point has no spread" in text and "nan" not in text.lower()
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--seed", "1"]) == 0
     other = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=10 n=20 seed=1"]
     same = saved["iw k=10 n=20 seed=0"]
     assert other["iw_log_likelihood"]["mean"] != same["iw_log_likelihood"]["mean"]  # new draws
     assert other["active_units"] == same["active_units"]  # deterministic parts agree
     for bad, message in ((["--k", "0"], "--k = 0: must be >= 1"),
-                         (["--ais-steps", "0"], "--ais-steps = 0: must be >= 1"),
+                         (["--ais-steps", "1"], "--ais-steps = 1: must be >= 2"),
                          (["--n", "1001"], "--n = 1001: the test set has 1000 points"),
                          (["--n", "0"], "--n = 0: must be >= 1"),
                          (["--seed", "-1"], "--seed = -1: must be >= 0")):
         assert main(["evaluate", run, *bad]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_flow_guides_evaluation_is_reproducible_and_leaves_the_callers_stream_alone():
+    # a flow's posterior means are drawn (guides.moments): inside the seeded block, so two
+    # calls with one seed agree on every number, and the caller's stream is not consumed
+    cfg, ds, vae = build_vae("guide.name=iaf", "guide.hidden=[8]", "guide.flows=1")
+    x = ds.x_test[:30]
+    torch.manual_seed(123)
+    untouched = torch.rand(3)
+    torch.manual_seed(123)
+    first = evaluate_model(vae, x, k=20, seed=0)
+    assert torch.equal(torch.rand(3), untouched)
+    assert evaluate_model(vae, x, k=20, seed=0) == first  # the caller's stream has moved on
+
+
+def test_one_test_point_reports_active_units_as_not_available_in_strict_json():
+    cfg, ds, vae = build_vae()
+    out = evaluate_model(vae, ds.x_test[:1], k=20)
+    assert out["active_units"] is None and out["posterior_mean_variance"] is None
+    assert "one test point" in out["active_units_note"]
+    json.dumps(out, allow_nan=False)  # no NaN anywhere
+    two = evaluate_model(vae, ds.x_test[:2], k=20)
+    assert two["active_units_note"] is None and len(two["posterior_mean_variance"]) == vae.latent_dim
