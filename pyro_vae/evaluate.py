@@ -111,7 +111,12 @@ def iw_bound(log_w: torch.Tensor) -> torch.Tensor:
 def log_mean_exp(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`iw_bound` of log weights ``[K, B]`` and its Monte Carlo standard error by the
     delta method, sd(w) / (sqrt(K) mean(w)), both ``[B]`` (overflow-free; NaN for K = 1).
-    The SE of the *estimator* at this K, not its bias (it is a stochastic lower bound)."""
+    The SE of the *estimator* at this K, not its bias (it is a stochastic lower bound).
+    It equals sqrt((K / ESS - 1) / (K - 1)) with ESS = (sum w)^2 / sum w^2, so it never
+    exceeds 1 nat: where a few weights carry the sum it understates the error (lognormal
+    log-weights of sd 2, K = 16: by 2x), and the draws cannot show it. PSIS k-hat > 0.7
+    (:func:`psis_khat`, K >= 46) flags such points for IW; for AIS's few chains, BDMC
+    (``ais.bdmc``) bounds the error on simulated data."""
     k = log_w.shape[0]
     w = (log_w - log_w.max(0).values).exp()  # (K, B), largest 1
     se = w.std(0) / (math.sqrt(k) * w.mean(0)) if k > 1 else torch.full_like(w[0], math.nan)

@@ -237,3 +237,14 @@ def test_one_test_point_reports_active_units_as_not_available_in_strict_json():
     json.dumps(out, allow_nan=False)  # no NaN anywhere
     two = evaluate_model(vae, ds.x_test[:2], k=20)
     assert two["active_units_note"] is None and len(two["posterior_mean_variance"]) == vae.latent_dim
+
+
+def test_the_delta_method_se_is_a_function_of_the_weights_ess_and_never_exceeds_one_nat():
+    # what the docstring and README warn of: one dominating weight gives SE 1, never more
+    log_w = 3.0 * torch.randn(16, 500, dtype=torch.float64)
+    log_w[:, 0] = torch.tensor([50.0] + [0.0] * 15, dtype=torch.float64)
+    _, se = log_mean_exp(log_w)
+    w = (log_w - log_w.max(0).values).exp()
+    ess = w.sum(0) ** 2 / (w**2).sum(0)
+    torch.testing.assert_close(se, ((16 / ess - 1) / 15).sqrt())
+    assert se.max() <= 1 + 1e-12 and se[0] == pytest.approx(1.0, abs=1e-12)
