@@ -36,11 +36,13 @@ class LogWeights(NamedTuple):
 
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device | str = "cpu"):
-    """Run the block with torch's RNG seeded, leaving the caller's RNG stream untouched."""
+    """Run the block with torch's RNG seeded, leaving the caller's RNG stream untouched
+    (every GPU's too: ``torch.manual_seed`` reseeds them all)."""
     if seed is None:
         yield
         return
-    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    cuda = torch.device(device).type == "cuda"
+    devices = list(range(torch.cuda.device_count())) if cuda else []
     with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
         torch.manual_seed(seed)
         yield
