@@ -108,7 +108,7 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     and NUTS draws ``[S, N, D]``: errors, energy distance, 90% coverage, ELBO ``[N]`` with
     its Monte Carlo SE (``elbo`` = (value, SE), :func:`elbo_and_se`), and the KL to the
     exact posterior where known. Lists over points."""
-    thin = nuts_draws[:: max(1, nuts_draws.shape[0] // 1000)]  # (<=1000, N, D)
+    thin = _thinned(nuts_draws)  # (<=1000, N, D)
     z = q.sample((thin.shape[0],))
     m = {**_accuracy(*moments(q), *ref),
          "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n])
@@ -118,6 +118,23 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     if exact is not None:
         m["kl_to_exact"] = kl_to_exact(q, exact).tolist()
     return m
+
+
+def _thinned(draws: torch.Tensor, limit: int = 1000) -> torch.Tensor:
+    """Every k-th of draws ``[S, N, D]``, k = S // limit: at most ~``limit`` of them."""
+    return draws[:: max(1, draws.shape[0] // limit)]
+
+
+def energy_noise_floor(samples: torch.Tensor) -> list:
+    """Energy distance between NUTS' two halves of chains ``[C, S, N, D]`` (chains
+    ``[:C//2]`` against ``[C//2:]``), each thinned as :func:`method_metrics` thins NUTS'
+    draws, per point ``[N]``: what two samples of the same posterior, of the sizes the
+    methods are compared at, read as (the V-statistic is biased up by about 1/n + 1/m)."""
+    c, s = samples.shape[:2]  # one chain (a library call): its two halves of draws
+    parts = (samples[: c // 2], samples[c // 2 :]) if c > 1 else (samples[:, : s // 2],
+                                                                    samples[:, s // 2 :])
+    a, b = (_thinned(p.flatten(0, 1)) for p in parts)
+    return [energy_distance(a[:, n], b[:, n]) for n in range(samples.shape[2])]
 
 
 def _diff(a: tuple, b: tuple) -> tuple[list, list]:
@@ -225,9 +242,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
                  for k, q in qs.items()}
         methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k], setting.exact),
                        "seconds_per_point": seconds[k]} for k, q in qs.items()}
-        half = nuts.samples.shape[1] // 2
-        floor = [energy_distance(nuts.samples[0, :half, n],
-                                 nuts.samples[min(1, chains - 1), half:, n]) for n in range(n_points)]
+        floor = energy_noise_floor(nuts.samples)
     summary = {
         "setting": setting.name, "points": n_points, "latent_dim": setting.vae.latent_dim,
         "guide": setting.vae.guide_name, "fit_steps": fit_steps,

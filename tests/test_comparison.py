@@ -7,7 +7,7 @@ import torch
 
 from pyro_vae import arviz_bridge
 from pyro_vae.cli import main
-from pyro_vae.comparison import compare, energy_distance, gaps
+from pyro_vae.comparison import compare, energy_distance, energy_noise_floor, gaps
 from pyro_vae.report import _gaps_markdown, report_markdown
 from pyro_vae.settings import toy_setting
 
@@ -215,3 +215,16 @@ def test_the_exact_reference_is_the_trained_models_own_posterior_with_a_learned_
 def test_a_linear_gaussian_setting_that_is_not_ppca_has_no_exact_reference(override):
     setting = toy_setting("linear-gaussian", points=2, overrides=(override, "train.epochs=1"))
     assert setting.exact is None and setting.log_px is None
+
+
+def test_the_energy_noise_floor_compares_samples_of_the_methods_size():
+    # iid "chains" of one posterior: the floor must read what two independent samples of
+    # 1,000 (the size each method is compared at) read, not two of 500 (about twice that)
+    torch.manual_seed(0)
+    chains = torch.randn(4, 1000, 300, 2)  # (C, S, N, D)
+    floor = torch.tensor(energy_noise_floor(chains)).mean()
+    same_size = torch.tensor([energy_distance(torch.randn(1000, 2), torch.randn(1000, 2))
+                              for _ in range(300)]).mean()
+    assert abs(floor / same_size - 1) < 0.15, (floor, same_size)
+    one_chain = torch.tensor(energy_noise_floor(chains[:1])).mean()  # halves of 500
+    assert one_chain / same_size > 1.6
