@@ -153,16 +153,18 @@ def write_metrics(run_dir: Path, metrics: list[dict]) -> None:
 
 class Saver:
     """Writes a run's files (``config.toml``, ``metrics.jsonl``, ``checkpoint.pt``) for a
-    ``training.TrainState`` and keeps the last checkpoint payload, what a rollback returns to."""
+    ``training.TrainState`` and keeps the last checkpoint payload, what a rollback returns to.
+    A new run directory gets its step-0 checkpoint at once, so a run that fails or is killed
+    in its first epoch can be resumed (``--resume``) like any other."""
 
     def __init__(self, state, run_dir: Path | None):
         self.state, self.run_dir, self.rollbacks = state, run_dir, 0
         self.last_good = copy.deepcopy(state.state_dict())
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / "config.toml").is_file():  # a resumed run's changes: at save()
-                self._write_config()
             write_metrics(run_dir, state.metrics)
+            if not (run_dir / "checkpoint.pt").is_file():  # a resumed run's changes: at save()
+                self.save()
 
     def _write_config(self) -> None:
         text = dumps(self.state.cfg)

@@ -249,3 +249,20 @@ def test_a_cuda_saved_checkpoint_loads_on_a_cpu_only_machine(trained_run, capsys
     assert main(["train", "--quiet", "--resume", str(trained_run), "--force",
                  "--set", "train.epochs=2"]) == 0
     assert len(metrics_without_seconds(trained_run)) == 2
+
+
+@pytest.mark.filterwarnings("ignore:Encountered NaN")  # Pyro's notice on the first bad step
+def test_a_run_that_fails_in_its_first_epoch_resumes_from_its_step_0_checkpoint(tmp_path):
+    # a new run directory holds a checkpoint before the first step: a run that went
+    # non-finite (or was killed) in epoch 1 is not a dead end, and resuming it with a
+    # working learning rate trains exactly the fresh run of that rate
+    from pyro_vae.training import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="the last checkpoint is intact"):
+        train(small_config("train.lr=1e30", epochs=2), tmp_path / "bad")
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "bad" / "checkpoint.pt")
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 0)
+    good = small_config(epochs=2)
+    train(good, resume=tmp_path / "bad", force=True)
+    train(good, tmp_path / "fresh")
+    assert metrics_without_seconds(tmp_path / "bad") == metrics_without_seconds(tmp_path / "fresh")
