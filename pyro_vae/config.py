@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,7 +67,8 @@ class DataConfig:
     true_latent_dim: int = _spec(2, low=1, doc="linear-gaussian: dimension of the true z")
     noise: float = _spec(0.05, low=0.0, low_open=True, doc="toy observation noise std")
     alpha: float = _spec(10.0, low=0.0, low_open=True, doc="ring: x = z/alpha + z/|z|")
-    path: str = _spec("", doc="file: a .npy, .npz (x, optional y), .pt file or image folder")
+    path: str = _spec("", doc="file: a .npy, .npz (x, optional y), .pt file or image folder "
+                      "(relative to the current folder; stored absolute)")
     test_fraction: float = _spec(0.1, low=0.0, low_open=True, high=1.0, high_open=True,
                                  doc="file: share of the points held out for test (seeded)")
     image_size: int = _spec(0, low=0, doc="file, image folders: resize to SxS (0 = keep)")
@@ -240,6 +242,9 @@ def from_dict(tree: dict) -> Config:
                 )
             values[key] = _check_value(full, fields[key], value)
         built[section] = cls(**values)
+    if built["data"].path:  # absolute, so a run's config.toml works from any folder
+        path = os.path.abspath(os.path.expanduser(built["data"].path))
+        built["data"] = dataclasses.replace(built["data"], path=path)
     return Config(**built)
 
 

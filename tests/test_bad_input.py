@@ -128,7 +128,7 @@ BAD_INPUTS = {
     "unknown extension": (_own(lambda d: (d / "x.csv").write_text("1") and d / "x.csv"),
                           "unknown extension '.csv'; allowed: a .npy, .npz, .pt file, or a folder"),
     "data.path without data.name": (_train("data.path=x.npy"),
-                                    "data.path = 'x.npy' is read only with data.name = 'file'"),
+                                    "x.npy' is read only with data.name = 'file'"),
     "npz without x": (_own(_npz(data=REAL)), "no array 'x' (it holds: data)"),
     "NaN in the data": (_own(_npy(np.where(np.eye(20, 3) > 0, np.nan, REAL))),
                         "x.npy': 3 NaN or infinite values (the first in point 0)"),
