@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Config, ConfigError, diff, dumps, from_dict
+from .config import Config, ConfigError, diff, dumps, from_dict, to_dict
 
 FORMAT = 1
 REQUIRED = ("format", "config", "model", "optimizer", "rng", "epoch", "step", "metrics", "x_dim")
@@ -111,12 +111,16 @@ def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
 def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> dict:
     """The checkpoint of the run at ``run_dir``, to continue with config ``cfg``: the resume
     policy. A ``cfg`` that differs from the run's own config is refused, naming the keys that
-    differ, unless ``force`` (then ``cfg`` applies from the next step on)."""
+    differ with both values, unless ``force`` (then ``cfg`` applies from the next step on)."""
     ckpt = load_checkpoint(Path(run_dir) / "checkpoint.pt")
-    changed = diff(from_dict(ckpt["config"]), cfg)
+    old = from_dict(ckpt["config"])
+    changed = diff(old, cfg)
     if changed and not force:
+        was, now = to_dict(old), to_dict(cfg)
+        values = [f"{key} = {now[s][k]!r}, the run has {was[s][k]!r}"
+                  for key in changed for s, k in [key.split(".", 1)]]
         raise ConfigError(
-            f"resuming {str(run_dir)!r} with a changed config ({', '.join(changed)}); "
+            f"resuming {str(run_dir)!r} with a changed config ({'; '.join(values)}); "
             "drop those overrides, or pass --force (force=True) to accept them"
         )
     return ckpt

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run")
     e.add_argument("--k", type=int, default=1000, help="importance samples per test point")
     e.add_argument("--batch-size", type=int, default=100, help="test points per batch")
-    e.add_argument("--device", default="cpu", help="auto | cpu | cuda")
+    e.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     e.add_argument("--n", type=int, help="evaluate the first N test points (default: all)")
     e.add_argument("--seed", type=int, help="seed of the draws (default: the run's train.seed)")
     e.add_argument("--ais-steps", type=int, help="also estimate log p(x) by AIS with this many steps")

@@ -278,6 +278,9 @@ def config_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a folder; allowed: a TOML file, or a "
+                          "bundled config's name")
     bundled = BUNDLED_CONFIGS / f"{path.name}.toml"
     if path.parent == Path(".") and not path.suffix and bundled.is_file():
         return bundled
@@ -294,7 +297,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         path = config_file(path)
         try:
             tree = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as err:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:  # TOML is UTF-8 text
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     for text in overrides:
         section, key, value = parse_override(text)

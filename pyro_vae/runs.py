@@ -181,8 +181,25 @@ def load_run(path: str | Path, device: str = "cpu") -> Run:
     vae = VAE(cfg, ds.x_dim, ds.num_classes, ds.image_shape).to(dev)
     ckpt_io.load_state(vae, ckpt["model"], f"checkpoint {str(path / 'checkpoint.pt')!r}")
     vae.eval()
-    metrics = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
-    return Run(path, cfg, vae, ds, metrics, ckpt)
+    return Run(path, cfg, vae, ds, read_metrics(path, ckpt), ckpt)
+
+
+def read_metrics(path: Path, ckpt: dict) -> list[dict]:
+    """The run's ``metrics.jsonl`` (one JSON object per epoch); a damaged line is refused,
+    naming the file and line, with what repairs it."""
+    lines = (path / "metrics.jsonl").read_text(errors="replace").splitlines()
+    metrics = []
+    for number, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            metrics.append(json.loads(line))
+        except ValueError as err:
+            raise RunError(
+                f"{str(path / 'metrics.jsonl')!r}, line {number}, is not valid JSON ({err}); "
+                f"the checkpoint holds the metrics of {len(ckpt['metrics'])} epochs: "
+                f"`pyro-vae train --resume {path}` writes the file again from them") from None
+    return metrics
 
 
 def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None = "own_data",

@@ -62,6 +62,8 @@ class TrainResult(NamedTuple):
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is refused."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"device = {name!r}; allowed: auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "train.device = 'cuda' but no CUDA device is available on this machine; "

@@ -83,6 +83,23 @@ def _foreign_checkpoint(run, d):
     return ["evaluate", str(run), "--k", "5"]
 
 
+def _damaged_metrics(run, d):
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "train_el')  # cut off mid-line
+    return ["evaluate", str(run), "--k", "5"]
+
+
+def _config_bytes(data: bytes):
+    def argv(run, d):
+        (d / "c.toml").write_bytes(data)
+        return ["train", "--quiet", "--config", str(d / "c.toml"), "--runs-dir", str(d / "runs")]
+    return argv
+
+
+def _config_folder(run, d):
+    (d / "configs").mkdir()
+    return ["train", "--quiet", "--config", str(d / "configs"), "--runs-dir", str(d / "runs")]
+
+
 def _empty_run(run, d):
     (d / "empty").mkdir()
     return ["evaluate", str(d / "empty")]
@@ -101,6 +118,7 @@ BAD_INPUTS = {
                               "run directory '{d}/nope' does not exist"),
     "empty run directory": (_empty_run, "'{d}/empty' is incomplete: missing config.toml, "
                                         "metrics.jsonl, checkpoint.pt"),
+    "damaged metrics.jsonl": (_damaged_metrics, "metrics.jsonl', line 1, is not valid JSON"),
     "resume of a missing run": (lambda run, d: ["train", "--resume", str(d / "nope")],
                                 "run directory '{d}/nope' does not exist"),
     "sample n = 0": (lambda run, d: ["sample", str(run), "--n", "0"], "--n = 0: must be >= 1"),
@@ -110,6 +128,9 @@ BAD_INPUTS = {
     "invalid TOML, [model] twice": (_config_file("[model]\nlatent_dim = 2\n[model]\nhidden = []\n"),
                                     "c.toml' is not valid TOML"),
     "a section that is not a table": (_config_file("train = 3\n"), "[train] must be a table"),
+    "a config file that is not UTF-8": (_config_bytes(b"\xff\xfe[train]\n"),
+                                        "c.toml' is not valid TOML: 'utf-8' codec can't decode"),
+    "a folder as config file": (_config_folder, "configs' is a folder; allowed: a TOML file"),
     "a list for a number": (_train("model.latent_dim=[2]"), "model.latent_dim = [2]: expected an integer"),
     "a number for a list": (_train("model.hidden=64"), "model.hidden = 64: expected a list of integers"),
     "lr = nan": (_train("train.lr=nan"), "train.lr = nan: expected a finite number > 0.0"),
@@ -188,3 +209,22 @@ def test_an_edited_run_config_is_ignored_with_a_warning(run, capsys, edit, expec
 
 def test_an_unedited_run_config_loads_without_a_warning(run):
     load_run(run)  # warnings are errors in this suite
+
+
+def test_a_damaged_metrics_file_is_written_again_by_resume(run, capsys):
+    good = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text('{"epoch": 1, "train_el')
+    assert main(["evaluate", str(run), "--k", "5"]) == 2
+    assert f"pyro-vae train --resume {run}" in capsys.readouterr().err  # what the message says
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0
+    assert (run / "metrics.jsonl").read_text() == good
+    assert main(["evaluate", str(run), "--k", "5"]) == 0
+
+
+def test_an_unknown_device_is_refused_by_name(run, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", str(run), "--device", "gpu"])
+    assert exit_.value.code == 2
+    assert "argument --device: invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="device = 'cuda:5'; allowed: auto, cpu, cuda"):
+        load_run(run, device="cuda:5")  # not blamed on the checkpoint

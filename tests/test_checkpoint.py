@@ -59,7 +59,7 @@ def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tm
     with pytest.raises(Interrupted, match="stopped at epoch 1, step 3"):
         train(cfg, tmp_path / "cut", should_stop=lambda: next(polls) >= 2)
     changed = small_config("train.batch_size=64", "train.lr=0.01", subset=300, epochs=2)
-    with pytest.raises(ConfigError, match=r"changed config \(train.lr\).*force"):
+    with pytest.raises(ConfigError, match=r"changed config \(train.lr = 0.01, the run has 0.001\).*force"):
         train(changed, resume=tmp_path / "cut")
     resumed = train(cfg, resume=tmp_path / "cut")
     assert resumed.run_dir == tmp_path / "cut" and metrics_without_seconds(tmp_path / "cut") == metrics_without_seconds(tmp_path / "full")
@@ -76,7 +76,7 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys)
     assert main(["train", *small]) == 0
     run = str(tmp_path / "r")
     assert main(["train", "--quiet", "--resume", run, "--set", "train.lr=0.01"]) == 2
-    assert "changed config (train.lr); drop those overrides, or pass --force" in capsys.readouterr().err
+    assert "changed config (train.lr = 0.01, the run has 0.001); drop those overrides, or pass --force" in capsys.readouterr().err
     assert main(["train", "--quiet", "--resume", run, "--set", "train.epochs=2", "--force"]) == 0
     assert len(metrics_without_seconds(tmp_path / "r")) == 2
 
