@@ -126,6 +126,19 @@ def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> 
     return ckpt
 
 
+def check_mid_epoch_batch_size(ckpt: dict, cfg: Config) -> None:
+    """Refuse a forced new ``train.batch_size`` for a run stopped mid-epoch: its position
+    counts steps of the old size, so the rest of the epoch would be skipped or repeated."""
+    old, new = ckpt["config"]["train"]["batch_size"], cfg.train.batch_size
+    step = ckpt.get("step_in_epoch", 0)
+    if step and old != new:
+        raise ConfigError(
+            f"train.batch_size = {new}: the run stopped in epoch {ckpt['epoch'] + 1} after "
+            f"{step} steps of batch size {old}; allowed: train.batch_size = {old} until that "
+            "epoch ends (a new batch size applies from an epoch's start: resume with epochs "
+            "set to finish this one, then change it)")
+
+
 def load_state(module: torch.nn.Module, state: dict, source: str) -> None:
     """``module.load_state_dict(state)`` with an error that lists every tensor that does
     not fit (missing, unexpected, or of another shape)."""

@@ -371,6 +371,8 @@ def train(
     if isinstance(resume, (str, Path)):
         run_dir = Path(resume) if run_dir is None else run_dir
         resume = ckpt_io.resume_checkpoint(resume, cfg, force)
+    if resume is not None:
+        ckpt_io.check_mid_epoch_batch_size(resume, cfg)
     run_dir = None if run_dir is None else Path(run_dir)
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python (the same on every rank)
     state, group = TrainState.create(cfg, device), distributed.current()

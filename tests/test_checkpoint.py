@@ -266,3 +266,19 @@ def test_a_run_that_fails_in_its_first_epoch_resumes_from_its_step_0_checkpoint(
     train(good, resume=tmp_path / "bad", force=True)
     train(good, tmp_path / "fresh")
     assert metrics_without_seconds(tmp_path / "bad") == metrics_without_seconds(tmp_path / "fresh")
+
+
+def test_a_forced_batch_size_change_mid_epoch_is_refused(tmp_path):
+    # the position counts steps of the old size: the epoch's rest would be skipped
+    cfg = small_config("train.batch_size=16", subset=300, epochs=2)
+    polls = iter(range(10**6))
+    with pytest.raises(Interrupted, match="stopped at epoch 1, step 5"):
+        train(cfg, tmp_path / "cut", should_stop=lambda: next(polls) >= 4)
+    bigger = small_config("train.batch_size=200", subset=300, epochs=2)
+    with pytest.raises(ConfigError, match="train.batch_size = 200: the run stopped in epoch 1 "
+                                          "after 5 steps of batch size 16; allowed: "
+                                          "train.batch_size = 16 until that epoch ends"):
+        train(bigger, resume=tmp_path / "cut", force=True)
+    finish = small_config("train.batch_size=16", subset=300, epochs=1)
+    train(finish, resume=tmp_path / "cut", force=True)  # the epoch finished: now it may change
+    assert train(bigger, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 2
