@@ -129,9 +129,34 @@ def _at_least(*checks: tuple[str, int, int]) -> None:
             raise ConfigError(f"{flag} = {value}: must be >= {low}")
 
 
+def _out_folder(path: str | Path, flag: str) -> Path:
+    """An output folder (created when written to); refused, by name, when it is a file."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} = {str(path)!r} is a file; allowed: a folder (new or existing)")
+    return path
+
+
+def _out_figure(path: str | Path, flag: str) -> Path:
+    """An output figure file: ``.png`` added when it has no extension; a format matplotlib
+    cannot write, or a folder that does not exist, refused by name."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    path = path if path.suffix else path.with_suffix(".png")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix[1:].lower() not in formats:
+        raise ConfigError(f"{flag} = {str(path)!r}: unknown figure format {path.suffix!r}; "
+                          f"allowed: {', '.join('.' + f for f in sorted(formats))}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} = {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
 def _run_dir(args) -> Path:
     name = args.name or time.strftime("%Y%m%d-%H%M%S")
-    path = Path(args.runs_dir) / name
+    path = _out_folder(args.runs_dir, "--runs-dir") / name
+    _out_folder(path, "--name")
     if path.exists() and any(path.iterdir()):
         raise RunError(
             f"run directory {str(path)!r} already exists and is not empty; pick another "
@@ -204,7 +229,7 @@ def cmd_sample(args) -> int:
         )
     images = run.sample(args.n, args.label)
     suffix = "" if args.label is None else f"_label{args.label}"
-    out = Path(args.out or run.path / f"samples{suffix}.png")
+    out = _out_figure(args.out or run.path / f"samples{suffix}.png", "--out")
     title = "samples" + ("" if args.label is None else f" of class {args.label}")
     from .inspection import samples_figure, save_figure
 
@@ -296,7 +321,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_inspect(args) -> int:
     run = load_run(args.run)
-    out = Path(args.out or run.path / "figures")
+    out = _out_folder(args.out or run.path / "figures", "--out")
     from .inspection import write_figures
 
     written = write_figures(run, out)
@@ -320,11 +345,11 @@ def cmd_compare(args) -> int:
             raise ConfigError("--set applies to the toy settings; a run keeps its own config")
         run = load_run(args.run)
         setting = run_setting(run, args.points)
-        out = Path(args.out or run.path / "compare")
+        out = _out_folder(args.out or run.path / "compare", "--out")
     else:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
-        out = Path(args.out or f"compare-{args.setting}")
+        out = _out_folder(args.out or f"compare-{args.setting}", "--out")
         setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run",
                               overrides=args.set)
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,

@@ -100,6 +100,11 @@ def _config_folder(run, d):
     return ["train", "--quiet", "--config", str(d / "configs"), "--runs-dir", str(d / "runs")]
 
 
+def _a_file(d):
+    (d / "afile").write_text("not a folder")
+    return str(d / "afile")
+
+
 def _empty_run(run, d):
     (d / "empty").mkdir()
     return ["evaluate", str(d / "empty")]
@@ -118,6 +123,20 @@ BAD_INPUTS = {
                               "run directory '{d}/nope' does not exist"),
     "empty run directory": (_empty_run, "'{d}/empty' is incomplete: missing config.toml, "
                                         "metrics.jsonl, checkpoint.pt"),
+    # output paths
+    "sample into a missing folder": (lambda run, d: ["sample", str(run), "--out", str(d / "no" / "s.png")],
+                                     "--out = '{d}/no/s.png': folder '{d}/no' does not exist"),
+    "sample as text": (lambda run, d: ["sample", str(run), "--out", str(d / "s.txt")],
+                       "unknown figure format '.txt'; allowed: "),
+    "inspect into a file": (lambda run, d: ["inspect", str(run), "--out", _a_file(d)],
+                            "--out = '{d}/afile' is a file; allowed: a folder"),
+    "runs under a file": (lambda run, d: ["train", "--quiet", "--runs-dir", _a_file(d)],
+                          "--runs-dir = '{d}/afile' is a file; allowed: a folder"),
+    "a run named as a file": (lambda run, d: ["train", "--quiet", "--runs-dir", str(d), "--name",
+                                              _a_file(d) and "afile"],
+                              "--name = '{d}/afile' is a file; allowed: a folder"),
+    "compare into a file": (lambda run, d: ["compare", "--setting", "ring", "--out", _a_file(d)],
+                            "--out = '{d}/afile' is a file; allowed: a folder"),
     "damaged metrics.jsonl": (_damaged_metrics, "metrics.jsonl', line 1, is not valid JSON"),
     "resume of a missing run": (lambda run, d: ["train", "--resume", str(d / "nope")],
                                 "run directory '{d}/nope' does not exist"),
@@ -228,3 +247,9 @@ def test_an_unknown_device_is_refused_by_name(run, capsys):
     assert "argument --device: invalid choice: 'gpu'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="device = 'cuda:5'; allowed: auto, cpu, cuda"):
         load_run(run, device="cuda:5")  # not blamed on the checkpoint
+
+
+def test_a_figure_named_without_extension_is_written_and_reported_as_png(run, tmp_path, capsys):
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "myfig")]) == 0
+    assert (tmp_path / "myfig.png").stat().st_size > 0
+    assert f"wrote {tmp_path / 'myfig.png'}" in capsys.readouterr().out
