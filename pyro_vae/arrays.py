@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import warnings
 import zipfile
 from pathlib import Path
 from typing import NamedTuple
@@ -60,6 +61,7 @@ def train_test_split(x: torch.Tensor, y: torch.Tensor | None, n_test: int, seed:
 
 
 ALLOWED_SHAPES = "[N, X] vectors, [N, H, W] or [N, C, H, W] images"
+MIN_CLASS_LIMIT = 1000  # class indices below max(N, this) are accepted
 
 
 def _float_points(x) -> torch.Tensor:
@@ -86,6 +88,7 @@ def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None
         except (ValueError, TypeError) as err:  # ragged nested lists, say
             raise DataError(f"{where}: cannot be read as one array ({err}); allowed: a numpy "
                             f"array or torch tensor of {ALLOWED_SHAPES}") from None
+    _dense(x, where)
     numeric = not x.is_complex() if isinstance(x, torch.Tensor) else x.dtype.kind in "biuf"
     if not numeric:
         raise DataError(f"{where}: values of type {x.dtype}; allowed: numbers (bool, int, float)")
@@ -107,9 +110,20 @@ def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None
     return points, shape
 
 
+def _dense(x, where: str) -> None:
+    """Refuse a sparse (or other non-strided) tensor by name."""
+    if isinstance(x, torch.Tensor) and x.layout != torch.strided:
+        raise DataError(f"{where}: a tensor of layout {x.layout}; allowed: a dense tensor "
+                        "(x.to_dense())")
+
+
+
 def as_labels(y, n: int, where: str = "y") -> torch.Tensor:
     """Labels -> long ``[N]``: one whole number >= 0 per point of x (``n`` points), every
-    value checked; anything else raises :class:`DataError` naming ``where``."""
+    value checked; anything else raises :class:`DataError` naming ``where``. The class
+    count C = max + 1 (a conditional model's one-hot width) is at most
+    max(N, :data:`MIN_CLASS_LIMIT`)."""
+    _dense(y, where)
     if not isinstance(y, torch.Tensor):
         y = np.array(y)  # a copy: torch never sees a read-only (memory-mapped) buffer
         if y.dtype.kind not in "biuf":
@@ -126,6 +140,11 @@ def as_labels(y, n: int, where: str = "y") -> torch.Tensor:
         kind = str(y.dtype).removeprefix("torch.")
         raise DataError(f"{where}: labels of type {kind}{seen}; allowed: whole numbers "
                         ">= 0 (class indices 0, 1, ..., C - 1)")
+    top = int(y.max()) if y.numel() else 0
+    if top >= max(n, MIN_CLASS_LIMIT):
+        raise DataError(f"{where}: label {top} for {n} points (C = {top + 1} classes); allowed: "
+                        f"class indices below max(N, {MIN_CLASS_LIMIT}): renumber them "
+                        "0..C-1, e.g. np.unique(y, return_inverse=True)[1]")
     return y.long()
 
 
@@ -180,7 +199,9 @@ def _read_pt(path: Path, where: str):
     """A tensor, or a dict with tensor ``x`` and optional labels ``y``, from ``torch.save``
     (read with ``weights_only=True``: no code in the file is run)."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a sparse tensor is refused below, by name
+            warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
             zipfile.BadZipFile) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

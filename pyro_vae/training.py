@@ -60,8 +60,11 @@ class TrainResult(NamedTuple):
     run_dir: Path | None
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is refused."""
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is refused (a
+    ``torch.device`` is taken as it is)."""
+    if isinstance(name, torch.device):
+        return name
     if name not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device = {name!r}; allowed: auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():

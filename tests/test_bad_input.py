@@ -56,6 +56,13 @@ def _npy(array, name="x.npy"):
     return write
 
 
+def _pt(tensor):
+    def write(d):
+        torch.save(tensor, d / "x.pt")
+        return d / "x.pt"
+    return write
+
+
 def _npz(**arrays):
     def write(d):
         np.savez(d / "x.npz", **arrays)
@@ -170,6 +177,12 @@ BAD_INPUTS = {
     "data.path without data.name": (_train("data.path=x.npy"),
                                     "x.npy' is read only with data.name = 'file'"),
     "npz without x": (_own(_npz(data=REAL)), "no array 'x' (it holds: data)"),
+    "labels far beyond the points": (_own(_npz(x=REAL, y=np.array([10**9] + [0] * 19)),
+                                          "model.conditional=true"),
+                                     "labels y: label 1000000000 for 20 points (C = 1000000001 "
+                                     "classes); allowed: class indices below max(N, 1000)"),
+    "a sparse tensor": (_own(_pt(torch.tensor(REAL).to_sparse())),
+                        "x.pt': a tensor of layout torch.sparse_coo; allowed: a dense tensor"),
     "NaN in the data": (_own(_npy(np.where(np.eye(20, 3) > 0, np.nan, REAL))),
                         "x.npy': 3 NaN or infinite values (the first in point 0)"),
     "rank 1": (_own(_npy(REAL[:, 0])), "x.npy': an array of shape [20] (rank 1); allowed: [N, X]"),
