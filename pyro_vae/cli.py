@@ -367,8 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
                 "inspect": cmd_inspect, "compare": cmd_compare}[args.command](args)
-    except BAD_INPUT as err:
-        print(f"pyro-vae: error: {err}", file=sys.stderr)
+    except BAD_INPUT as err:  # under torchrun: once, by rank 0, unless only some ranks see it
+        if distributed.reports_errors() or isinstance(err, distributed.RankError):
+            print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
         print(f"pyro-vae: training failed: {err}", file=sys.stderr)

@@ -44,10 +44,33 @@ class Group(NamedTuple):
         return self.rank == 0
 
 
+class RankError(ConfigError):
+    """Bad input that only some ranks see (each of them reports it, not rank 0 alone)."""
+
+
+def _env_int(name: str, default: int) -> int:
+    """The whole number >= 0 in environment variable ``name`` (``default`` when unset)."""
+    text = os.environ.get(name, str(default))
+    if not text.strip().isdigit():
+        raise ConfigError(f"{name} = {text!r} (from the environment); allowed: a whole number "
+                          ">= 0, as torchrun sets it: launch with torchrun --nproc_per_node=N")
+    return int(text)
+
+
 def launched() -> bool:
     """Whether this process was started by torchrun (or a launcher setting its variables)
-    as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    as one of several. A ``WORLD_SIZE`` that is not a whole number is refused by name."""
+    return _env_int("WORLD_SIZE", 1) > 1
+
+
+def reports_errors() -> bool:
+    """Whether this process reports bad input that every rank sees alike (config, data,
+    runs): alone, or rank 0 of a group (``RANK``; an unreadable one counts as rank 0), so
+    a launch with a bad setting prints its error once."""
+    try:
+        return not launched() or _env_int("RANK", 0) == 0
+    except ConfigError:
+        return True
 
 
 def init_from_env(device: torch.device) -> Group:
@@ -87,7 +110,11 @@ def exit_process(code: int) -> NoReturn:
     ("terminate called without an active exception"), after which torchrun kills the other
     ranks, rank 0 mid-way through writing its figures (pytorch/pytorch#190489; seen here in
     about 1 run in 10 on a loaded machine). By now every file is written and closed."""
-    if launched():
+    try:
+        several = launched()
+    except ConfigError:  # reported by the command (train) that reads it
+        several = False
+    if several:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
@@ -98,9 +125,9 @@ def exit_process(code: int) -> NoReturn:
 def _local_gpu() -> int:
     """This process's GPU, ``LOCAL_RANK``; more processes on a node than it has GPUs is
     refused with one clear error (NCCL needs a GPU of its own for each process)."""
-    local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+    local, gpus = _env_int("LOCAL_RANK", 0), torch.cuda.device_count()
     if local >= gpus:
-        raise ConfigError(
+        raise RankError(
             f"train.device = cuda with LOCAL_RANK = {local}: this node has {gpus} GPU(s), and "
             f"each process needs its own; allowed: torchrun --nproc_per_node at most {gpus}, "
             "or --set train.device=cpu (gloo)")

@@ -108,3 +108,37 @@ def test_more_processes_than_gpus_on_a_node_is_one_clear_error(monkeypatch):
         _local_gpu()
     monkeypatch.setenv("LOCAL_RANK", "0")
     assert _local_gpu() == 0
+
+
+def test_a_bad_setting_under_torchrun_is_printed_once(tmp_path):
+    # every rank reads the same config and refuses it: rank 0 alone reports it
+    proc = _torchrun(tmp_path, *SMALL, "--set", "train.epochs=0", "--name", "none")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert err.count("pyro-vae: error: train.epochs = 0") == 1, err[-3000:]
+
+
+def test_a_rank_specific_error_is_reported_by_the_ranks_that_see_it(monkeypatch, capsys):
+    from pyro_vae.distributed import RankError, reports_errors
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert not reports_errors()
+    assert issubclass(RankError, ConfigError)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(RankError):  # rank 1 alone sees it: main prints it there
+        _local_gpu()
+
+
+def test_an_unreadable_world_size_is_one_clear_error_and_does_not_break_the_exit(monkeypatch,
+                                                                                  capsys):
+    from pyro_vae.distributed import exit_process
+
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert main(["train", *SMALL, "--set", "train.epochs=1"]) == 2
+    assert "WORLD_SIZE = 'abc' (from the environment); allowed: a whole number" in \
+        capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        exit_process(2)
+    assert exit_.value.code == 2
