@@ -33,6 +33,9 @@ from .config import Config, ConfigError, diff, dumps, from_dict, to_dict
 
 FORMAT = 1
 REQUIRED = ("format", "config", "model", "optimizer", "rng", "epoch", "step", "metrics", "x_dim")
+FIELDS = {"config": dict, "model": dict, "optimizer": dict, "rng": dict, "epoch": int,
+          "step": int, "metrics": list, "x_dim": int}  # the type each field must have
+INNER = {"optimizer": ("state", "param_groups"), "rng": ("torch", "cuda", "numpy", "python")}
 
 
 class CheckpointError(ValueError):
@@ -105,7 +108,23 @@ def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") 
         raise CheckpointError(
             f"checkpoint {str(path)!r} has format {ckpt['format']}; this version reads {FORMAT}"
         )
+    _check_fields(ckpt, path)
     return ckpt
+
+
+def _check_fields(ckpt: dict, path: Path) -> None:
+    """Refuse, naming the field, a checkpoint whose fields have the wrong type or lack
+    their parts (:data:`FIELDS`, :data:`INNER`): a damaged or hand-edited file."""
+    for key, kind in FIELDS.items():
+        if not isinstance(ckpt[key], kind) or isinstance(ckpt[key], bool):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is damaged: its {key!r} is a "
+                f"{type(ckpt[key]).__name__}; allowed: {kind.__name__}")
+    for key, parts in INNER.items():
+        missing = [p for p in parts if p not in ckpt[key]]
+        if missing:
+            raise CheckpointError(f"checkpoint {str(path)!r} is damaged: its {key!r} lacks "
+                                  f"{', '.join(missing)}")
 
 
 def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> dict:

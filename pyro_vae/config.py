@@ -299,6 +299,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             tree = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:  # TOML is UTF-8 text
             raise ConfigError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+        try:  # the file's own values first, so that an error in one names the file
+            from_dict(tree)
+        except ConfigError as err:
+            raise ConfigError(f"config file {str(path)!r}: {err}") from None
     for text in overrides:
         section, key, value = parse_override(text)
         tree.setdefault(section, {})

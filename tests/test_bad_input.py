@@ -157,6 +157,8 @@ BAD_INPUTS = {
     "a config file that is not UTF-8": (_config_bytes(b"\xff\xfe[train]\n"),
                                         "c.toml' is not valid TOML: 'utf-8' codec can't decode"),
     "a folder as config file": (_config_folder, "configs' is a folder; allowed: a TOML file"),
+    "a bad value in a config file": (_config_file("[train]\nlr = -1.0\n"),
+                                     "c.toml': train.lr = -1.0: out of range, must be > 0.0"),
     "a list for a number": (_train("model.latent_dim=[2]"), "model.latent_dim = [2]: expected an integer"),
     "a number for a list": (_train("model.hidden=64"), "model.hidden = 64: expected a list of integers"),
     "lr = nan": (_train("train.lr=nan"), "train.lr = nan: expected a finite number > 0.0"),
@@ -266,3 +268,19 @@ def test_a_figure_named_without_extension_is_written_and_reported_as_png(run, tm
     assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "myfig")]) == 0
     assert (tmp_path / "myfig.png").stat().st_size > 0
     assert f"wrote {tmp_path / 'myfig.png'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("rng", {}, "its 'rng' lacks torch, cuda, numpy, python"),
+    ("optimizer", {}, "its 'optimizer' lacks state, param_groups"),
+    ("config", None, "its 'config' is a NoneType; allowed: dict"),
+    ("epoch", "x", "its 'epoch' is a str; allowed: int"),
+])
+def test_a_checkpoint_with_a_damaged_field_is_refused_naming_it(run, capsys, key, value, expected):
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=False)
+    ckpt[key] = value
+    torch.save(ckpt, run / "checkpoint.pt")
+    for argv in (["evaluate", str(run), "--k", "5"], ["train", "--quiet", "--resume", str(run)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pyro-vae: error: checkpoint ") and "is damaged: " + expected in err
