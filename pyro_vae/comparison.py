@@ -107,8 +107,9 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     """Accuracy of approximation ``q`` against the reference ``ref`` = (mean, std) ``[N, D]``
     and NUTS draws ``[S, N, D]``: errors, energy distance, 90% coverage, ELBO ``[N]`` with
     its Monte Carlo SE (``elbo`` = (value, SE), :func:`elbo_and_se`), and the KL to the
-    exact posterior where known. Lists over points."""
-    thin = _thinned(nuts_draws)  # (<=1000, N, D)
+    exact posterior where known. Lists over points. The energy distance compares
+    :func:`energy_sample_size` draws of each, as the NUTS noise floor does."""
+    thin = _thinned(nuts_draws, energy_sample_size(nuts_draws.shape[0]))  # (n, N, D)
     z = q.sample((thin.shape[0],))
     m = {**_accuracy(*moments(q), *ref),
          "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n])
@@ -120,20 +121,28 @@ def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
     return m
 
 
-def _thinned(draws: torch.Tensor, limit: int = 1000) -> torch.Tensor:
-    """Every k-th of draws ``[S, N, D]``, k = S // limit: at most ~``limit`` of them."""
-    return draws[:: max(1, draws.shape[0] // limit)]
+def energy_sample_size(total: int) -> int:
+    """Draws per side of every energy distance of a comparison with ``total`` NUTS draws:
+    at most 1,000, and half of them at most, so that the noise floor (two halves of the
+    draws) compares samples of the same size as the methods (the V-statistic's upward bias,
+    about 1/n + 1/m, then is the same for both)."""
+    return max(1, min(1000, total // 2))
+
+
+def _thinned(draws: torch.Tensor, n: int) -> torch.Tensor:
+    """n draws ``[n, N, D]`` spread evenly over draws ``[S, N, D]`` (S >= n): every k-th,
+    k = S // n, the first n of them."""
+    return draws[:: max(1, draws.shape[0] // n)][:n]
 
 
 def energy_noise_floor(samples: torch.Tensor) -> list:
-    """Energy distance between NUTS' two halves of chains ``[C, S, N, D]`` (chains
-    ``[:C//2]`` against ``[C//2:]``), each thinned as :func:`method_metrics` thins NUTS'
-    draws, per point ``[N]``: what two samples of the same posterior, of the sizes the
-    methods are compared at, read as (the V-statistic is biased up by about 1/n + 1/m)."""
-    c, s = samples.shape[:2]  # one chain (a library call): its two halves of draws
-    parts = (samples[: c // 2], samples[c // 2 :]) if c > 1 else (samples[:, : s // 2],
-                                                                    samples[:, s // 2 :])
-    a, b = (_thinned(p.flatten(0, 1)) for p in parts)
+    """Energy distance between the two halves of NUTS' draws ``[C, S, N, D]``, chains in
+    order (for an even C: chains ``[:C/2]`` against ``[C/2:]``), each thinned to
+    :func:`energy_sample_size` draws, per point ``[N]``: what two samples of the same
+    posterior read as at the size the methods are compared at."""
+    draws = samples.flatten(0, 1)  # (C*S, N, D), chain by chain
+    half, n = draws.shape[0] // 2, energy_sample_size(draws.shape[0])
+    a, b = _thinned(draws[:half], n), _thinned(draws[half:], n)
     return [energy_distance(a[:, n], b[:, n]) for n in range(samples.shape[2])]
 
 

@@ -7,7 +7,8 @@ import torch
 
 from pyro_vae import arviz_bridge
 from pyro_vae.cli import main
-from pyro_vae.comparison import compare, energy_distance, energy_noise_floor, gaps
+from pyro_vae.comparison import (compare, energy_distance, energy_noise_floor,
+                                 energy_sample_size, gaps)
 from pyro_vae.report import _gaps_markdown, report_markdown
 from pyro_vae.settings import toy_setting
 
@@ -217,14 +218,15 @@ def test_a_linear_gaussian_setting_that_is_not_ppca_has_no_exact_reference(overr
     assert setting.exact is None and setting.log_px is None
 
 
-def test_the_energy_noise_floor_compares_samples_of_the_methods_size():
-    # iid "chains" of one posterior: the floor must read what two independent samples of
-    # 1,000 (the size each method is compared at) read, not two of 500 (about twice that)
+@pytest.mark.parametrize("chains, draws", [(4, 1000), (2, 1500), (4, 200), (3, 101), (1, 800)])
+def test_the_energy_noise_floor_compares_samples_of_the_methods_size(chains, draws):
+    # iid "chains" of one posterior: the floor must read what the methods' comparison of two
+    # independent samples of energy_sample_size draws reads (the V-statistic's bias ~1/n)
     torch.manual_seed(0)
-    chains = torch.randn(4, 1000, 300, 2)  # (C, S, N, D)
-    floor = torch.tensor(energy_noise_floor(chains)).mean()
-    same_size = torch.tensor([energy_distance(torch.randn(1000, 2), torch.randn(1000, 2))
-                              for _ in range(300)]).mean()
+    samples = torch.randn(chains, draws, 200, 2)  # (C, S, N, D)
+    floor = torch.tensor(energy_noise_floor(samples)).mean()
+    n = energy_sample_size(chains * draws)
+    assert n == min(1000, chains * draws // 2)
+    same_size = torch.tensor([energy_distance(torch.randn(n, 2), torch.randn(n, 2))
+                              for _ in range(200)]).mean()
     assert abs(floor / same_size - 1) < 0.15, (floor, same_size)
-    one_chain = torch.tensor(energy_noise_floor(chains[:1])).mean()  # halves of 500
-    assert one_chain / same_size > 1.6
