@@ -143,6 +143,9 @@ def _out_figure(path: str | Path, flag: str) -> Path:
     from matplotlib.backend_bases import FigureCanvasBase
 
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} = {str(path)!r} is a folder; allowed: a figure file, e.g. "
+                          f"{str(path / 'samples.png')!r}")
     path = path if path.suffix else path.with_suffix(".png")
     formats = FigureCanvasBase.get_supported_filetypes()
     if path.suffix[1:].lower() not in formats:
@@ -156,7 +159,8 @@ def _out_figure(path: str | Path, flag: str) -> Path:
 def _run_dir(args) -> Path:
     name = args.name or time.strftime("%Y%m%d-%H%M%S")
     path = _out_folder(args.runs_dir, "--runs-dir") / name
-    _out_folder(path, "--name")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--name = {name!r}: {str(path)!r} is a file; allowed: a new name")
     if path.exists() and any(path.iterdir()):
         raise RunError(
             f"run directory {str(path)!r} already exists and is not empty; pick another "
@@ -367,9 +371,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
                 "inspect": cmd_inspect, "compare": cmd_compare}[args.command](args)
-    except BAD_INPUT as err:  # under torchrun: once, by rank 0, unless only some ranks see it
-        if distributed.reports_errors() or isinstance(err, distributed.RankError):
-            print(f"pyro-vae: error: {err}", file=sys.stderr)
+    except BAD_INPUT as err:  # under torchrun: once per node, unless only some ranks see it
+        if not (distributed.reports_errors() or isinstance(err, distributed.RankError)):
+            time.sleep(distributed.REPORTER_GRACE_S)  # ended by torchrun once the reporter exits
+        print(f"pyro-vae: error: {err}", file=sys.stderr)
         return 2
     except NonFiniteError as err:
         print(f"pyro-vae: training failed: {err}", file=sys.stderr)

@@ -51,10 +51,14 @@ class RankError(ConfigError):
 def _env_int(name: str, default: int) -> int:
     """The whole number >= 0 in environment variable ``name`` (``default`` when unset)."""
     text = os.environ.get(name, str(default))
-    if not text.strip().isdigit():
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
         raise ConfigError(f"{name} = {text!r} (from the environment); allowed: a whole number "
                           ">= 0, as torchrun sets it: launch with torchrun --nproc_per_node=N")
-    return int(text)
+    return value
 
 
 def launched() -> bool:
@@ -63,12 +67,17 @@ def launched() -> bool:
     return _env_int("WORLD_SIZE", 1) > 1
 
 
+REPORTER_GRACE_S = 30.0  # how long a quiet rank leaves the reporter to print (see main)
+
+
 def reports_errors() -> bool:
-    """Whether this process reports bad input that every rank sees alike (config, data,
-    runs): alone, or rank 0 of a group (``RANK``; an unreadable one counts as rank 0), so
-    a launch with a bad setting prints its error once."""
+    """Whether this process reports bad input that every process of its node sees alike
+    (config, data, runs) at once: alone, or the node's first process (``LOCAL_RANK`` 0; an
+    unreadable one counts as 0), so that a launch with a bad setting prints its error once
+    per node. The others wait :data:`REPORTER_GRACE_S` first (``cli.main``): torchrun ends
+    them when the reporter exits; one still running then reports too, so nothing is lost."""
     try:
-        return not launched() or _env_int("RANK", 0) == 0
+        return not launched() or _env_int("LOCAL_RANK", 0) == 0
     except ConfigError:
         return True
 

@@ -118,17 +118,26 @@ def test_a_bad_setting_under_torchrun_is_printed_once(tmp_path):
     assert err.count("pyro-vae: error: train.epochs = 0") == 1, err[-3000:]
 
 
-def test_a_rank_specific_error_is_reported_by_the_ranks_that_see_it(monkeypatch, capsys):
-    from pyro_vae.distributed import RankError, reports_errors
+def test_a_rank_specific_error_is_printed_at_once_and_a_shared_one_after_the_grace(
+        monkeypatch, capsys):
+    from pyro_vae import distributed
 
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
-    assert not reports_errors()
-    assert issubclass(RankError, ConfigError)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1"),
+                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555")):
+        monkeypatch.setenv(name, value)
+    assert not distributed.reports_errors()
+    sleeps = []
+    monkeypatch.setattr("pyro_vae.cli.time.sleep", sleeps.append)
+    # LOCAL_RANK 1 on a node of one GPU: only this rank sees it, so it reports at once
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    with pytest.raises(RankError):  # rank 1 alone sees it: main prints it there
-        _local_gpu()
+    assert main(["train", *SMALL, "--set", "train.device=cuda"]) == 2
+    assert "LOCAL_RANK = 1: this node has 1 GPU" in capsys.readouterr().err and sleeps == []
+    # every rank refuses epochs = 0: this one leaves it to LOCAL_RANK 0, and reports only
+    # if torchrun has not ended it after the grace period
+    assert main(["train", *SMALL, "--set", "train.epochs=0"]) == 2
+    assert sleeps == [distributed.REPORTER_GRACE_S]
+    assert "train.epochs = 0" in capsys.readouterr().err
 
 
 def test_an_unreadable_world_size_is_one_clear_error_and_does_not_break_the_exit(monkeypatch,
