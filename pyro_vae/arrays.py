@@ -118,11 +118,11 @@ def _dense(x, where: str) -> None:
 
 
 
-def as_labels(y, n: int, where: str = "y") -> torch.Tensor:
+def as_labels(y, n: int, where: str = "y", classes: int | None = None) -> torch.Tensor:
     """Labels -> long ``[N]``: one whole number >= 0 per point of x (``n`` points), every
-    value checked; anything else raises :class:`DataError` naming ``where``. The class
-    count C = max + 1 (a conditional model's one-hot width) is at most
-    max(N, :data:`MIN_CLASS_LIMIT`)."""
+    value checked; anything else raises :class:`DataError` naming ``where``. Labels for a
+    trained model of ``classes`` classes lie below it; new data's class count C = max + 1
+    (a conditional model's one-hot width) is at most max(N, :data:`MIN_CLASS_LIMIT`)."""
     _dense(y, where)
     if not isinstance(y, torch.Tensor):
         y = np.array(y)  # a copy: torch never sees a read-only (memory-mapped) buffer
@@ -141,7 +141,9 @@ def as_labels(y, n: int, where: str = "y") -> torch.Tensor:
         raise DataError(f"{where}: labels of type {kind}{seen}; allowed: whole numbers "
                         ">= 0 (class indices 0, 1, ..., C - 1)")
     top = int(y.max()) if y.numel() else 0
-    if top >= max(n, MIN_CLASS_LIMIT):
+    if classes is not None and top >= classes:
+        raise DataError(f"{where}: label {top}; allowed: 0..{classes - 1} (the run's classes)")
+    if classes is None and top >= max(n, MIN_CLASS_LIMIT):
         raise DataError(f"{where}: label {top} for {n} points (C = {top + 1} classes); allowed: "
                         f"class indices below max(N, {MIN_CLASS_LIMIT}): renumber them "
                         "0..C-1, e.g. np.unique(y, return_inverse=True)[1]")

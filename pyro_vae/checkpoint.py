@@ -148,7 +148,7 @@ def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> 
 def check_mid_epoch_batch_size(ckpt: dict, cfg: Config) -> None:
     """Refuse a forced new ``train.batch_size`` for a run stopped mid-epoch: its position
     counts steps of the old size, so the rest of the epoch would be skipped or repeated."""
-    old, new = ckpt["config"]["train"]["batch_size"], cfg.train.batch_size
+    old, new = from_dict(ckpt["config"]).train.batch_size, cfg.train.batch_size
     step = ckpt.get("step_in_epoch", 0)
     if step and old != new:
         raise ConfigError(

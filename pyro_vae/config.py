@@ -278,12 +278,12 @@ def config_file(path: str | Path) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    bundled = BUNDLED_CONFIGS / f"{path.name}.toml"
+    if path.parent == Path(".") and not path.suffix and bundled.is_file():
+        return bundled  # (also when a folder of that name is here)
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; allowed: a TOML file, or a "
                           "bundled config's name")
-    bundled = BUNDLED_CONFIGS / f"{path.name}.toml"
-    if path.parent == Path(".") and not path.suffix and bundled.is_file():
-        return bundled
     names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.toml")))
     raise ConfigError(f"config file {str(path)!r} does not exist; bundled configs, "
                       f"by name: {names}")

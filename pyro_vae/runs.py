@@ -101,7 +101,8 @@ class Run:
                             "allowed: y = None")
         if self.vae.num_classes and y is None:
             raise DataError("y: this run is conditional (model.conditional = true); pass labels")
-        labels = None if y is None else as_labels(y, points.shape[0]).to(self.device)
+        labels = (None if y is None else
+                  as_labels(y, points.shape[0], classes=self.vae.num_classes).to(self.device))
         return points.to(self.device), labels
 
     def latent_means(self, x, y=None, batch_size: int = 1000) -> torch.Tensor:
@@ -217,8 +218,8 @@ def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None =
     ``overrides`` (``"section.key=value"``). The points are saved to ``RUN/data.npy`` (with
     labels ``RUN/data.npz``) and trained on with ``data.name = "file"`` and that file's
     absolute path, so :func:`load_run` and ``pyro-vae evaluate RUN`` read the run like any
-    other. ``run_dir`` must be new or empty; if training fails before its first checkpoint,
-    the folder is removed again."""
+    other. ``run_dir`` must be new or empty; if training fails (or is interrupted) before it
+    completes an epoch, the folder is removed again."""
     cfg = load_config(config, overrides)
     if cfg.data.path:
         raise ConfigError(f"data.path = {cfg.data.path!r}: fit takes the data as x; "
@@ -235,7 +236,8 @@ def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None =
     try:
         train(cfg, run_dir, progress=progress)
     except BaseException:
-        if not (run_dir / "checkpoint.pt").exists():  # nothing to keep: undo what fit wrote
+        metrics = run_dir / "metrics.jsonl"  # one line per completed epoch
+        if not (metrics.is_file() and metrics.read_text().strip()):  # nothing to keep: undo
             for item in run_dir.iterdir():
                 if item.is_dir():
                     shutil.rmtree(item)

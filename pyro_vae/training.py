@@ -66,7 +66,7 @@ def resolve_device(name: str | torch.device) -> torch.device:
     if isinstance(name, torch.device):
         return name
     if name not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device = {name!r}; allowed: auto, cpu, cuda")
+        raise ConfigError(f"device = {name!r}; allowed: auto, cpu, cuda (or a torch.device)")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
             "train.device = 'cuda' but no CUDA device is available on this machine; "
@@ -323,14 +323,22 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     """Evaluate the test ELBO and its terms, append the epoch's metrics, move to the next
     epoch; returns the metrics dict. ``test_elbo_se``: sd / sqrt(N) of the N test points'
     one-draw ELBOs, the error of ``test_elbo`` from the draws and the test points together
-    (``pyro-vae evaluate`` names the two apart); None for one test point."""
+    (``pyro-vae evaluate`` names the two apart); None for one test point. A non-finite test
+    ELBO (an update that overflowed the model) raises :class:`NonFiniteError`."""
     tc, ds = state.cfg.train, state.dataset
-    rec, kl = elbo_terms(state.vae, ds.x_test, ds.y_test if state.vae.num_classes else None,
-                         batch_size=tc.eval_batch_size, seed=tc.seed)  # (N,) each
+    with pyro.validation_enabled(False):  # a non-finite model is named below, not by a check
+        rec, kl = elbo_terms(state.vae, ds.x_test, ds.y_test if state.vae.num_classes else None,
+                             batch_size=tc.eval_batch_size, seed=tc.seed)  # (N,) each
     per_point = rec - kl
     spread = mean_se(per_point[:, None])[0]  # sd / sqrt(N) over the points; NaN for N = 1
     test_elbo, se, test_rec, test_kl = torch.stack(
         [per_point.mean(), spread, rec.mean(), kl.mean()]).tolist()  # one host read
+    if not math.isfinite(test_elbo):
+        bad = [name for name, p in state.vae.named_parameters() if not torch.isfinite(p).all()]
+        raise NonFiniteError(
+            f"non-finite test ELBO after epoch {state.epoch + 1} (non-finite parameters: "
+            f"{', '.join(bad) or 'none, but they overflow the model'}); the last checkpoint "
+            "is intact. Try a smaller train.lr or train.on_nan = 'rollback'.")
     state.metrics.append({
         "epoch": state.epoch + 1,
         "train_elbo": -state.epoch_loss / ds.x_train.shape[0],
@@ -343,6 +351,18 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     })
     state.epoch, state.step_in_epoch, state.epoch_loss, state.epoch_seconds = state.epoch + 1, 0, 0.0, 0.0
     return state.metrics[-1]
+
+
+def _resumed(resume, run_dir, cfg: Config, force: bool) -> tuple[dict | None, Path | None]:
+    """(the checkpoint to resume from or None, the run directory or None) for :func:`train`:
+    a run directory's checkpoint under the resume policy (``checkpoint.resume_checkpoint``),
+    and no forced new batch size mid-epoch."""
+    if isinstance(resume, (str, Path)):
+        run_dir = Path(resume) if run_dir is None else run_dir
+        resume = ckpt_io.resume_checkpoint(resume, cfg, force)
+    if resume is not None:
+        ckpt_io.check_mid_epoch_batch_size(resume, cfg)
+    return resume, None if run_dir is None else Path(run_dir)
 
 
 def train(
@@ -359,24 +379,18 @@ def train(
     checkpoint dict): its checkpoint is refused when ``cfg`` differs from the run's config,
     unless ``force`` (:func:`pyro_vae.checkpoint.resume_checkpoint`).
 
-    With ``run_dir`` (default: the resumed run's directory): writes ``config.toml``,
-    ``metrics.jsonl`` after every epoch and ``checkpoint.pt`` every
-    ``train.checkpoint_every`` epochs and at the end. When ``should_stop()`` turns true the
-    current step finishes, a checkpoint is written and :class:`Interrupted` is raised. A
-    non-finite loss or gradient raises :class:`NonFiniteError` before the optimizer step
-    (``train.on_nan = "rollback"``: back to the last checkpoint with train.lr halved).
-    ``on_epoch(metrics)`` is called with each epoch's metrics dict as it is recorded. In a
-    process group (``distributed.py``), every rank trains its shards and rank 0 writes.
-    """
+    With ``run_dir`` (default: the resumed run's): writes ``config.toml``, ``metrics.jsonl``
+    after every epoch, ``checkpoint.pt`` before the first step, every
+    ``train.checkpoint_every`` epochs and at the end (``checkpoint.Saver``). When
+    ``should_stop()`` turns true the current step finishes, a checkpoint is written and
+    :class:`Interrupted` is raised. A non-finite loss or gradient raises
+    :class:`NonFiniteError` before the update (``train.on_nan = "rollback"``: back to the
+    last checkpoint, train.lr halved). ``on_epoch(metrics)`` gets each epoch's metrics. In
+    a process group (``distributed.py``) every rank trains its shards; rank 0 writes."""
     tc = cfg.train
     device = resolve_device(tc.device)
     check_written_out(cfg)
-    if isinstance(resume, (str, Path)):
-        run_dir = Path(resume) if run_dir is None else run_dir
-        resume = ckpt_io.resume_checkpoint(resume, cfg, force)
-    if resume is not None:
-        ckpt_io.check_mid_epoch_batch_size(resume, cfg)
-    run_dir = None if run_dir is None else Path(run_dir)
+    resume, run_dir = _resumed(resume, run_dir, cfg, force)
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python (the same on every rank)
     state, group = TrainState.create(cfg, device), distributed.current()
     state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])

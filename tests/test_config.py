@@ -80,3 +80,12 @@ def test_a_bundled_config_loads_by_name_and_a_wrong_name_lists_them(tmp_path, mo
         load_config("ring_3d")
     for name in TOY_CONFIGS.values():  # compare's toy settings are bundled configs
         assert (BUNDLED_CONFIGS / f"{name}.toml").is_file()
+
+
+def test_a_folder_named_like_a_bundled_config_does_not_hide_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "own_data").mkdir()  # e.g. the user's image folder
+    assert load_config("own_data").data.name == "file"
+    with pytest.raises(ConfigError, match="'elsewhere' is a folder; allowed: a TOML file"):
+        (tmp_path / "elsewhere").mkdir()
+        load_config("elsewhere")

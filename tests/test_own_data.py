@@ -2,6 +2,7 @@
 
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from pyro_vae.config import ConfigError, DataConfig, load_config
 from pyro_vae.data import DataError, load_dataset
 from pyro_vae.model import VAE
 from pyro_vae.runs import RunError
-from pyro_vae.training import build
+from pyro_vae.training import NonFiniteError, build
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = ["model.hidden=[16]", "model.latent_dim=2", "train.epochs=1"]
@@ -305,6 +306,10 @@ def test_fit_takes_labels_and_images(tmp_path):
     assert run.latent_means(images, labels).shape == (40, 2)
     with pytest.raises(DataError, match="y: this run is conditional"):
         run.latent_means(images)
+    # new points' labels are checked against the run's classes, not the new points' count
+    assert run.latent_means(images[:2], [3, 3]).shape == (2, 2)
+    with pytest.raises(DataError, match=r"y: label 4; allowed: 0..3 \(the run's classes\)"):
+        run.latent_means(images[:2], [4, 0])
     assert (tmp_path / "run" / "data.npz").is_file()
 
 
@@ -328,6 +333,11 @@ def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_
     with pytest.raises(DataError, match="likelihood 'bernoulli' on data set 'data.npy'"):
         fit(x, run_dir=tmp_path / "run", overrides=["likelihood.name=bernoulli", *TINY])
     assert not (tmp_path / "run").exists()
+    with pytest.raises(NonFiniteError, match="non-finite test ELBO after epoch 1"), \
+            warnings.catch_warnings():  # one step per epoch: the overflow shows in evaluation
+        warnings.filterwarnings("ignore", message="Encountered NaN")  # Pyro's own notice
+        fit(x, run_dir=tmp_path / "nan", overrides=["train.lr=1e30", *TINY])
+    assert not (tmp_path / "nan").exists()
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / "keep").write_text("mine")
     with pytest.raises(RunError, match="'.*used' already exists and is not empty"):
