@@ -267,6 +267,15 @@ def _khat_row(r: dict) -> str:
     return f"{r['khat_share_above_0.7']:.3f}  ({'; '.join(notes)})"
 
 
+def _khat_caveat(r: dict) -> str:
+    """What the k-hat share says of the IW estimate's Monte Carlo SE (``evaluate.log_mean_exp``:
+    a delta-method SE cannot show the weights' missing tail), or nothing."""
+    above = r.get("khat_above_0.7")
+    if not above or r["iw_log_likelihood"].get("mc_se") is None:
+        return ""
+    return f"; its Monte Carlo SE is optimistic: k-hat > 0.7 on {above} of {r['khat_points']} points"
+
+
 def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
     return [
         ("test points", f"{r['n']}"),
@@ -274,7 +283,7 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
         ("  reconstruction E_q[log p(x|z)]", _estimate(r["reconstruction"])),
         ("  KL(q(z|x) || p(z))", _estimate(r["kl"])),
         ("ELBO (bits/dim)", _estimate(r["elbo_bits_per_dim"], 4)),
-        (f"log p(x), IW K={r['k']} (nats)", _estimate(r["iw_log_likelihood"])),
+        (f"log p(x), IW K={r['k']} (nats)", _estimate(r["iw_log_likelihood"]) + _khat_caveat(r)),
         ("log p(x) (bits/dim)", _estimate(r["iw_bits_per_dim"], 4)),
         ("active units (Cov > 0.01)", r.get("active_units_note") or
          f"{r['active_units']} / {r['latent_dim']}"),

@@ -188,6 +188,9 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert out["khat_share_above_0.7"] is not None and out["khat_note"] is None
     text = capsys.readouterr().out
     assert "log p(x), IW K=50" in text and "Monte Carlo SE" in text and "test-set SE" in text
+    iw_line = next(line for line in text.splitlines() if line.startswith("log p(x), IW"))
+    flagged = out["khat_above_0.7"]  # the row says when k-hat makes its SE optimistic
+    assert ("optimistic: k-hat > 0.7 on" in iw_line) == (flagged > 0), (iw_line, flagged)
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--ais-steps", "5",
                  "--ais-chains", "4"]) == 0
     saved = json.loads((tmp_path / "r" / "eval.json").read_text())
