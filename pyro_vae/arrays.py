@@ -117,7 +117,6 @@ def _dense(x, where: str) -> None:
                         "(x.to_dense())")
 
 
-
 def as_labels(y, n: int, where: str = "y", classes: int | None = None) -> torch.Tensor:
     """Labels -> long ``[N]``: one whole number >= 0 per point of x (``n`` points), every
     value checked; anything else raises :class:`DataError` naming ``where``. Labels for a

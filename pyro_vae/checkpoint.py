@@ -195,12 +195,13 @@ class Saver:
 
     def __init__(self, state, run_dir: Path | None):
         self.state, self.run_dir, self.rollbacks = state, run_dir, 0
-        self.last_good = copy.deepcopy(state.state_dict())
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_metrics(run_dir, state.metrics)
-            if not (run_dir / "checkpoint.pt").is_file():  # a resumed run's changes: at save()
-                self.save()
+        if run_dir is not None and not (run_dir / "checkpoint.pt").is_file():
+            self.save()  # keeps last_good too; a resumed run's changes are written at save()
+        else:
+            self.last_good = copy.deepcopy(state.state_dict())
 
     def _write_config(self) -> None:
         text = dumps(self.state.cfg)

@@ -143,7 +143,7 @@ def energy_noise_floor(samples: torch.Tensor) -> list:
     draws = samples.flatten(0, 1)  # (C*S, N, D), chain by chain
     half, n = draws.shape[0] // 2, energy_sample_size(draws.shape[0])
     a, b = _thinned(draws[:half], n), _thinned(draws[half:], n)
-    return [energy_distance(a[:, n], b[:, n]) for n in range(samples.shape[2])]
+    return [energy_distance(a[:, p], b[:, p]) for p in range(samples.shape[2])]
 
 
 def _diff(a: tuple, b: tuple) -> tuple[list, list]:

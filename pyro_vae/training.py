@@ -334,11 +334,11 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     test_elbo, se, test_rec, test_kl = torch.stack(
         [per_point.mean(), spread, rec.mean(), kl.mean()]).tolist()  # one host read
     if not math.isfinite(test_elbo):
-        bad = [name for name, p in state.vae.named_parameters() if not torch.isfinite(p).all()]
+        labels = ds.y_test if state.vae.num_classes else None
         raise NonFiniteError(
-            f"non-finite test ELBO after epoch {state.epoch + 1} (non-finite parameters: "
-            f"{', '.join(bad) or 'none, but they overflow the model'}); the last checkpoint "
-            "is intact. Try a smaller train.lr or train.on_nan = 'rollback'.")
+            f"non-finite test ELBO after epoch {state.epoch + 1}: "
+            f"{diagnose_nonfinite(state.vae, (ds.x_test, labels), weight)}. The last "
+            "checkpoint is intact. Try a smaller train.lr or train.on_nan = 'rollback'.")
     state.metrics.append({
         "epoch": state.epoch + 1,
         "train_elbo": -state.epoch_loss / ds.x_train.shape[0],
