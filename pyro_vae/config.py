@@ -82,7 +82,7 @@ class ModelConfig:
     hidden: tuple[int, ...] = _spec((400,), low=1, doc="hidden widths of the MLPs ([] = linear)")
     activation: str = _spec("softplus", choices=REGISTRY)
     network: str = _spec("mlp", choices=("mlp", "conv"))
-    conditional: bool = _spec(False, doc="condition encoder, decoder and prior on y")
+    conditional: bool = _spec(False, doc="condition encoder and decoder on y (the prior stays p(z))")
 
 
 @dataclass(frozen=True)

@@ -51,12 +51,12 @@ class _Softplus(torch.autograd.Function):
 
 def softplus(x: torch.Tensor) -> torch.Tensor:
     """log(1 + e^x) elementwise, any shape, gradient sigmoid(x). On the CPU the vectorized
-    node above (it agrees with float64 to ~1e-7 relative over the whole float32 range, no
-    threshold switch); on any other device torch's own: there log1p is not the bottleneck,
-    and torch's one fused kernel forward and one backward replace the node's eleven and two
-    plus a Python autograd call. An eager GPU step is bound by its host launching kernels:
-    on the CPU, with the arithmetic made negligible, the swap took ~0.4 ms off a `trace`
-    step of ~2.5 ms (benchmarks/README.md)."""
+    node above (it agrees with float64 to ~1e-7 relative over the float32 range, <= 1e-6
+    for denormal outputs; no threshold switch); on any other device torch's own: there log1p
+    is not the bottleneck, and torch's one fused kernel forward and one backward replace the
+    node's eleven and two plus a Python autograd call. An eager GPU step is bound by its host
+    launching kernels: on the CPU, with the arithmetic made negligible, the swap took ~0.4 ms
+    off a `trace` step of ~2.5 ms (benchmarks/README.md)."""
     if x.device.type == "cpu":
         return _Softplus.apply(x)
     return F.softplus(x)

@@ -134,6 +134,29 @@ def test_continuous_bernoulli_is_normalised_numerically():
         assert lp.item() == pytest.approx((0.3 * p.log() + 0.7 * (1 - p).log() + c.log()).item(), abs=1e-3)
 
 
+def test_continuous_bernoulli_stays_exact_and_differentiable_at_large_logits():
+    """float32 log-density and its gradient against float64 closed forms, where torch's own
+    (probabilities clamped to [eps, 1 - eps]) freezes past |l| ~ 16.6 (pytorch#72525)."""
+    logits = torch.tensor([-40.0, -30.0, -17.0, -1e-3, 0.0, 1e-3, 0.5, 5.0, 17.0, 30.0, 40.0])
+    x = torch.tensor([0.0, 0.3, 1.0]).unsqueeze(-1)  # (3, 1) against the logits' (11,)
+    like = LIKELIHOODS["continuous-bernoulli"](LikelihoodConfig(), 1)
+    l32 = logits.clone().requires_grad_()
+    lp = like(l32.unsqueeze(-1)).log_prob(x.unsqueeze(-1))  # (3, 11): one pixel each
+    l64 = logits.double().requires_grad_()
+    safe = torch.where(l64 == 0, 1.0, l64)  # l / tanh(l / 2) -> 2 at l = 0
+    norm = torch.where(l64 == 0, 2.0, safe / torch.tanh(safe / 2)).log()
+    exact = x.double() * l64 - torch.nn.functional.softplus(l64) + norm
+    torch.testing.assert_close(lp.double(), exact.detach(), rtol=1e-6, atol=2e-5)
+    lp.sum().backward(), exact.sum().backward()
+    torch.testing.assert_close(l32.grad.double(), l64.grad, rtol=1e-5, atol=1e-5)
+    assert (l32.grad[[1, -2]].abs() > 0.3).all()  # sum over x of (x - 1/2 + ...) is far from 0
+    grid = torch.linspace(0, 1, 200_001).unsqueeze(-1)
+    for logit in (-30.0, 20.0):  # still a density where torch's loses 20-47% of its mass
+        d = like(torch.full_like(grid, logit))
+        mass = torch.trapezoid(d.log_prob(grid).exp().double(), grid.squeeze(-1).double())
+        assert mass.item() == pytest.approx(1.0, abs=2e-3)
+
+
 @pytest.mark.parametrize("likelihood, overrides, message", [
     ("beta", ["data.binarize=none"], "likelihood 'beta' on data set 'mnist-10k' (data.binarize = 'none'): needs x strictly inside (0, 1)"),
     ("bernoulli", ["data.name=ring", "data.binarize=none", "model.hidden=[8]"], "likelihood 'bernoulli' on data set 'ring' (data.binarize = 'none'): needs x in [0, 1]"),
