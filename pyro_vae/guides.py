@@ -150,6 +150,20 @@ def moments(q: dist.Distribution, draws: int = 1000) -> tuple[torch.Tensor, torc
         return z.mean(0), z.std(0)
 
 
+def mean_and_covariance(q: dist.Distribution, dims=(0, 1), draws: int = 4000):
+    """Mean ``[..., k]`` and covariance ``[..., k, k]`` of q's latent dims ``dims`` (k of
+    them): closed form for a Gaussian (full, low-rank or diagonal), else estimated from
+    ``draws`` draws (flows: q's first two moments, not its shape)."""
+    idx = list(dims)
+    if hasattr(q, "covariance_matrix"):
+        return q.mean[..., idx], q.covariance_matrix[..., idx, :][..., idx]
+    if is_gaussian(q):
+        return q.mean[..., idx], torch.diag_embed(q.variance[..., idx])
+    z = q.sample((draws,))[..., idx]  # (S, ..., k)
+    centred = z - z.mean(0)
+    return z.mean(0), torch.einsum("s...i,s...j->...ij", centred, centred) / (draws - 1)
+
+
 @register_kl(dist.MultivariateNormal, dist.Independent)
 @register_kl(dist.LowRankMultivariateNormal, dist.Independent)
 def _kl_gaussian_to_diagonal(q, p):

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from .evaluate import kl_per_dimension, posterior_means
-from .guides import moments
+from .guides import mean_and_covariance, moments
 from .model import VAE
 
 
@@ -31,6 +31,18 @@ def tile(images: torch.Tensor, image_shape: tuple[int, ...], nrow: int) -> torch
     return mosaic.clamp(0, 1) if c == 3 else mosaic.mean(-1)
 
 
+def _plt():
+    """matplotlib.pyplot, imported on first draw (~0.5 s; ``import pyro_vae`` stays light)."""
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _axes(ax, figsize: tuple[float, float]):
+    """``ax``, or the Axes of a new figure of ``figsize`` inches."""
+    return ax if ax is not None else _plt().figure(figsize=figsize).gca()
+
+
 def _label(ax, xlabel: str, ylabel: str, title: str | None = None):
     """Axis labels, and the title when one is given; returns the Axes."""
     ax.set_xlabel(xlabel)
@@ -42,7 +54,7 @@ def _label(ax, xlabel: str, ylabel: str, title: str | None = None):
 
 def image_grid(images, image_shape, nrow: int = 8, ax=None, title: str | None = None):
     """Draw images ``[N, X]`` as a grid of ``nrow`` columns; returns the Axes."""
-    ax = ax or plt.figure(figsize=(nrow * 0.6, max(1, -(-len(images) // nrow)) * 0.6)).gca()
+    ax = _axes(ax, (nrow * 0.6, max(1, -(-len(images) // nrow)) * 0.6))
     ax.imshow(tile(images, image_shape, nrow).numpy(), cmap="gray", vmin=0, vmax=1)
     ax.set_axis_off()
     if title:
@@ -52,7 +64,7 @@ def image_grid(images, image_shape, nrow: int = 8, ax=None, title: str | None = 
 
 def scatter(points: torch.Tensor, ax=None, c=None, title: str | None = None, **kw):
     """Scatter the first two coordinates of ``[N, >=2]`` points; returns the Axes."""
-    ax = ax or plt.figure(figsize=(4, 4)).gca()
+    ax = _axes(ax, (4, 4))
     p = points.detach().cpu().numpy()
     ax.scatter(p[:, 0], p[:, 1], s=kw.pop("s", 3), c=None if c is None else c.cpu().numpy(), **kw)
     ax.set_aspect("equal", adjustable="datalim")
@@ -69,7 +81,7 @@ def reconstructions_figure(x, recon, image_shape=None):
         ax.set_title("test points and reconstructions")
         return ax.figure
     n = x.shape[0]
-    fig, axes = plt.subplots(2, 1, figsize=(n * 0.6, 1.6))
+    fig, axes = _plt().subplots(2, 1, figsize=(n * 0.6, 1.6))
     image_grid(x, image_shape, nrow=n, ax=axes[0], title="test images")
     image_grid(recon, image_shape, nrow=n, ax=axes[1], title="reconstructions")
     fig.tight_layout()
@@ -107,7 +119,7 @@ def write_basic_figures(vae: VAE, ds, out, n: int = 16) -> list[Path]:
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:
     """Write ``fig`` to ``path`` and close it."""
     fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
+    _plt().close(fig)
     return Path(path)
 
 
@@ -117,41 +129,57 @@ APPROX_COLOURS = {"amortized": "tab:red", "gaussian-diag": "tab:orange",
                   "gaussian-full": "tab:green", "exact": "black"}
 
 
-def marginal_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
-    """Histogram of reference draws ``[S]`` (NUTS) with Gaussian marginal densities
-    ``gaussians: name -> (mean, std)`` drawn over it; returns the Axes."""
-    import numpy as np
+def _colour(name: str):
+    """The colour of an approximation, also when its label qualifies it ("amortized (...)")."""
+    return APPROX_COLOURS.get(name.split(" (")[0])
 
-    ax = ax or plt.figure(figsize=(4, 3)).gca()
+
+def _density(grid, spec):
+    """Density ``[G]`` on ``grid``: of a Gaussian given as (mean, std), or a Gaussian-kernel
+    estimate (Silverman's bandwidth) from 1-D draws ``[S]``."""
+    if isinstance(spec, torch.Tensor):
+        d = spec.detach().double().cpu().numpy()
+        bandwidth = 1.06 * d.std() * len(d) ** -0.2
+        u = (grid[:, None] - d[None, :]) / bandwidth  # (G, S)
+        return np.exp(-0.5 * u**2).mean(1) / (bandwidth * np.sqrt(2 * np.pi))
+    mean, std = spec
+    return np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
+
+
+def marginal_overlay(draws, approximations: dict, ax=None, title: str | None = None):
+    """Histogram of reference draws ``[S]`` (NUTS) with the marginal densities of
+    ``approximations: name -> (mean, std)`` (a Gaussian) or ``name -> draws [S']`` (any
+    other q: a kernel density estimate, labelled so) drawn over it; returns the Axes."""
+    ax = _axes(ax, (4, 3))
     d = draws.detach().cpu().numpy()
     ax.hist(d, bins=60, density=True, color="tab:blue", alpha=0.35, label="NUTS")
     lo, hi = np.percentile(d, [0.1, 99.9])
     pad = 0.3 * (hi - lo)
     grid = np.linspace(lo - pad, hi + pad, 400)
-    for name, (mean, std) in gaussians.items():
-        pdf = np.exp(-0.5 * ((grid - mean) / std) ** 2) / (std * np.sqrt(2 * np.pi))
-        ax.plot(grid, pdf, color=APPROX_COLOURS.get(name), label=name,
+    for name, spec in approximations.items():
+        label = f"{name} (KDE of draws)" if isinstance(spec, torch.Tensor) else name
+        ax.plot(grid, _density(grid, spec), color=_colour(name), label=label,
                 ls="--" if name == "exact" else "-")
     ax.legend(fontsize=7)
     return _label(ax, "z", "density", title)
 
 
+def _ellipse(mean, cov, k: float):
+    """Points ``[2, 200]`` of the k-sigma ellipse of a 2-D Gaussian: mean + k L u, L L^T = cov."""
+    t = np.linspace(0, 2 * np.pi, 200)
+    chol = np.linalg.cholesky(np.asarray(cov, dtype=float))
+    return np.asarray(mean, dtype=float)[:, None] + k * chol @ np.stack([np.cos(t), np.sin(t)])
+
+
 def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
     """NUTS draws ``[S, 2]`` as a cloud with the 1- and 2-sigma ellipses of Gaussians
     ``gaussians: name -> (mean [2], covariance [2, 2])``; returns the Axes."""
-    import numpy as np
-
-    ax = ax or plt.figure(figsize=(4, 4)).gca()
+    ax = _axes(ax, (4, 4))
     d = draws.detach().cpu().numpy()
     ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.25, color="tab:blue", label="NUTS")
-    t = np.linspace(0, 2 * np.pi, 200)
-    circle = np.stack([np.cos(t), np.sin(t)])  # (2, T)
     for name, (mean, cov) in gaussians.items():
-        chol = np.linalg.cholesky(np.asarray(cov, dtype=float))
         for k, ls in ((1, "-"), (2, ":")):
-            e = np.asarray(mean)[:, None] + k * chol @ circle
-            ax.plot(e[0], e[1], color=APPROX_COLOURS.get(name), ls=ls,
-                    label=name if k == 1 else None)
+            ax.plot(*_ellipse(mean, cov, k), color=_colour(name), ls=ls, label=name if k == 1 else None)
     ax.legend(fontsize=7)
     return _label(ax, "z[0]", "z[1]", title)
 
@@ -219,7 +247,7 @@ def training_curves(metrics: list[dict], axes=None):
     """ELBO (train, test), test reconstruction and KL, and the KL weight per epoch; returns
     the Figure."""
     if axes is None:
-        _, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+        _, axes = _plt().subplots(1, 3, figsize=(12, 3.2))
     epochs = [m["epoch"] for m in metrics]
     axes[0].plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO")
     axes[0].plot(epochs, [m["test_elbo"] for m in metrics], label="test ELBO")
@@ -242,7 +270,7 @@ def training_curves(metrics: list[dict], axes=None):
 def latent_scatter(points: torch.Tensor, labels=None, ax=None, title=None, xlabel="z[0]",
                    ylabel="z[1]"):
     """2-D points ``[N, 2]`` coloured by integer labels ``[N]`` with a colour bar."""
-    ax = ax or plt.figure(figsize=(5, 4.3)).gca()
+    ax = _axes(ax, (5, 4.3))
     p = points.detach().cpu().numpy()
     c = None if labels is None else labels.detach().cpu().numpy()
     sc = ax.scatter(p[:, 0], p[:, 1], c=c, cmap="tab10" if c is not None else None, s=4)
@@ -253,31 +281,90 @@ def latent_scatter(points: torch.Tensor, labels=None, ax=None, title=None, xlabe
 
 def kl_bars(kl: torch.Tensor, ax=None, title="KL(q(z_d|x) || p(z_d)) per dimension"):
     """Bar chart of the mean KL per latent dimension ``[D]``."""
-    ax = ax or plt.figure(figsize=(max(4, 0.15 * len(kl) + 2), 3)).gca()
+    ax = _axes(ax, (max(4, 0.15 * len(kl) + 2), 3))
     ax.bar(range(len(kl)), kl.detach().cpu().numpy(), color="tab:purple")
     return _label(ax, "latent dimension", "nats", title)
 
 
-def posterior_ellipses(means: torch.Tensor, stds: torch.Tensor, ax=None, dims=(0, 1), title=None):
-    """1- and 2-sigma ellipses of diagonal q(z|x) for a few points (``means``, ``stds``
-    ``[n, D]``) in the latent dims ``dims``."""
-    import numpy as np
-    from matplotlib.patches import Ellipse
-
-    ax = ax or plt.figure(figsize=(4.5, 4.5)).gca()
-    m = means[:, list(dims)].detach().cpu().numpy()
-    s = stds[:, list(dims)].detach().cpu().numpy()
-    colours = plt.get_cmap("tab10")(np.arange(len(m)) % 10)
+def posterior_ellipses(means: torch.Tensor, covariances: torch.Tensor, ax=None, dims=(0, 1),
+                       title=None):
+    """1- and 2-sigma ellipses of q(z|x) for a few points: ``means [n, 2]`` and
+    ``covariances [n, 2, 2]`` of the latent dims ``dims`` (the axis labels), e.g. from
+    :func:`pyro_vae.guides.mean_and_covariance` (a full guide's ellipses are tilted)."""
+    ax = _axes(ax, (4.5, 4.5))
+    m = means.detach().double().cpu().numpy()
+    c = covariances.detach().double().cpu().numpy()
+    colours = _plt().get_cmap("tab10")(np.arange(len(m)) % 10)
     for i in range(len(m)):
         for k in (1, 2):
-            ax.add_patch(Ellipse(m[i], 2 * k * s[i, 0], 2 * k * s[i, 1], fill=False,
-                                 color=colours[i], ls="-" if k == 1 else ":"))
+            ax.plot(*_ellipse(m[i], c[i], k), color=colours[i], ls="-" if k == 1 else ":")
         ax.plot(*m[i], "o", color=colours[i], ms=3)
-    pad = 2.5 * s.max()
+    pad = 2.5 * np.sqrt(c[:, [0, 1], [0, 1]].max())
     ax.set_xlim(m[:, 0].min() - pad, m[:, 0].max() + pad)
     ax.set_ylim(m[:, 1].min() - pad, m[:, 1].max() + pad)
     return _label(ax, f"z[{dims[0]}]", f"z[{dims[1]}]",
                   title or "q(z|x) of test points: 1 and 2 sigma")
+
+
+def posterior_intervals(means: torch.Tensor, stds: torch.Tensor, ax=None, title=None):
+    """1- and 2-sigma intervals of a one-dimensional q(z|x) for a few points (``means``,
+    ``stds`` ``[n]``), one row per point."""
+    ax = _axes(ax, (4.5, 3))
+    m, s = means.detach().cpu().numpy(), stds.detach().cpu().numpy()
+    for i in range(len(m)):
+        ax.plot([m[i] - 2 * s[i], m[i] + 2 * s[i]], [i, i], ":", color=f"C{i % 10}")
+        ax.plot([m[i] - s[i], m[i] + s[i]], [i, i], "-", color=f"C{i % 10}", lw=2)
+        ax.plot(m[i], i, "o", color=f"C{i % 10}", ms=3)
+    return _label(ax, "z[0]", "test point", title or "q(z|x) of test points: 1 and 2 sigma")
+
+
+def latent_histogram(values: torch.Tensor, labels=None, ax=None, title=None):
+    """Histogram of a one-dimensional latent ``[N]``, stacked by integer labels ``[N]`` when
+    there are at most 10 of them."""
+    ax = _axes(ax, (5, 3.5))
+    v = values.detach().cpu().numpy()
+    classes = [] if labels is None else labels.unique().tolist()
+    if 1 < len(classes) <= 10:
+        y = labels.cpu().numpy()
+        ax.hist([v[y == c] for c in classes], bins=50, stacked=True, label=[str(c) for c in classes])
+        ax.legend(fontsize=7, title="label")
+    else:
+        ax.hist(v, bins=50, color="tab:blue")
+    return _label(ax, "z[0]", "test points", title)
+
+
+def _latent_space_figures(vae: VAE, ds, means: torch.Tensor, out: Path) -> list[Path]:
+    """The test points' posterior means ``[N, D]``: a histogram (D = 1), a scatter plot and
+    the decoded manifold (D = 2), or their two principal components (D > 2)."""
+    title = "posterior means E_q[z|x] of test points"
+    if vae.latent_dim == 1:
+        ax = latent_histogram(means[:, 0], ds.y_test, title=title)
+        return [save_figure(ax.figure, out / "latent_space.png")]
+    if vae.latent_dim == 2:
+        written = [save_figure(latent_scatter(means, ds.y_test, title=title).figure,
+                               out / "latent_space.png")]
+        if ds.image_shape is not None and not vae.num_classes:
+            ax = image_grid(manifold_data(vae), ds.image_shape, nrow=15,
+                            title="decoded manifold over prior quantiles")
+            written.append(save_figure(ax.figure, out / "manifold.png"))
+        return written
+    proj, _, share = pca(means)
+    ax = latent_scatter(proj, ds.y_test, title="PCA of posterior means E_q[z|x]",
+                        xlabel=f"PC 1 ({share[0]:.0%} of variance)",
+                        ylabel=f"PC 2 ({share[1]:.0%} of variance)")
+    return [save_figure(ax.figure, out / "latent_pca.png")]
+
+
+def _uncertainty_figure(vae: VAE, x: torch.Tensor, y, dims: list[int], out: Path) -> Path:
+    """q(z|x) of the points ``x [n, X]`` in the latent dims ``dims`` (one or two)."""
+    q = vae.q_z(x, y)
+    if len(dims) == 1:
+        mean, cov = mean_and_covariance(q, dims)  # (n, 1), (n, 1, 1)
+        ax = posterior_intervals(mean[:, 0], cov[:, 0, 0].sqrt(), title=f"q(z|x) of {len(x)} test points")
+    else:
+        ax = posterior_ellipses(*mean_and_covariance(q, dims), dims=dims,
+                                title=f"q(z|x) of {len(x)} test points in the two most active dims")
+    return save_figure(ax.figure, out / "posterior_uncertainty.png")
 
 
 @torch.no_grad()
@@ -292,19 +379,7 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
     means = posterior_means(vae, ds.x_test, y)  # (N, D)
     variances = means.var(0)
     active = variances.argsort(descending=True)  # most active dims first
-    if vae.latent_dim == 2:
-        ax = latent_scatter(means, ds.y_test, title="posterior means E_q[z|x] of test points")
-        written.append(save_figure(ax.figure, out / "latent_space.png"))
-        if shape is not None and not vae.num_classes:
-            ax = image_grid(manifold_data(vae), shape, nrow=15,
-                            title="decoded manifold over prior quantiles")
-            written.append(save_figure(ax.figure, out / "manifold.png"))
-    else:
-        proj, _, share = pca(means)
-        ax = latent_scatter(proj, ds.y_test, title="PCA of posterior means E_q[z|x]",
-                            xlabel=f"PC 1 ({share[0]:.0%} of variance)",
-                            ylabel=f"PC 2 ({share[1]:.0%} of variance)")
-        written.append(save_figure(ax.figure, out / "latent_pca.png"))
+    written += _latent_space_figures(vae, ds, means, out)
     if shape is not None:
         dims = active[: min(8, vae.latent_dim)].tolist()
         y0 = None if y is None else y[:1]
@@ -314,10 +389,8 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
         ax = image_grid(interpolation_data(vae, ds.x_test[0], ds.x_test[1], ya=y0), shape,
                         nrow=10, title="latent interpolation between two test images")
         written.append(save_figure(ax.figure, out / "interpolation.png"))
-    q_mean, q_std = moments(vae.q_z(ds.x_test[:8], None if y is None else y[:8]))
-    ax = posterior_ellipses(q_mean, q_std, dims=tuple(active[:2].tolist()),
-                            title="q(z|x) of 8 test points in the two most active dims")
-    written.append(save_figure(ax.figure, out / "posterior_uncertainty.png"))
+    written.append(_uncertainty_figure(vae, ds.x_test[:8], None if y is None else y[:8],
+                                       active[:2].tolist(), out))
     kl = kl_per_dimension(vae, ds.x_test, y)
     if kl is not None:
         written.append(save_figure(kl_bars(kl).figure, out / "kl_per_dimension.png"))

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from . import arviz_bridge
 from .comparison import Comparison
-from .guides import is_gaussian, moments
+from .guides import is_gaussian, mean_and_covariance, moments
 
 
 def _mean(values) -> float:
@@ -148,17 +146,13 @@ def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path
     return written + write_figures(r, out, dims)
 
 
-def _mean_cov2(q) -> tuple:
-    """Mean ``[2]`` and covariance ``[2, 2]`` of point 0's first two latent dims under q (as
-    numpy): closed form for a Gaussian, else from 4,000 draws (the ellipse of q's moments)."""
-    if hasattr(q, "covariance_matrix"):
-        mean, cov = q.mean[0, :2], q.covariance_matrix[0, :2, :2]
-    elif is_gaussian(q):
-        mean, cov = q.mean[0, :2], torch.diag(q.variance[0, :2])
-    else:
-        z = q.sample((4000,))[:, 0, :2]  # (S, 2)
-        mean, cov = z.mean(0), torch.cov(z.T)
-    return mean.cpu().numpy(), cov.cpu().numpy()
+def _marginal(q, dim: int):
+    """Point 0's marginal of z[dim] under q, as :func:`inspection.marginal_overlay` takes
+    it: (mean, std) of a Gaussian, else 4,000 of q's draws ``[S]`` (a flow's own shape)."""
+    if is_gaussian(q):
+        mean, std = moments(q)
+        return mean[0, dim].item(), std[0, dim].item()
+    return q.sample((4000,))[:, 0, dim]
 
 
 def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
@@ -172,14 +166,14 @@ def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
     gauss = dict(r.q) if r.exact is None else {**r.q, "exact": r.exact}
     k = min(dims, draws.shape[1])
     fig, axes = plt.subplots(1, k, figsize=(4 * k, 3), squeeze=False)
-    first = {name: [m[0] for m in moments(q)] for name, q in gauss.items()}  # point 0's (D,)
     for dim in range(k):
-        marg = {name: (mean[dim].item(), std[dim].item()) for name, (mean, std) in first.items()}
+        marg = {name: _marginal(q, dim) for name, q in gauss.items()}
         marginal_overlay(draws[:, dim], marg, ax=axes[0, dim], title=f"point 0, z[{dim}]")
     fig.tight_layout()
     written = [save_figure(fig, out / "marginals.png")]
-    if draws.shape[1] >= 2:
-        pairs = {name: _mean_cov2(q) for name, q in gauss.items()}
+    if draws.shape[1] >= 2:  # a flow's ellipse is that of its moments, and says so
+        pairs = {name if is_gaussian(q) else f"{name} (moments)":
+                 [m[0].cpu().numpy() for m in mean_and_covariance(q)] for name, q in gauss.items()}
         ax = pair_overlay(draws[:, :2], pairs, title="point 0: Gaussian ellipses over NUTS")
         written.append(save_figure(ax.figure, out / "pair.png"))
     written.append(save_figure(arviz_bridge.plot_trace(r.nuts.idata, point=0), out / "trace.png"))

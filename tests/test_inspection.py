@@ -6,6 +6,7 @@ import torch
 
 from pyro_vae.cli import main
 from pyro_vae.config import load_config
+from pyro_vae.guides import mean_and_covariance
 from pyro_vae.inspection import (image_grid, kl_bars, latent_scatter, marginal_overlay, pair_overlay,
                                  pca, posterior_ellipses, principal_angles, scatter, training_curves)
 from pyro_vae.runs import load_run
@@ -19,6 +20,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     assert main(["train", *COMMON, "--set", "model.latent_dim=2", "--runs-dir", str(root), "--name", "z2"]) == 0
     assert main(["train", *COMMON, "--set", "model.latent_dim=6", "--runs-dir", str(root), "--name", "z6"]) == 0
+    assert main(["train", *COMMON, "--set", "model.latent_dim=1", "--runs-dir", str(root), "--name", "z1"]) == 0
     return root
 
 
@@ -27,14 +29,15 @@ def _figures(run_dir):
 
 
 def test_inspect_writes_every_figure_with_a_sensible_size(runs, capsys):
-    for name in ("z2", "z6"):
+    for name in ("z2", "z6", "z1"):
         assert main(["inspect", str(runs / name)]) == 0
-    two, six = _figures(runs / "z2"), _figures(runs / "z6")
+    two, six, one = _figures(runs / "z2"), _figures(runs / "z6"), _figures(runs / "z1")
     common = {"training_curves.png", "reconstructions.png", "samples.png", "traversals.png",
               "interpolation.png", "posterior_uncertainty.png", "kl_per_dimension.png"}
     assert set(two) == common | {"latent_space.png", "manifold.png"}
     assert set(six) == common | {"latent_pca.png"}
-    for images in (two, six):
+    assert set(one) == common | {"latent_space.png"}  # a histogram, and intervals for q(z|x)
+    for images in (two, six, one):
         for name, img in images.items():
             h, w = img.shape[:2]
             assert h >= 60 and w >= 250, (name, img.shape)
@@ -43,7 +46,7 @@ def test_inspect_writes_every_figure_with_a_sensible_size(runs, capsys):
     assert w > 3 * h  # three panels side by side
     h, w = two["manifold.png"].shape[:2]
     assert 0.9 < h / w < 1.2  # a square grid of 15 x 15 digits
-    assert "wrote 9 figures" in capsys.readouterr().out
+    assert "wrote 8 figures" in capsys.readouterr().out.splitlines()[-1]  # z1's
 
 
 def test_plot_functions_draw_on_the_given_axes_and_never_show():
@@ -54,7 +57,7 @@ def test_plot_functions_draw_on_the_given_axes_and_never_show():
     assert scatter(pts, ax=axes[0, 1]) is axes[0, 1]
     assert latent_scatter(pts, labels, ax=axes[0, 2]) is axes[0, 2]
     assert kl_bars(torch.rand(5), ax=axes[0, 3]) is axes[0, 3]
-    assert posterior_ellipses(pts[:3], torch.rand(3, 2) + 0.1, ax=axes[1, 0]) is axes[1, 0]
+    assert posterior_ellipses(pts[:3], torch.eye(2).expand(3, 2, 2), ax=axes[1, 0]) is axes[1, 0]
     assert marginal_overlay(torch.randn(500), {"amortized": (0.0, 1.0)}, ax=axes[1, 1]) is axes[1, 1]
     assert pair_overlay(torch.randn(300, 2), {"exact": ([0, 0], [[1, 0], [0, 1]])}, ax=axes[1, 2]) is axes[1, 2]
     assert len(axes[0, 1].collections) == 1 and len(axes[0, 3].patches) == 5
@@ -62,6 +65,53 @@ def test_plot_functions_draw_on_the_given_axes_and_never_show():
                 "test_kl": 1.0, "kl_weight": 1.0} for e in range(1, 4)]
     f2, ax3 = plt.subplots(1, 3)
     assert training_curves(metrics, axes=ax3) is f2
+    plt.close("all")
+
+
+def test_posterior_ellipses_follow_a_full_covariance():
+    """Each drawn k-sigma curve lies on (z - m)^T S^-1 (z - m) = k^2: tilted for a correlated S."""
+    means = torch.tensor([[0.0, 0.0], [3.0, -1.0]])
+    covs = torch.tensor([[[1.0, 0.9], [0.9, 1.0]], [[0.25, -0.1], [-0.1, 0.5]]])
+    ax = posterior_ellipses(means, covs)
+    curves = [line.get_xydata() for line in ax.lines if len(line.get_xydata()) > 1]  # (T, 2) each
+    assert len(curves) == 4  # 1 and 2 sigma for each point
+    for i, k in ((0, 1), (0, 2), (1, 1), (1, 2)):
+        d = torch.from_numpy(curves[2 * i + k - 1]).float() - means[i]
+        mahalanobis = (d @ torch.linalg.inv(covs[i]) * d).sum(-1)
+        torch.testing.assert_close(mahalanobis, torch.full_like(mahalanobis, k * k), rtol=1e-4, atol=1e-4)
+    plt.close("all")
+
+
+def test_mean_and_covariance_is_closed_form_for_gaussians_and_estimated_for_flows():
+    import pyro.distributions as dist
+    from pyro.distributions.transforms import LowerCholeskyAffine
+
+    torch.manual_seed(0)
+    tril = torch.tensor([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [-0.5, 0.3, 0.4]])
+    loc = torch.tensor([1.0, -2.0, 0.5])
+    gauss = dist.MultivariateNormal(loc, scale_tril=tril).expand([2])
+    mean, cov = mean_and_covariance(gauss, dims=(2, 0))
+    full = tril @ tril.T
+    torch.testing.assert_close(cov, full[[2, 0]][:, [2, 0]].expand(2, 2, 2))
+    torch.testing.assert_close(mean, loc[[2, 0]].expand(2, 2))
+    diag = dist.Normal(loc, torch.tensor([1.0, 2.0, 3.0])).to_event(1)
+    torch.testing.assert_close(mean_and_covariance(diag, dims=(1, 2))[1], torch.diag(torch.tensor([4.0, 9.0])))
+    base = dist.Normal(torch.zeros(3), torch.ones(3)).to_event(1)  # a "flow" with known moments
+    flow = dist.TransformedDistribution(base, [LowerCholeskyAffine(loc, tril)])
+    mean, cov = mean_and_covariance(flow, dims=(0, 1), draws=200_000)
+    torch.testing.assert_close(mean, loc[:2], atol=0.02, rtol=0)
+    torch.testing.assert_close(cov, full[:2, :2], atol=0.02, rtol=0)
+
+
+def test_marginal_overlay_draws_a_density_estimate_for_draws():
+    torch.manual_seed(0)
+    ax = marginal_overlay(torch.randn(5000), {"amortized": torch.randn(20_000) * 2 + 1, "exact": (1.0, 2.0)})
+    kde, gauss = ax.lines
+    assert kde.get_label() == "amortized (KDE of draws)" and gauss.get_label() == "exact"
+    assert kde.get_color() == "tab:red"  # the qualified label keeps amortized's colour
+    grid, estimate = kde.get_xdata(), kde.get_ydata()
+    truth = torch.distributions.Normal(1.0, 2.0).log_prob(torch.from_numpy(grid)).exp().numpy()
+    assert abs(estimate - truth).max() < 0.01  # peak 0.2
     plt.close("all")
 
 

@@ -45,7 +45,7 @@ def test_only_arviz_bridge_imports_arviz():
     assert [p.name for p in sorted(PACKAGE.glob("*.py")) if _imports_arviz(p)] == ["arviz_bridge.py"]
 
 
-@pytest.mark.parametrize("module", ["pyro_vae", "pyro_vae.cli"])
+@pytest.mark.parametrize("module", ["pyro_vae", "pyro_vae.cli", "pyro_vae.inspection"])
 def test_import_loads_neither_pyplot_nor_arviz(module):
     # pyplot alone takes ~0.5 s to import: a command loads it only when it draws (`evaluate` never)
     code = (f"import sys, {module}; "
