@@ -3,10 +3,11 @@
 A checkpoint is one ``torch.save`` dict::
 
     format, config (nested dict), config_hash, model (state_dict), optimizer (state_dict),
-    rng (torch / cuda / numpy / python states), epoch (completed epochs),
+    rng (torch / cuda / numpy / python states, training_cuda on a GPU), epoch (completed epochs),
     step (optimizer steps so far), step_in_epoch (> 0 when interrupted mid-epoch),
     epoch_loss, epoch_seconds (of an interrupted epoch so far), lr_factor (train.lr is
-    multiplied by it after rollbacks), metrics (list of dicts), x_dim, num_classes
+    multiplied by it after rollbacks), rollbacks (so far in the run), metrics (list of
+    dicts), x_dim, num_classes
 
 It is written by ``training.TrainState.state_dict`` and read back by its
 ``load_state_dict``; :func:`resume_checkpoint` is the resume policy (a changed config is
@@ -42,23 +43,39 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or does not fit the model."""
 
 
-def rng_state() -> dict:
-    """Every RNG in use: torch CPU, all CUDA devices, numpy, python."""
-    return {
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every RNG in use: torch CPU, all CUDA devices, numpy, python; training on a GPU
+    ``device``, also its stream as ``training_cuda``: the one training draws from."""
+    state = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "numpy": np.random.get_state(),
         "python": random.getstate(),
     }
+    if device is not None and device.type == "cuda":
+        state["training_cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` captured (CUDA states only where CUDA exists)."""
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where CUDA exists), and
+    the saved training stream into GPU ``device``: data-parallel ranks each draw on their
+    own GPU, alike, and only rank 0's process saves; its ``cuda`` list holds its own GPU's
+    stream, while its copies of the other ranks' GPUs were never drawn from."""
     torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    if "training_cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["training_cuda"].cpu(), device)
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -68,6 +85,7 @@ def atomic_write(path: str | Path, write) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the run private
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -194,7 +212,7 @@ class Saver:
     in its first epoch can be resumed (``--resume``) like any other."""
 
     def __init__(self, state, run_dir: Path | None):
-        self.state, self.run_dir, self.rollbacks = state, run_dir, 0
+        self.state, self.run_dir = state, run_dir
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_metrics(run_dir, state.metrics)
@@ -226,14 +244,15 @@ class Saver:
     def roll_back(self, err: Exception) -> None:
         """Return to the last checkpoint with train.lr halved (``train.on_nan = "rollback"``,
         at most ``train.max_rollbacks`` times), else raise ``err``."""
-        tc = self.state.cfg.train
-        if tc.on_nan != "rollback" or self.rollbacks >= tc.max_rollbacks:
+        tc, state = self.state.cfg.train, self.state
+        if tc.on_nan != "rollback" or state.rollbacks >= tc.max_rollbacks:
             raise err
-        self.rollbacks += 1
-        factor = self.state.lr_factor / 2  # halved again on each rollback to the same point
-        self.state.load_state_dict(copy.deepcopy(self.last_good))  # Adam's state is not shared
-        self.state.set_lr_factor(factor)
+        count, factor = state.rollbacks + 1, state.lr_factor / 2  # halved again at each rollback
+        state.load_state_dict(copy.deepcopy(self.last_good))  # Adam's state is not shared
+        state.rollbacks = count
+        state.set_lr_factor(factor)
+        self.save()  # the count and the halved lr survive a stop before the next checkpoint
         warnings.warn(
-            f"rollback {self.rollbacks}/{tc.max_rollbacks} to epoch {self.state.epoch}, step "
-            f"{self.state.step} with train.lr halved to {tc.lr * self.state.lr_factor:g} after: "
-            f"{err}", RollbackWarning, stacklevel=3)
+            f"rollback {count}/{tc.max_rollbacks} to epoch {state.epoch}, step {state.step} "
+            f"with train.lr halved to {tc.lr * state.lr_factor:g} after: {err}",
+            RollbackWarning, stacklevel=3)

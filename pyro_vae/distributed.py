@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import Config, ConfigError
+from .evaluate import rng_untouched
 from .model import VAE
 from .objectives import COMPILABLE, negative_elbo, written_out
 
@@ -236,14 +237,12 @@ def make_loss(vae: VAE, num_particles: int, analytic_kl: bool, group: Group):
 
     def loss(x, y, weight: float, validate: bool) -> torch.Tensor:
         if validate:
-            devices = [x.device.index or 0] if x.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
+            with rng_untouched(x.device), torch.no_grad():
                 Trace_ELBO().loss(vae.model, vae.guide, *((x,) if y is None else (x, y)))
         rows = shard(x.shape[0], group)
         eps = torch.randn(num_particles, x.shape[0], vae.latent_dim, device=x.device)[:, rows]
         y1h = vae.onehot(y)
-        value = ddp(x[rows], eps, None if y1h is None else y1h[rows],
-                    torch.tensor(weight, device=x.device))
+        value = ddp(x[rows], eps, None if y1h is None else y1h[rows], x.new_full((), weight))
         value.backward()
         return value.detach() / group.world
 

@@ -17,8 +17,8 @@ the Gaussian guide), one process, and a model whose step never synchronises with
 (``objectives.check_written_out``; the warm-up refuses any other by name). With
 ``train.compile = true`` too, the graph holds the compiled loss (Inductor's fused kernels,
 compiled in the warm-up: fewer kernels a replay). eps is drawn outside the graph by the call
-the compiled loss uses, in Pyro's order, so a run gives the eager run's losses on the same
-seed.
+the compiled loss uses, in Pyro's order, so a run gives the eager run's parameters on the
+same seed, and its losses to float32 rounding (Pyro adds a step's terms in float64).
 
 A graph reads and writes fixed memory: those buffers, the parameters, their gradients and
 Adam's state. Loading a checkpoint (resume, rollback) replaces Adam's state and a rollback

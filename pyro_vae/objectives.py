@@ -120,8 +120,9 @@ def check_written_out(cfg: Config) -> None:
     one error: an ELBO other than :data:`COMPILABLE`, a guide other than the diagonal
     Gaussian (it draws z = loc + scale * eps), and for a graph the student-t prior (torch
     builds it from a Python number: a host synchronisation). Each mode, and the two together
-    (the compiled loss captured in the graph), gives the eager losses on the same seed
-    (tests/test_train.py, tests/test_graphs.py; tests/test_cuda.py on a GPU)."""
+    (the compiled loss captured in the graph), gives the eager parameters on the same seed,
+    losses to float32 rounding (tests/test_train.py, tests/test_graphs.py; tests/test_cuda.py
+    on a GPU)."""
     tc = cfg.train
     for key, on in (("compile", tc.compile), ("cuda_graph", tc.cuda_graph)):
         if not on:

@@ -32,7 +32,7 @@ from . import distributed
 from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
-from .evaluate import elbo_terms, mean_se
+from .evaluate import elbo_terms, mean_se, rng_untouched
 from .graphs import StepGraphs, fold_step, loss_and_grad_norm, optimized
 from .likelihoods import check_data
 from .model import VAE, registered
@@ -126,13 +126,15 @@ class TrainState:
     epoch_loss: float = 0.0  # sum of the minibatch losses of the current epoch so far
     epoch_seconds: float = 0.0  # training seconds of the current epoch before an interruption
     lr_factor: float = 1.0  # train.lr is multiplied by it after rollbacks
+    rollbacks: int = 0  # so far in the run: train.max_rollbacks bounds them
     metrics: list[dict] = field(default_factory=list)  # one dict per completed epoch
     group: Group = Group()  # data-parallel processes (not checkpointed: a launch's choice)
     sync_every: int = 1  # steps between host reads of the loss (see defer)
     pending: tuple | None = None  # (loss sum, first non-finite step) on the device, unread
     graphs: StepGraphs | None = None  # train.cuda_graph: the captured step (not checkpointed)
 
-    POSITION = ("epoch", "step_in_epoch", "step", "epoch_loss", "epoch_seconds", "lr_factor")
+    POSITION = ("epoch", "step_in_epoch", "step", "epoch_loss", "epoch_seconds", "lr_factor",
+                "rollbacks")
 
     @classmethod
     def create(cls, cfg: Config, device: torch.device) -> "TrainState":
@@ -149,7 +151,8 @@ class TrainState:
         return {
             "config": to_dict(self.cfg), "config_hash": config_hash(self.cfg),
             "model": self.vae.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "rng": ckpt_io.rng_state(), **{k: getattr(self, k) for k in self.POSITION},
+            "rng": ckpt_io.rng_state(self.vae.device),
+            **{k: getattr(self, k) for k in self.POSITION},
             "metrics": list(self.metrics),
             "x_dim": self.dataset.x_dim, "num_classes": self.dataset.num_classes,
         }
@@ -161,7 +164,7 @@ class TrainState:
         for k in self.POSITION:
             setattr(self, k, ckpt.get(k, getattr(self, k)))
         self.set_lr_factor(self.lr_factor)  # a forced config change of train.lr applies
-        ckpt_io.set_rng_state(ckpt["rng"])
+        ckpt_io.set_rng_state(ckpt["rng"], self.vae.device)
         self.pending = None
 
     def defer(self, both: torch.Tensor) -> None:
@@ -228,6 +231,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
         pyro.clear_param_store()
         model, guide = registered(vae.model, vae), registered(vae.guide, vae)
     compiled = torch.compile(negative_elbo, dynamic=False) if tc.compile else None
+    traced = set()  # train.elbo = "jit": the KL weights Pyro has traced the ELBO for
 
     def loss(x, y, weight: float, validate: bool) -> torch.Tensor:
         if compiled is not None and not validate:
@@ -240,6 +244,9 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
             defer = defer_reads and not validate and tc.elbo in DEFERRABLE
             reads = pyro_host_reads_deferred() if defer else contextlib.nullcontext()
             with jit_notice_silenced(), reads:  # train.elbo = "jit" traces with torch.jit
+                if tc.elbo == "jit" and weight not in traced:
+                    trace_jit_elbo(elbo, model, guide, args, weight)
+                    traced.add(weight)
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
                     return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight),
                                         device=x.device)
@@ -248,6 +255,15 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
         return value.detach()
 
     return loss
+
+
+def trace_jit_elbo(elbo, model, guide, args: tuple, weight: float) -> None:
+    """Have ``JitTrace_ELBO`` trace its loss for KL weight ``weight`` on a forked random
+    stream. Pyro traces at the first call with new keyword values by running the model
+    three times, three draws of the noise: a resumed run traces at another step than an
+    uninterrupted one, and would draw different noise from there on."""
+    with rng_untouched(args[0].device):
+        elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
 
 
 def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: float) -> None:
@@ -310,7 +326,8 @@ def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
         state.step_in_epoch = i + 1
         if i % 10 == 0 and state.pending is None:  # the epoch's mean loss, where read
             bar.set_postfix(loss=f"{state.epoch_loss / min(n, (i + 1) * tc.batch_size):.2f}")
-        if distributed.any_rank(should_stop(), state.group, x.device):
+        polled = state.group.world == 1 or state.step % state.sync_every == 0  # a read, in a group
+        if polled and distributed.any_rank(should_stop(), state.group, x.device):
             state.read_pending()
             state.epoch_seconds += time.perf_counter() - t0
             return False

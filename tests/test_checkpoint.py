@@ -1,10 +1,13 @@
 """Faults injected for real: signals, a writer killed mid-write, corrupted files, NaNs."""
 
+import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
@@ -201,11 +204,11 @@ def test_rollback_recovers_from_a_transient_nan_and_halves_the_learning_rate(tmp
             result = train(cfg, tmp_path / "run")
     assert [m["epoch"] for m in result.metrics] == [1, 2, 3, 4]
     ckpt = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    assert ckpt["lr_factor"] == 0.5 and ckpt["epoch"] == 4
+    assert (ckpt["lr_factor"], ckpt["rollbacks"], ckpt["epoch"]) == (0.5, 1, 4)
 
 
 @pytest.mark.filterwarnings("ignore:Encountered NaN")
-def test_rollback_gives_up_after_max_rollbacks():
+def test_rollback_gives_up_after_max_rollbacks(tmp_path):
     from pyro_vae.checkpoint import RollbackWarning
     from pyro_vae.training import NonFiniteError, train
 
@@ -213,10 +216,59 @@ def test_rollback_gives_up_after_max_rollbacks():
 
     cfg = small_config("train.lr=1e30", "train.on_nan=rollback", "train.max_rollbacks=2", epochs=2)
     with pytest.warns(RollbackWarning) as record, pytest.raises(NonFiniteError, match="non-finite"):
-        train(cfg)
+        train(cfg, tmp_path / "run")
     halved = [str(w.message).split("halved to ")[1].split()[0] for w in record
               if w.category is RollbackWarning]
     assert halved == ["5e+29", "2.5e+29"]  # halved again at each rollback
+    ckpt = ckpt_io.load_checkpoint(tmp_path / "run" / "checkpoint.pt")  # the budget is the run's:
+    assert (ckpt["rollbacks"], ckpt["lr_factor"]) == (2, 0.25)  # saved at each rollback
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RollbackWarning)  # a resume has none left to spend
+        with pytest.raises(NonFiniteError, match="non-finite"):
+            train(cfg, resume=tmp_path / "run")
+
+
+def test_run_files_follow_the_umask_like_any_other_file(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt_io.atomic_write(tmp_path / "a", lambda f: f.write(b"x"))
+        os.umask(0o077)
+        ckpt_io.atomic_write(tmp_path / "b", lambda f: f.write(b"x"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o644  # mkstemp alone gives 0o600
+    assert stat.S_IMODE((tmp_path / "b").stat().st_mode) == 0o600
+
+
+def test_each_rank_resumes_the_training_stream_on_its_own_gpu(monkeypatch):
+    # data-parallel ranks draw alike, each on its own GPU; only rank 0's process saves, and
+    # its copies of the other GPUs' streams were never drawn from: every rank must resume
+    # rank 0's training stream on its own device (simulated: no GPU here)
+    gpus = {0: torch.tensor([10]), 1: torch.tensor([0])}  # rank 0 drew on cuda:0; cuda:1 untouched
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [gpus[0], gpus[1]])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpus[device.index])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: gpus.update(enumerate(states)))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device: gpus.__setitem__(device.index, s))
+    saved = ckpt_io.rng_state(torch.device("cuda", 0))  # by rank 0
+    gpus.update({0: torch.tensor([0]), 1: torch.tensor([0])})  # a fresh process on rank 1
+    ckpt_io.set_rng_state(saved, torch.device("cuda", 1))
+    assert gpus[1].item() == 10
+
+
+@pytest.mark.parametrize("overrides", [(), ("train.kl_warmup_epochs=2",)])
+def test_a_jit_elbo_run_resumes_to_the_uninterrupted_run(tmp_path, overrides):
+    # Pyro's JIT traces each new KL weight by running the model three times (three noise
+    # draws): traced on a forked stream, a resumed run draws what an uninterrupted one does
+    cfg = small_config("train.elbo=jit", "train.batch_size=64", *overrides, subset=300, epochs=2)
+    full = train(cfg, tmp_path / "full")
+    polls = iter(range(10**6))
+    with pytest.raises(Interrupted, match="stopped at epoch 1, step 3"):
+        train(cfg, tmp_path / "cut", should_stop=lambda: next(polls) >= 2)
+    resumed = train(cfg, resume=tmp_path / "cut")
+    assert metrics_without_seconds(tmp_path / "cut") == metrics_without_seconds(tmp_path / "full")
+    for name, value in full.vae.state_dict().items():
+        assert torch.equal(resumed.vae.state_dict()[name], value), name
 
 
 def _as_if_saved_on_cuda(path):

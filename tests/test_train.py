@@ -226,6 +226,24 @@ def test_deferred_reads_skip_a_non_finite_update_and_then_stop_naming_its_step()
         assert torch.equal(value, before[name]), name
 
 
+def test_in_a_group_the_stop_flag_is_polled_only_where_the_losses_are_read(monkeypatch):
+    """Asking every rank whether to stop is a read across the group (on a GPU, a host
+    read): with train.sync_every = 4 it happens at every 4th step, with the losses' read."""
+    from pyro_vae import distributed
+    from pyro_vae.training import TrainState, make_loss, run_epoch
+
+    cfg = small_config("train.sync_every=4", "train.batch_size=32", "train.device=cpu", subset=300)
+    state = TrainState.create(cfg, torch.device("cpu"))
+    loss = make_loss(cfg, state.vae, defer_reads=True)
+    state.group = distributed.Group(rank=0, world=2)  # one process standing in for two
+    polls = []
+    monkeypatch.setattr(distributed, "all_sum", lambda values, group: values)
+    monkeypatch.setattr(distributed, "any_rank", lambda flag, group, device: polls.append(state.step))
+    assert run_epoch(state, loss)
+    steps = math.ceil(state.dataset.x_train.shape[0] / 32)
+    assert steps > 8 and polls == list(range(4, steps + 1, 4))
+
+
 @pytest.mark.parametrize("overrides", [("train.elbo=trace",), ("train.elbo=meanfield",),
                                        ("train.elbo=trace", "model.conditional=true"),
                                        ("train.compile=true", "model.conditional=true")])
