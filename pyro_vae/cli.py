@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("run")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--label", type=int, help="class to generate (conditional runs)")
-    s.add_argument("--out", help="output PNG (default RUN/samples[_label<L>].png)")
+    s.add_argument("--out", help="output PNG (default RUN/prior_samples[_label<L>].png; "
+                   "train's RUN/samples.png is kept)")
 
     e = sub.add_parser("evaluate", help="ELBO, importance-weighted log p(x), active units, PSIS k-hat")
     e.add_argument("run")
@@ -231,13 +232,17 @@ def cmd_sample(args) -> int:
         raise ConfigError(
             f"--label = {args.label}: out of range; allowed 0..{run.vae.num_classes - 1}"
         )
-    images = run.sample(args.n, args.label)
+    vector = run.dataset.image_shape is None  # points: draws of x over the data, not means
+    x = run.sample(args.n, args.label, mean=not vector)  # (n, X)
     suffix = "" if args.label is None else f"_label{args.label}"
-    out = _out_figure(args.out or run.path / f"samples{suffix}.png", "--out")
-    title = "samples" + ("" if args.label is None else f" of class {args.label}")
+    out = _out_figure(args.out or run.path / f"prior_samples{suffix}.png", "--out")
+    title = ("x ~ p(x | z)" if vector else "mean of p(x | z)") + ", z ~ p(z)"
+    title += "" if args.label is None else f", class {args.label}"
     from .inspection import samples_figure, save_figure
 
-    save_figure(samples_figure(images, run.dataset.image_shape, title=title), out)
+    figure = samples_figure(x, run.dataset.image_shape, title=title,
+                            reference=run.dataset.x_test if vector else None)
+    save_figure(figure, out)
     print(f"wrote {out}")
     return 0
 
@@ -252,6 +257,8 @@ def _estimate(e: dict, digits: int = 2) -> str:
         parts.append(f"Monte Carlo SE {e['mc_se_note']}")
     if e.get("test_set_se") is not None:
         parts.append(f"test-set SE {e['test_set_se']:.2g}")
+    elif e.get("test_set_se_note"):
+        parts.append(f"test-set SE {e['test_set_se_note']}")
     return f"{e['mean']:.{digits}f}" + (f"  ({', '.join(parts)})" if parts else "")
 
 
@@ -307,13 +314,14 @@ def cmd_evaluate(args) -> int:
                           f"allowed 1..{ds.x_test.shape[0]}")
     x, y = ds.x_test[:n], ds.y_test[:n] if run.vae.num_classes else None
     seed = run.config.train.seed if args.seed is None else args.seed
-    results = {f"iw k={args.k} n={n} seed={seed}": evaluate_model(
+    draws = f"seed={seed} batch={args.batch_size} {run.device.type}"  # what the draws depend on
+    results = {f"iw k={args.k} n={n} {draws}": evaluate_model(
         run.vae, x, y, k=args.k, batch_size=args.batch_size, seed=seed)}
     rows = _evaluation_rows(next(iter(results.values())))
     if args.ais_steps is not None:
         from .ais import evaluate_ais
 
-        key = f"ais steps={args.ais_steps} chains={args.ais_chains} n={n} seed={seed}"
+        key = f"ais steps={args.ais_steps} chains={args.ais_chains} n={n} {draws}"
         results[key] = evaluate_ais(run.vae, x, y, args.ais_steps, args.ais_chains,
                                     batch_size=args.batch_size, seed=seed)
         rows.append((f"log p(x), AIS {args.ais_steps} steps x {args.ais_chains} chains (nats)",

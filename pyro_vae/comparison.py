@@ -25,7 +25,7 @@ import torch
 
 from . import arviz_bridge
 from .ais import ais, bdmc
-from .evaluate import all_log_weights, log_mean_exp, quadrature_log_px, seeded
+from .evaluate import all_log_weights, log_mean_exp, mean_se, quadrature_log_px, seeded
 from .fits import amortized, fit_gaussian
 from .guides import is_gaussian, moments
 from .mcmc import NutsResult, run_nuts
@@ -152,6 +152,7 @@ def _diff(a: tuple, b: tuple) -> tuple[list, list]:
 
 
 FIT_OF_GUIDE = {"gaussian": "gaussian-diag", "full": "gaussian-full"}  # same family, per point
+FULL_FIT_MAX_DIM = 10  # full-covariance Gaussians are fitted per point up to this latent size
 
 
 def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> dict:
@@ -167,8 +168,11 @@ def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> di
     fit = FIT_OF_GUIDE.get(guide)
     if fit in elbos:
         pairs["amortization_gap"] = (elbos[fit], elbos["amortized"])
+    note = (None if fit in elbos else f"not split: no per-point fit of guide {guide!r}'s family"
+            if fit is None else f"not split: {fit} is fitted per point only for D <= {FULL_FIT_MAX_DIM}")
     out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source,
-           "amortization_fit": fit if fit in elbos else None}
+           "approximation_fit": _best(elbos), "amortization_fit": fit if fit in elbos else None,
+           "amortization_note": note}
     for key, (a, b) in pairs.items():
         out[key], out[f"{key}_se"] = _diff(a, b)
     return out
@@ -176,7 +180,7 @@ def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> di
 
 def elbo_and_se(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ELBO per point ``[N]`` as the mean of log weights ``[K, N]``, and its Monte Carlo SE."""
-    return log_w.mean(0), log_w.std(0) / log_w.shape[0] ** 0.5
+    return log_w.mean(0), mean_se(log_w)
 
 
 def _best(qs: dict) -> str:
@@ -190,7 +194,7 @@ def _approximations(setting: Setting, fit_steps: int) -> tuple[dict, dict]:
     qs, seconds = {}, {}
     qs["amortized"], seconds["amortized"] = amortized(setting)
     qs["gaussian-diag"], seconds["gaussian-diag"] = fit_gaussian(setting, steps=fit_steps)
-    if setting.vae.latent_dim <= 10:
+    if setting.vae.latent_dim <= FULL_FIT_MAX_DIM:
         qs["gaussian-full"], seconds["gaussian-full"] = fit_gaussian(setting, full=True,
                                                                      steps=fit_steps)
     return qs, seconds

@@ -35,15 +35,23 @@ class LogWeights(NamedTuple):
 
 
 @contextlib.contextmanager
+def rng_untouched(device: torch.device | str = "cpu"):
+    """Run the block on a fork of torch's RNG streams (the CPU's and, for a CUDA
+    ``device``, every GPU's): the caller's streams are as they were before it."""
+    cuda = torch.device(device).type == "cuda"
+    devices = list(range(torch.cuda.device_count())) if cuda else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+        yield
+
+
+@contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device | str = "cpu"):
     """Run the block with torch's RNG seeded, leaving the caller's RNG stream untouched
     (every GPU's too: ``torch.manual_seed`` reseeds them all)."""
     if seed is None:
         yield
         return
-    cuda = torch.device(device).type == "cuda"
-    devices = list(range(torch.cuda.device_count())) if cuda else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda" if devices else "cpu"):
+    with rng_untouched(device):
         torch.manual_seed(seed)
         yield
 
@@ -130,10 +138,13 @@ def with_errors(values: torch.Tensor, mc_se: torch.Tensor | None = None,
     """Mean over data points of per-point estimates ``[N]``, with its two uncertainties named
     apart: ``mc_se``, the Monte Carlo SE of the estimator (per-point SEs combined,
     sqrt(sum se^2) / N), and ``test_set_se``, the spread over data points / sqrt(N).
-    ``mc_se_unavailable`` (a reason) replaces ``mc_se`` by None and ``mc_se_note``."""
+    ``mc_se_unavailable`` (a reason) replaces ``mc_se`` by None and ``mc_se_note``; one
+    data point has no ``test_set_se`` (None, and ``test_set_se_note`` says why)."""
     n = values.shape[0]
     out = {"mean": values.mean().item(),
            "test_set_se": (values.std() / math.sqrt(n)).item() if n > 1 else None}
+    if n == 1:
+        out["test_set_se_note"] = "not available: one test point has no spread"
     if mc_se_unavailable:
         out.update(mc_se=None, mc_se_note=mc_se_unavailable)
     elif mc_se is not None:

@@ -121,11 +121,12 @@ def report_markdown(r: dict) -> str:
     g = r["gaps"]
     lines += _gaps_markdown(g)
     lines += _checks_markdown(r.get("log_px_checks") or {})
-    fit = g.get("amortization_fit", "gaussian-diag")
+    fit = g.get("amortization_fit") or g.get("amortization_note") or "not split"
     lines += ["", "inference_gap = log p(x) - ELBO(amortized guide); approximation_gap = "
-              "log p(x) - ELBO(best per-point Gaussian); approximation_gap_diag uses the "
+              "log p(x) - ELBO(best per-point Gaussian: "
+              f"{g.get('approximation_fit', 'gaussian-full')}); approximation_gap_diag uses the "
               "diagonal one; amortization_gap = ELBO(per-point fit of the guide's own family: "
-              f"{fit or 'none for this guide, so not split'}) - ELBO(amortized guide). A gap "
+              f"{fit}) - ELBO(amortized guide). A gap "
               "within 2 Monte Carlo SE of zero reads \"0 within noise\": gaps cannot be negative."]
     return "\n".join(lines) + "\n"
 

@@ -76,8 +76,9 @@ class Run:
         [B], event_shape [D]. ``x`` ``[B, X]`` (and labels ``y`` ``[B]``) may be on any device."""
         return self.vae.q_z(x.to(self.device), y)
 
-    def sample(self, n: int, label: int | None = None) -> torch.Tensor:
-        """n decoded prior samples ``[n, X]`` (all of class ``label`` if conditional)."""
+    def sample(self, n: int, label: int | None = None, mean: bool = True) -> torch.Tensor:
+        """x for n prior draws z ~ p(z), ``[n, X]`` (all of class ``label`` if conditional):
+        the mean of p(x | z), or (``mean=False``) a draw x ~ p(x | z)."""
         y = None
         if self.vae.num_classes:
             if label is None:
@@ -86,7 +87,7 @@ class Run:
                 y = torch.full((n,), int(label), device=self.device)
         elif label is not None:
             raise ValueError(f"label = {label}: this run is not conditional (model.conditional = false)")
-        return self.vae.sample(n, y)
+        return self.vae.sample(n, y, mean=mean)
 
     def points(self, x, y=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x as the run takes it: float points ``[N, X]`` on the run's device, from any array

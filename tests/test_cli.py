@@ -128,11 +128,28 @@ def test_the_process_exits_with_mains_status_and_under_torchrun_skips_finalizati
         assert out.flushes >= 1 and err.flushes >= 1
 
 
+def test_sample_keeps_train_s_figure_and_draws_x_for_vector_data(tmp_path, capsys):
+    from pyro_vae.runs import load_run
+
+    assert main(["train", "--quiet", "--config", "ring_2d", "--set", "train.epochs=1",
+                 "--set", "data.subset=400", "--runs-dir", str(tmp_path), "--name", "ring"]) == 0
+    before = (tmp_path / "ring" / "samples.png").read_bytes()
+    assert main(["sample", str(tmp_path / "ring"), "--n", "500"]) == 0
+    assert (tmp_path / "ring" / "samples.png").read_bytes() == before
+    assert "prior_samples.png" in capsys.readouterr().out
+    run = load_run(tmp_path / "ring")
+    torch.manual_seed(0)
+    means = run.sample(20_000)  # (N, 2): E[x | z]
+    torch.manual_seed(0)  # the same z
+    noise = run.sample(20_000, mean=False) - means  # x ~ p(x | z) = N(E[x | z], 0.05^2 I)
+    torch.testing.assert_close(noise.std(0), torch.full((2,), 0.05), atol=1e-3, rtol=0)
+
+
 def test_sample_writes_grids_and_checks_labels(tmp_path, capsys):
     assert main(["train", "--quiet", *SMALL, "--set", "model.conditional=true",
                  "--runs-dir", str(tmp_path), "--name", "c"]) == 0
     assert main(["sample", str(tmp_path / "c"), "--label", "3", "--n", "16"]) == 0
-    assert (tmp_path / "c" / "samples_label3.png").stat().st_size > 0
+    assert (tmp_path / "c" / "prior_samples_label3.png").stat().st_size > 0
     assert main(["sample", str(tmp_path / "c"), "--label", "10"]) == 2
     assert "--label = 10: out of range; allowed 0..9" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "missing")]) == 2

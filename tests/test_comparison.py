@@ -85,6 +85,8 @@ def test_each_elbo_and_nuts_error_in_the_table_carries_its_monte_carlo_error(lin
     assert ((mcse > 0) & (mcse < 0.2)).all()
     assert (torch.tensor(nuts["mean_error_in_ref_std"]) < 4 * mcse).all()  # exact reference
     text = report_markdown(r.summary)
+    assert "best per-point Gaussian: gaussian-full)" in text  # the fit each gap used, named
+    assert "the guide's own family: gaussian-diag)" in text
     amortized_row = next(ln for ln in text.splitlines() if ln.startswith("| amortized |"))
     assert amortized_row.count(" +- ") == 1
     nuts_error = text.split("| NUTS |")[1].split("|")[0]  # against the exact posterior
@@ -187,8 +189,14 @@ def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split()
     assert full["inference_gap"] == [3.0] and full["approximation_gap"] == [2.0]
     flow = gaps(one, elbos, "exact", guide="iaf")  # no per-point flow fit: not split
     assert flow["amortization_fit"] is None and "amortization_gap" not in flow
+    assert flow["amortization_note"] == "not split: no per-point fit of guide 'iaf''s family"
     table = "\n".join(_gaps_markdown(flow))
     assert "| inference_gap | 3.0000" in table and "amortization_gap" not in table
+    wide = {k: v for k, v in elbos.items() if k != "gaussian-full"}  # D > 10: no full fit
+    big = gaps(one, wide, "exact", guide="full")
+    assert big["amortization_fit"] is None and big["approximation_fit"] == "gaussian-diag"
+    assert big["amortization_note"] == "not split: gaussian-full is fitted per point only for D <= 10"
+    assert big["approximation_gap"] == [2.5]  # against the diagonal fit, and named so
 
 
 def _log_joint_minus_exact(setting, draws=64):

@@ -179,7 +179,7 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
                  "--set", "train.epochs=1", "--runs-dir", str(tmp_path), "--name", "r"]) == 0
     run = str(tmp_path / "r")
     assert main(["evaluate", run, "--k", "50", "--batch-size", "250"]) == 0
-    out = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=50 n=1000 seed=0"]
+    out = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=50 n=1000 seed=0 batch=250 cpu"]
     iw, elbo = out["iw_log_likelihood"], out["elbo"]
     assert iw["mean"] >= elbo["mean"] - 0.5 and out["k"] == 50 and out["n"] == 1000
     assert 0 < iw["mc_se"] < iw["test_set_se"] and 0 < elbo["mc_se"]
@@ -194,10 +194,10 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--ais-steps", "5",
                  "--ais-chains", "4"]) == 0
     saved = json.loads((tmp_path / "r" / "eval.json").read_text())
-    assert set(saved) == {"iw k=50 n=1000 seed=0", "iw k=10 n=20 seed=0",
-                          "ais steps=5 chains=4 n=20 seed=0"}  # nothing overwritten
-    assert saved["iw k=10 n=20 seed=0"]["khat_share_above_0.7"] is None
-    assert saved["ais steps=5 chains=4 n=20 seed=0"]["log_px"]["mc_se"] > 0
+    assert set(saved) == {"iw k=50 n=1000 seed=0 batch=250 cpu", "iw k=10 n=20 seed=0 batch=100 cpu",
+                          "ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"}  # nothing overwritten
+    assert saved["iw k=10 n=20 seed=0 batch=100 cpu"]["khat_share_above_0.7"] is None
+    assert saved["ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"]["log_px"]["mc_se"] > 0
     assert "not available: K=10" in capsys.readouterr().out
     assert main(["evaluate", run, "--k", "1", "--n", "20"]) == 0
     text = capsys.readouterr().out
@@ -205,9 +205,11 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert main(["evaluate", run, "--k", "10", "--n", "1"]) == 0
     text = capsys.readouterr().out
     assert "not available: one test point has no spread" in text and "nan" not in text.lower()
+    elbo_row = next(line for line in text.splitlines() if line.startswith("ELBO"))
+    assert "test-set SE not available: one test point has no spread" in elbo_row
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--seed", "1"]) == 0
-    other = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=10 n=20 seed=1"]
-    same = saved["iw k=10 n=20 seed=0"]
+    other = json.loads((tmp_path / "r" / "eval.json").read_text())["iw k=10 n=20 seed=1 batch=100 cpu"]
+    same = saved["iw k=10 n=20 seed=0 batch=100 cpu"]
     assert other["iw_log_likelihood"]["mean"] != same["iw_log_likelihood"]["mean"]  # new draws
     assert other["active_units"] == same["active_units"]  # deterministic parts agree
     for bad, message in ((["--k", "0"], "--k = 0: must be >= 1"),
