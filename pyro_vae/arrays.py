@@ -46,6 +46,7 @@ class Dataset(NamedTuple):
     num_classes: int  # 0 when there are no labels
     support: str
     binarize: str = "none"
+    fingerprint: str | None = None  # sha256 of the loaded tensors (data.fingerprint)
 
     @property
     def x_dim(self) -> int:
@@ -61,6 +62,7 @@ def train_test_split(x: torch.Tensor, y: torch.Tensor | None, n_test: int, seed:
 
 
 ALLOWED_SHAPES = "[N, X] vectors, [N, H, W] or [N, C, H, W] images"
+_WIDE_UNSIGNED = tuple(getattr(torch, f"uint{b}") for b in (16, 32, 64) if hasattr(torch, f"uint{b}"))
 MIN_CLASS_LIMIT = 1000  # class indices below max(N, this) are accepted
 
 
@@ -73,7 +75,8 @@ def _float_points(x) -> torch.Tensor:
         out = x.detach().reshape(n, -1).to(torch.float32)  # (N, X)
         return out / 255 if is_uint8 else out
     out = torch.empty(n, math.prod(x.shape[1:]))  # (N, X)
-    np.copyto(out.numpy(), x.reshape(n, -1), casting="unsafe")
+    with np.errstate(over="ignore", invalid="ignore"):  # as_points names what overflowed
+        np.copyto(out.numpy(), x.reshape(n, -1), casting="unsafe")
     return out.div_(255) if is_uint8 else out
 
 
@@ -96,6 +99,10 @@ def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None
         hint = " (one value per point? reshape it to [N, 1])" if x.ndim == 1 else ""
         raise DataError(f"{where}: an array of shape {list(x.shape)} (rank {x.ndim}); "
                         f"allowed: {ALLOWED_SHAPES}{hint}")
+    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+        raise DataError(f"{where}: images of shape {list(x.shape)} look channels-last, "
+                        "[N, H, W, C]; allowed: channels first, [N, C, H, W] (numpy: "
+                        "x.transpose(0, 3, 1, 2); torch: x.permute(0, 3, 1, 2))")
     if x.shape[0] == 0 or math.prod(x.shape[1:]) == 0:
         raise DataError(f"{where}: empty (shape {list(x.shape)}); needs at least 2 points "
                         "of at least 1 value each")
@@ -105,8 +112,9 @@ def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None
     bad = ~torch.isfinite(points)  # (N, X)
     if bad.any():
         first = int(bad.any(1).nonzero()[0, 0])
-        raise DataError(f"{where}: {int(bad.sum())} NaN or infinite values (the first in point "
-                        f"{first}); allowed: finite numbers only (drop or impute those points)")
+        raise DataError(f"{where}: {int(bad.sum())} values that are NaN, infinite or beyond "
+                        f"float32's range of +-3.4e38 (the first in point {first}); allowed: "
+                        "finite float32 numbers only (drop, impute or rescale those points)")
     return points, shape
 
 
@@ -123,12 +131,16 @@ def as_labels(y, n: int, where: str = "y", classes: int | None = None) -> torch.
     trained model of ``classes`` classes lie below it; new data's class count C = max + 1
     (a conditional model's one-hot width) is at most max(N, :data:`MIN_CLASS_LIMIT`)."""
     _dense(y, where)
+    if isinstance(y, torch.Tensor) and y.dtype in _WIDE_UNSIGNED:
+        y = y.cpu().numpy()  # torch cannot compare these: checked as numpy's below
     if not isinstance(y, torch.Tensor):
         y = np.array(y)  # a copy: torch never sees a read-only (memory-mapped) buffer
         if y.dtype.kind not in "biuf":
             raise DataError(f"{where}: labels of type {y.dtype}; allowed: integers >= 0 "
                             "(class names? map them to 0, 1, ..., C - 1)")
-        y = torch.from_numpy(y)
+        if y.dtype.kind == "u" and y.size and y.max() > np.iinfo(np.int64).max:
+            raise DataError(f"{where}: label {y.max()}; allowed: class indices 0, 1, ..., C - 1")
+        y = torch.from_numpy(y.astype(np.int64) if y.dtype.kind == "u" else y)
     if y.ndim != 1 or y.shape[0] != n:
         raise DataError(f"{where}: labels of shape {list(y.shape)} for {n} points of x; "
                         f"allowed: one label per point, shape [{n}]")

@@ -7,7 +7,8 @@ A checkpoint is one ``torch.save`` dict::
     step (optimizer steps so far), step_in_epoch (> 0 when interrupted mid-epoch),
     epoch_loss, epoch_seconds (of an interrupted epoch so far), lr_factor (train.lr is
     multiplied by it after rollbacks), rollbacks (so far in the run), metrics (list of
-    dicts), x_dim, num_classes
+    dicts), x_dim, num_classes, data (train and test point counts and the sha256 of the
+    loaded data: :func:`data_record`)
 
 It is written by ``training.TrainState.state_dict`` and read back by its
 ``load_state_dict``; :func:`resume_checkpoint` is the resume policy (a changed config is
@@ -161,6 +162,33 @@ def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> 
             "drop those overrides, or pass --force (force=True) to accept them"
         )
     return ckpt
+
+
+def data_record(ds) -> dict:
+    """What a run records of its data set (a ``data.Dataset``): point counts and fingerprint."""
+    return {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0], "sha256": ds.fingerprint}
+
+
+def check_same_data(ckpt: dict, ds, run: str) -> None:
+    """Refuse a data set other than the one the run was trained on (its ``data`` record):
+    a data file grown or reshuffled since gives another train/test split, whose test points
+    may have been trained on. A checkpoint from before the record is not checked."""
+    saved = ckpt.get("data")
+    if saved is None:
+        return
+    if not isinstance(saved, dict) or not {"train", "test", "sha256"} <= set(saved):
+        raise CheckpointError(f"checkpoint of run {run!r} is damaged: its 'data' record is "
+                              f"{saved!r}; allowed: a dict of train, test and sha256")
+    now = data_record(ds)
+    if saved["sha256"] != now["sha256"]:
+        cfg = from_dict(ckpt["config"]).data
+        source = f"data.path = {cfg.path!r}" if cfg.path else f"data.name = {cfg.name!r}"
+        raise CheckpointError(
+            f"run {run!r} was trained on {saved['train']} training and {saved['test']} test "
+            f"points of {source} (sha256 {saved['sha256'][:12]}); it now loads {now['train']} "
+            f"and {now['test']} (sha256 {now['sha256'][:12]}): the data changed, so the "
+            "train/test split is another and test points may have been trained on; restore "
+            "the data the run was trained on, or train a new run")
 
 
 def check_mid_epoch_batch_size(ckpt: dict, cfg: Config) -> None:

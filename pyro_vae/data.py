@@ -186,6 +186,20 @@ def epoch_inputs(ds: Dataset, generator: torch.Generator) -> torch.Tensor:
     return binarize(ds.x_train, generator) if ds.binarize == "dynamic" else ds.x_train
 
 
+def fingerprint(ds: Dataset) -> str:
+    """sha256 (hex) of a data set's train and test tensors, shapes and labels (before any
+    binarization): a run records it, so that a data file changed since (grown, reshuffled:
+    another train/test split) is refused instead of evaluated or resumed silently.
+    ~25 ms per 30 MB."""
+    h = hashlib.sha256()
+    for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        if t is not None:
+            t = t.detach().cpu().contiguous()
+            h.update(f"{t.dtype} {list(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
     """Load ``cfg.name``, apply ``cfg.subset`` and ``cfg.binarize``, move to ``device``.
 
@@ -208,6 +222,7 @@ def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset
             x_train=ds.x_train[: cfg.subset],
             y_train=None if ds.y_train is None else ds.y_train[: cfg.subset],
         )
+    ds = ds._replace(fingerprint=fingerprint(ds))  # of the split, before any random draw
     if cfg.binarize != "none":
         if ds.support == "real":
             raise DataError(

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
+from .config import Config, ConfigError, TrainConfig, config_hash, from_dict, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
 from .evaluate import elbo_terms, mean_se, rng_untouched
@@ -155,6 +155,7 @@ class TrainState:
             **{k: getattr(self, k) for k in self.POSITION},
             "metrics": list(self.metrics),
             "x_dim": self.dataset.x_dim, "num_classes": self.dataset.num_classes,
+            "data": ckpt_io.data_record(self.dataset),
         }
 
     def load_state_dict(self, ckpt: dict) -> None:
@@ -413,6 +414,8 @@ def train(
     state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])
     loss = make_loss(cfg, state.vae, group, defer_reads=state.sync_every > 1)
     if resume is not None:
+        if from_dict(resume["config"]).data == cfg.data:  # (a forced new data config: new data)
+            ckpt_io.check_same_data(resume, state.dataset, str(run_dir or "the checkpoint"))
         state.load_state_dict(resume)
     saver = ckpt_io.Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes
     while state.epoch < tc.epochs:

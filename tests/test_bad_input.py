@@ -188,7 +188,7 @@ BAD_INPUTS = {
     "a sparse tensor": (_own(_pt(torch.tensor(REAL).to_sparse())),
                         "x.pt': a tensor of layout torch.sparse_coo; allowed: a dense tensor"),
     "NaN in the data": (_own(_npy(np.where(np.eye(20, 3) > 0, np.nan, REAL))),
-                        "x.npy': 3 NaN or infinite values (the first in point 0)"),
+                        "x.npy': 3 values that are NaN, infinite or beyond float32's range of +-3.4e38 (the first in point 0)"),
     "rank 1": (_own(_npy(REAL[:, 0])), "x.npy': an array of shape [20] (rank 1); allowed: [N, X]"),
     "empty": (_own(_npy(REAL[:0])), "x.npy': empty (shape [0, 3])"),
     "labels of another length": (_own(_npz(x=REAL, y=np.arange(19))),

@@ -15,7 +15,8 @@ from pyro_vae.config import ConfigError, DataConfig, load_config
 from pyro_vae.data import DataError, load_dataset
 from pyro_vae.model import VAE
 from pyro_vae.runs import RunError
-from pyro_vae.training import NonFiniteError, build
+from pyro_vae.checkpoint import CheckpointError
+from pyro_vae.training import NonFiniteError, build, train
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 TINY = ["model.hidden=[16]", "model.latent_dim=2", "train.epochs=1"]
@@ -119,7 +120,7 @@ def test_npy_is_memory_mapped_and_converted_once(tmp_path, monkeypatch):
     (lambda d: np.save(d / "o.npy", np.array([{"a": 1}, 2], dtype=object)) or d / "o.npy",
      "not a readable .npy array"),
     (lambda d: write(d / "n.npy", np.array([[1.0, np.nan], [np.inf, 2], [3, 4]])),
-     "2 NaN or infinite values (the first in point 0); allowed: finite numbers only"),
+     "2 values that are NaN, infinite or beyond float32's range of +-3.4e38 (the first in point 0); allowed: finite float32 numbers only"),
     (lambda d: write(d / "r1.npy", np.ones(5)), "shape [5] (rank 1); allowed: [N, X] vectors, "
                                                 "[N, H, W] or [N, C, H, W] images (one value per"),
     (lambda d: write(d / "r5.npy", np.ones((2, 1, 1, 1, 1))), "(rank 5); allowed"),
@@ -314,18 +315,53 @@ def test_fit_takes_labels_and_images(tmp_path):
 
 
 @pytest.mark.parametrize("x, y, expected", [
-    (np.full((10, 3), np.nan), None, "x: 30 NaN or infinite values (the first in point 0)"),
+    (np.full((10, 3), np.nan), None, "x: 30 values that are NaN, infinite or beyond float32's range of +-3.4e38 (the first in point 0)"),
     (np.ones(10), None, "x: an array of shape [10] (rank 1)"),
     (np.ones((10, 3)), np.arange(9), "y: labels of shape [9] for 10 points of x"),
     (np.ones((10, 3)), np.full(10, 0.5), "y: labels of type float64, values in [0.5, 0.5]"),
     (torch.ones(0, 3), None, "x: empty (shape [0, 3])"),
     ([[1.0, 2.0], [3.0]], None, "x: cannot be read as one array"),
+    (np.ones((10, 8, 8, 3)), None, "x: images of shape [10, 8, 8, 3] look channels-last, [N, H, W, C]"),
+    (np.full((10, 3), 1e39), None, "x: 30 values that are NaN, infinite or beyond float32's range"),
+    (np.ones((10, 3)), np.full(10, 2**63 + 5, dtype=np.uint64), f"y: label {2**63 + 5}; allowed"),
 ])
 def test_fit_checks_every_value_before_writing_anything(tmp_path, x, y, expected):
     with pytest.raises(DataError) as err:
         fit(x, y, run_dir=tmp_path / "run", overrides=TINY)
     assert expected in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "uint64"])
+def test_unsigned_labels_of_any_width_are_read(dtype):
+    from pyro_vae.arrays import as_labels
+
+    labels = np.arange(10, dtype=dtype) % 3
+    for y in (labels, torch.from_numpy(labels)):  # torch has no comparisons for uint16-64
+        assert as_labels(y, 10).tolist() == [i % 3 for i in range(10)]
+
+
+def test_a_data_file_changed_since_training_is_refused_by_every_command(tmp_path, capsys):
+    # a grown or reshuffled file gives another train/test split: test points trained on
+    x, _ = numbered(200)
+    path = tmp_path / "mine.npy"
+    np.save(path, x)
+    run = tmp_path / "runs" / "r"
+    args = ["--set", "data.name=file", "--set", f"data.path={path}", "--set", "data.binarize=none",
+            "--set", "likelihood.name=gaussian", *[a for o in TINY for a in ("--set", o)]]
+    assert main(["train", "--quiet", *args, "--runs-dir", str(run.parent), "--name", "r"]) == 0
+    load_run(run)  # unchanged: fine
+    np.save(path, np.concatenate([x, numbered(20, seed=1)[0]]))
+    message = (r"was trained on 180 training and 20 test points of data.path = '.*mine.npy' "
+               r"\(sha256 \w{12}\); it now loads 198 and 22 .* test points may have been trained on")
+    with pytest.raises(CheckpointError, match=message):
+        load_run(run)
+    assert main(["evaluate", str(run), "--k", "5"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    with pytest.raises(CheckpointError, match=message):
+        train(load_config(None, [a for a in args if a != "--set"] + ["train.epochs=2"]), resume=run, force=True)
+    np.save(path, x)  # restored: the run is whole again
+    assert load_run(run).dataset.x_train.shape[0] == 180
 
 
 def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_path):
