@@ -55,17 +55,18 @@ def main():
 
         run = str(Path(tempfile.mkdtemp()) / "default")
         train(load_config(None, []), run)
-    print(f"| N points | steps x chains | s / point | peak RSS (MiB) | log p(x) (Monte Carlo SE) "
-          f"| acceptance |  ({args.device}, batch {args.batch_size})")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| N points | steps x chains | s / point | peak RSS (MiB) | peak GPU MiB "
+          f"| log p(x) (Monte Carlo SE) | acceptance |  ({args.device}, batch {args.batch_size})")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for n in args.n:
         cmd = [sys.executable, __file__, "--one", "--run", run, "--n", str(n), "--steps",
                str(args.steps), "--chains", str(args.chains), "--device", args.device,
                "--batch-size", str(args.batch_size)]
         r = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
         lp = r["log_px"]
+        gpu = f"{r['peak_cuda_mib']:.0f}" if "peak_cuda_mib" in r else "n/a: not on a GPU"
         print(f"| {n} | {args.steps} x {args.chains} | {r['seconds_per_point']:.2f} | "
-              f"{r['peak_rss_mib']:.0f} | {lp['mean']:.2f} ({lp['mc_se']:.3f}) | "
+              f"{r['peak_rss_mib']:.0f} | {gpu} | {lp['mean']:.2f} ({lp['mc_se']:.3f}) | "
               f"{r['acceptance']:.2f} |", flush=True)
 
 

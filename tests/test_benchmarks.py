@@ -29,7 +29,26 @@ def test_bench_train_runs_every_eager_variant_and_writes_its_png(tmp_path):
                                                  "meanfield", "jit", "iwae"}
     assert png.stat().st_size > 10_000
     assert all(r.split(" | ")[8] == "n/a: not on a GPU" for r in rows)  # never "nan"
-    assert all(float(r.split(" | ")[9].rstrip(" |")) < 0 for r in rows)
+    assert all(float(r.split(" | ")[9]) < 0 for r in rows)
+    assert all(r.split(" | ")[10] == "n/a: no graph-floor |" for r in rows)  # CUDA only
+
+
+def test_bench_train_holds_each_row_against_both_floors_of_its_round(monkeypatch):
+    bench = benchmark("bench_train")
+    seconds = {"floor": 1.0, "graph-floor": 0.1, "trace+compile": 0.8,
+               "meanfield+compile": 0.7, "trace+compile+cuda_graph": 0.15}
+
+    def fake_run(variant, net_args, args, batch):
+        bench.PEAK_MIB[variant] = 1.0
+        return [seconds[variant]], -100.0
+
+    monkeypatch.setattr(bench, "resolve_device", lambda device: torch.device("cuda"))
+    monkeypatch.setattr(bench, "run_variant", fake_run)
+    args = SimpleNamespace(rounds=2, skip=[], verbose=False, device="cuda")
+    rows = {w.variant: w for w in bench.measure("compiled", "784-400-50 softplus", 256, args)}
+    assert set(rows) == set(seconds)  # graph-floor is measured beside the compiled graph mode
+    assert rows["trace+compile+cuda_graph"].to_graph == pytest.approx([1.5, 1.5])
+    assert rows["trace+compile"].ratios == pytest.approx([0.8, 0.8])
 
 
 def test_one_epoch_of_the_default_network_is_37_gflop():
