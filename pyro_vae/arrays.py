@@ -62,7 +62,8 @@ def train_test_split(x: torch.Tensor, y: torch.Tensor | None, n_test: int, seed:
 
 
 ALLOWED_SHAPES = "[N, X] vectors, [N, H, W] or [N, C, H, W] images"
-_WIDE_UNSIGNED = tuple(getattr(torch, f"uint{b}") for b in (16, 32, 64) if hasattr(torch, f"uint{b}"))
+_WIDE_UNSIGNED = tuple(getattr(torch, f"uint{bits}") for bits in (16, 32, 64)
+                       if hasattr(torch, f"uint{bits}"))  # labels torch cannot compare
 MIN_CLASS_LIMIT = 1000  # class indices below max(N, this) are accepted
 
 

@@ -169,7 +169,8 @@ def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> di
     if fit in elbos:
         pairs["amortization_gap"] = (elbos[fit], elbos["amortized"])
     note = (None if fit in elbos else f"not split: no per-point fit of guide {guide!r}'s family"
-            if fit is None else f"not split: {fit} is fitted per point only for D <= {FULL_FIT_MAX_DIM}")
+            if fit is None else f"not split: {fit} is fitted per point only for D <= "
+            f"{FULL_FIT_MAX_DIM}")
     out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source,
            "approximation_fit": _best(elbos), "amortization_fit": fit if fit in elbos else None,
            "amortization_note": note}

@@ -179,7 +179,8 @@ def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
     ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.25, color="tab:blue", label="NUTS")
     for name, (mean, cov) in gaussians.items():
         for k, ls in ((1, "-"), (2, ":")):
-            ax.plot(*_ellipse(mean, cov, k), color=_colour(name), ls=ls, label=name if k == 1 else None)
+            ax.plot(*_ellipse(mean, cov, k), color=_colour(name), ls=ls,
+                    label=name if k == 1 else None)
     ax.legend(fontsize=7)
     return _label(ax, "z[0]", "z[1]", title)
 
@@ -326,7 +327,8 @@ def latent_histogram(values: torch.Tensor, labels=None, ax=None, title=None):
     classes = [] if labels is None else labels.unique().tolist()
     if 1 < len(classes) <= 10:
         y = labels.cpu().numpy()
-        ax.hist([v[y == c] for c in classes], bins=50, stacked=True, label=[str(c) for c in classes])
+        ax.hist([v[y == c] for c in classes], bins=50, stacked=True,
+                label=[str(c) for c in classes])
         ax.legend(fontsize=7, title="label")
     else:
         ax.hist(v, bins=50, color="tab:blue")
@@ -360,7 +362,8 @@ def _uncertainty_figure(vae: VAE, x: torch.Tensor, y, dims: list[int], out: Path
     q = vae.q_z(x, y)
     if len(dims) == 1:
         mean, cov = mean_and_covariance(q, dims)  # (n, 1), (n, 1, 1)
-        ax = posterior_intervals(mean[:, 0], cov[:, 0, 0].sqrt(), title=f"q(z|x) of {len(x)} test points")
+        ax = posterior_intervals(mean[:, 0], cov[:, 0, 0].sqrt(),
+                                 title=f"q(z|x) of {len(x)} test points")
     else:
         ax = posterior_ellipses(*mean_and_covariance(q, dims), dims=dims,
                                 title=f"q(z|x) of {len(x)} test points in the two most active dims")

@@ -327,7 +327,8 @@ def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
         state.step_in_epoch = i + 1
         if i % 10 == 0 and state.pending is None:  # the epoch's mean loss, where read
             bar.set_postfix(loss=f"{state.epoch_loss / min(n, (i + 1) * tc.batch_size):.2f}")
-        polled = state.group.world == 1 or state.step % state.sync_every == 0  # a read, in a group
+        # in a group, asking every rank is a read: made only where the losses are read
+        polled = state.group.world == 1 or state.step % state.sync_every == 0
         if polled and distributed.any_rank(should_stop(), state.group, x.device):
             state.read_pending()
             state.epoch_seconds += time.perf_counter() - t0
