@@ -11,6 +11,10 @@ distribution over x with ``event_shape == [X]``.
 - ``"open-unit"``: x in (0, 1) strictly (exact 0/1 pixels have infinite density),
 - ``"real"``: any finite x (binary data allowed, with a warning).
 
+``unbounded_on_binary`` (default: support ``"real"``): a density with no upper bound on
+binary pixels (ever-smaller scales; the continuous Bernoulli's saturating logits), so binary
+data trains with a :class:`DataWarning`.
+
 Add an entry from user code with :func:`register_likelihood`.
 """
 
@@ -43,11 +47,14 @@ class Likelihood(nn.Module):
     at every call, a host synchronisation (and a CUDA graph cannot capture it)."""
 
     def __init__(self, make: Callable, outputs_per_pixel: int, support: str,
-                 learnable: dict | None = None, fixed: dict | None = None):
+                 learnable: dict | None = None, fixed: dict | None = None,
+                 unbounded_on_binary: bool | None = None):
         super().__init__()
         self.make = make
         self.outputs_per_pixel = outputs_per_pixel
         self.support = support
+        self.unbounded_on_binary = (support == "real" if unbounded_on_binary is None
+                                    else unbounded_on_binary)
         self.learnable = nn.ParameterDict({k: nn.Parameter(v) for k, v in (learnable or {}).items()})
         for k, v in (fixed or {}).items():
             self.register_buffer(k, v, persistent=False)
@@ -108,7 +115,8 @@ def continuous_bernoulli(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
     """x_i ~ ContinuousBernoulli(sigmoid(h_i)) (Loaiza-Ganem & Cunningham 2019): the
     Bernoulli form with its normaliser C(p) = 2 atanh(1 - 2p) / (1 - 2p), a density on [0, 1]
     (:class:`ContinuousBernoulli`: computed from the logits, stable at any logit)."""
-    return Likelihood(lambda logits: ContinuousBernoulli(logits=logits), 1, "unit")
+    return Likelihood(lambda logits: ContinuousBernoulli(logits=logits), 1, "unit",
+                      unbounded_on_binary=True)
 
 
 def _located(family, cfg: LikelihoodConfig) -> Likelihood:
@@ -174,10 +182,11 @@ def check_data(likelihood: Likelihood, name: str, ds: Dataset) -> None:
             f"[{lo:.3g}, {hi:.3g}] (exact 0/1 pixels have infinite density); use "
             "likelihood.name = 'continuous-bernoulli' for grey images in [0, 1]"
         )
-    if likelihood.support == "real" and ds.support == "binary":
+    if likelihood.unbounded_on_binary and ds.support == "binary":
         warnings.warn(
-            f"{what}: a continuous density on binary pixels rewards ever-smaller scales; "
-            "consider likelihood.name = 'bernoulli' or data.binarize = 'none'",
+            f"{what}: a continuous density on binary pixels has no upper bound there (it "
+            "rewards ever-smaller scales or saturating logits); consider likelihood.name = "
+            "'bernoulli' or data.binarize = 'none'",
             DataWarning,
             stacklevel=2,
         )

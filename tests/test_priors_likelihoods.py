@@ -167,9 +167,13 @@ def test_data_that_does_not_fit_the_likelihood_is_refused(likelihood, overrides,
     assert message in str(err.value) and "use likelihood.name" in str(err.value)
 
 
-def test_gaussian_on_binarized_data_warns():
-    with pytest.warns(DataWarning, match="likelihood 'gaussian' on data set 'mnist-10k' .data.binarize = 'dynamic'.*consider"):
-        train(small_config("likelihood.name=gaussian", subset=64))
+@pytest.mark.parametrize("likelihood", ["gaussian", "continuous-bernoulli"])
+def test_a_continuous_density_on_binarized_data_warns(likelihood):
+    # no upper bound on exact 0/1 pixels: ever-smaller scales, saturating logits
+    with pytest.warns(DataWarning, match=f"likelihood '{likelihood}' on data set 'mnist-10k' "
+                      r"\(data.binarize = 'dynamic'\): a continuous density on binary pixels has "
+                      "no upper bound there.*consider"):
+        train(small_config(f"likelihood.name={likelihood}", subset=64))
 
 
 def test_a_prior_and_a_likelihood_registered_from_user_code_work_from_config():

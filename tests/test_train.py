@@ -102,6 +102,21 @@ def test_cuda_without_gpu_is_refused():
     assert resolve_device("auto") == torch.device("cpu")
 
 
+def test_readme_svi_snippet_runs_as_written(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from pyro_vae.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--quiet", "--name", "d", "--set", "data.subset=300", "--set",
+                 "train.epochs=1", "--set", "model.hidden=[32]"]) == 0
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = next(b for b in readme.split("```python")[1:] if "SVI(" in b).split("```")[0]
+    scope = {}
+    exec(snippet, scope)
+    assert 50 < scope["loss"] / 128 < 1000  # -ELBO per image (nats) of a barely trained model
+
+
 def test_one_training_step_equals_pyro_infer_svi_step():
     """The trainer's update (differentiable_loss + one torch Adam) is pyro.infer.SVI's."""
     from pyro.infer import SVI
