@@ -34,17 +34,19 @@ correctness() {  # the suite (12 workers, stopped at SUITE_S seconds) with every
     --dist loadfile -rfEs --durations=15 > "$OUT/suite.log" 2>&1 &
   local suite=$!
   local C="--points 2 --chains 2 --warmup 100 --draws 100 --iw-k 500 --ais-steps 50 --ais-chains 4 --fit-steps 300 --quiet"
+  local end=$((SECONDS + ${SUITE_S:-300} + 30))  # the CLI commands end by then too (rc 124 if cut)
+  cap() { local left=$((end - SECONDS)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
   ( set -x
-    timeout 120 pyro-vae train --name cli --runs-dir "$R" --quiet --set train.epochs=5; echo "rc $? (train)"
-    timeout 120 pyro-vae evaluate "$R/cli" --k 100 --n 200 --device cuda; echo "rc $? (evaluate)"
-    timeout 120 pyro-vae inspect "$R/cli"; echo "rc $? (inspect)"
-    timeout 120 pyro-vae train --config mnist_conditional --set train.epochs=3 --name cond --runs-dir "$R" --quiet
+    timeout "$(cap 120)" pyro-vae train --name cli --runs-dir "$R" --quiet --set train.epochs=5; echo "rc $? (train)"
+    timeout "$(cap 120)" pyro-vae evaluate "$R/cli" --k 100 --n 200 --device cuda; echo "rc $? (evaluate)"
+    timeout "$(cap 120)" pyro-vae inspect "$R/cli"; echo "rc $? (inspect)"
+    timeout "$(cap 120)" pyro-vae train --config mnist_conditional --set train.epochs=3 --name cond --runs-dir "$R" --quiet
     echo "rc $? (train conditional)"
-    timeout 60 pyro-vae sample "$R/cond" --label 3 --n 16; echo "rc $? (sample --label)"
+    timeout "$(cap 60)" pyro-vae sample "$R/cond" --label 3 --n 16; echo "rc $? (sample --label)"
     for s in linear-gaussian ring; do  # side by side: each compare is mostly NUTS on one core
-      (timeout 300 pyro-vae compare --setting $s $C --out "$R/cmp-$s"; echo "rc $? (compare $s)") &
+      (timeout "$(cap 300)" pyro-vae compare --setting $s $C --out "$R/cmp-$s"; echo "rc $? (compare $s)") &
     done
-    timeout 300 pyro-vae compare --setting run --run "$R/cli" $C; echo "rc $? (compare run)"; wait
+    timeout "$(cap 300)" pyro-vae compare --setting run --run "$R/cli" $C; echo "rc $? (compare run)"; wait
   ) > "$OUT/cli.log" 2>&1
   wait "$suite"; local rc=$?  # 124: stopped at SUITE_S, so not every test ran
   echo "suite rc $rc$([ $rc = 124 ] && echo ": stopped at SUITE_S=${SUITE_S:-300} s, NOT a full run")"

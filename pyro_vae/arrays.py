@@ -100,7 +100,7 @@ def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None
         hint = " (one value per point? reshape it to [N, 1])" if x.ndim == 1 else ""
         raise DataError(f"{where}: an array of shape {list(x.shape)} (rank {x.ndim}); "
                         f"allowed: {ALLOWED_SHAPES}{hint}")
-    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
+    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and min(x.shape[1:3]) > 4:  # (N, H, W, C)
         raise DataError(f"{where}: images of shape {list(x.shape)} look channels-last, "
                         "[N, H, W, C]; allowed: channels first, [N, C, H, W] (numpy: "
                         "x.transpose(0, 3, 1, 2); torch: x.permute(0, 3, 1, 2))")

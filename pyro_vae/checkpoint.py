@@ -21,6 +21,7 @@ back to the last checkpoint after a non-finite step (``train.on_nan = "rollback"
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import random
@@ -169,20 +170,26 @@ def data_record(ds) -> dict:
     return {"train": ds.x_train.shape[0], "test": ds.x_test.shape[0], "sha256": ds.fingerprint}
 
 
-def check_same_data(ckpt: dict, ds, run: str) -> None:
+def check_same_data(ckpt: dict, ds, run: str, data_cfg=None) -> None:
     """Refuse a data set other than the one the run was trained on (its ``data`` record):
     a data file grown or reshuffled since gives another train/test split, whose test points
-    may have been trained on. A checkpoint from before the record is not checked."""
+    may have been trained on. Not checked: a checkpoint from before the record or without
+    a fingerprint (generated data), and a forced new ``data_cfg`` that changes more than
+    ``data.binarize`` (new data, asked for)."""
     saved = ckpt.get("data")
-    if saved is None:
+    old_cfg = from_dict(ckpt["config"]).data
+    if data_cfg is not None and data_cfg != dataclasses.replace(old_cfg,
+                                                                binarize=data_cfg.binarize):
+        return
+    if saved is None or (isinstance(saved, dict) and saved.get("sha256") is None):
         return
     if not isinstance(saved, dict) or not {"train", "test", "sha256"} <= set(saved):
         raise CheckpointError(f"checkpoint of run {run!r} is damaged: its 'data' record is "
                               f"{saved!r}; allowed: a dict of train, test and sha256")
     now = data_record(ds)
     if saved["sha256"] != now["sha256"]:
-        cfg = from_dict(ckpt["config"]).data
-        source = f"data.path = {cfg.path!r}" if cfg.path else f"data.name = {cfg.name!r}"
+        source = (f"data.path = {old_cfg.path!r}" if old_cfg.path
+                  else f"data.name = {old_cfg.name!r}")
         raise CheckpointError(
             f"run {run!r} was trained on {saved['train']} training and {saved['test']} test "
             f"points of {source} (sha256 {saved['sha256'][:12]}); it now loads {now['train']} "

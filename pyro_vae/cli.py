@@ -232,16 +232,13 @@ def cmd_sample(args) -> int:
         raise ConfigError(
             f"--label = {args.label}: out of range; allowed 0..{run.vae.num_classes - 1}"
         )
-    vector = run.dataset.image_shape is None  # points: draws of x over the data, not means
-    x = run.sample(args.n, args.label, mean=not vector)  # (n, X)
     suffix = "" if args.label is None else f"_label{args.label}"
     out = _out_figure(args.out or run.path / f"prior_samples{suffix}.png", "--out")
-    title = ("x ~ p(x | z)" if vector else "mean of p(x | z)") + ", z ~ p(z)"
-    title += "" if args.label is None else f", class {args.label}"
-    from .inspection import samples_figure, save_figure
+    from .inspection import prior_samples_figure, save_figure
 
-    figure = samples_figure(x, run.dataset.image_shape, title=title,
-                            reference=run.dataset.x_test if vector else None)
+    labels = run.prior_labels(args.n, args.label)  # (n,) or None
+    figure = prior_samples_figure(run.vae, run.dataset, args.n, labels,
+                                  "" if args.label is None else f", class {args.label}")
     save_figure(figure, out)
     print(f"wrote {out}")
     return 0

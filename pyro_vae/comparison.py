@@ -168,9 +168,11 @@ def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> di
     fit = FIT_OF_GUIDE.get(guide)
     if fit in elbos:
         pairs["amortization_gap"] = (elbos[fit], elbos["amortized"])
-    note = (None if fit in elbos else f"not split: no per-point fit of guide {guide!r}'s family"
-            if fit is None else f"not split: {fit} is fitted per point only for D <= "
-            f"{FULL_FIT_MAX_DIM}")
+    note = None
+    if fit is None:
+        note = f"not split: no per-point fit of guide {guide!r}'s family"
+    elif fit not in elbos:
+        note = f"not split: {fit} is fitted per point only for D <= {FULL_FIT_MAX_DIM}"
     out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source,
            "approximation_fit": _best(elbos), "amortization_fit": fit if fit in elbos else None,
            "amortization_note": note}

@@ -160,8 +160,9 @@ def mean_and_covariance(q: dist.Distribution, dims=(0, 1), draws: int = 4000):
     if is_gaussian(q):
         return q.mean[..., idx], torch.diag_embed(q.variance[..., idx])
     z = q.sample((draws,))[..., idx]  # (S, ..., k)
-    centred = z - z.mean(0)
-    return z.mean(0), torch.einsum("s...i,s...j->...ij", centred, centred) / (draws - 1)
+    mean = z.mean(0)
+    centred = z - mean
+    return mean, torch.einsum("s...i,s...j->...ij", centred, centred) / (draws - 1)
 
 
 @register_kl(dist.MultivariateNormal, dist.Independent)

@@ -108,12 +108,17 @@ def write_basic_figures(vae: VAE, ds, out, n: int = 16) -> list[Path]:
                                                ds.image_shape), out / "reconstructions.png")
     count = 64 if ds.image_shape else 2000
     ys = torch.arange(count, device=ds.x_test.device) % vae.num_classes if vae.num_classes else None
-    if ds.image_shape is None:
-        fig = samples_figure(vae.sample(count, ys, mean=False), reference=ds.x_test,
-                             title="x ~ p(x | z), z ~ p(z)")
-    else:
-        fig = samples_figure(vae.sample(count, ys), ds.image_shape)
-    return [recon, save_figure(fig, out / "samples.png")]
+    return [recon, save_figure(prior_samples_figure(vae, ds, count, ys), out / "samples.png")]
+
+
+def prior_samples_figure(vae: VAE, ds, n: int, y=None, title_suffix: str = ""):
+    """n prior draws z ~ p(z) (labels ``y [n]`` for a conditional model) through the
+    decoder: images as a grid of the means of p(x|z); vector data as draws x ~ p(x|z) over
+    the test points (means would hide the likelihood's noise). Returns the Figure."""
+    vector = ds.image_shape is None
+    x = vae.sample(n, y, mean=not vector)  # (n, X)
+    title = ("x ~ p(x | z)" if vector else "mean of p(x | z)") + ", z ~ p(z)" + title_suffix
+    return samples_figure(x, ds.image_shape, reference=ds.x_test if vector else None, title=title)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 100) -> Path:

@@ -76,7 +76,12 @@ class Bernoulli(dist.Bernoulli):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return value * self.logits - softplus(self.logits)
+        return _bernoulli_form(value, self.logits)
+
+
+def _bernoulli_form(x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """x log p + (1 - x) log(1 - p) = x l - softplus(l) for p = sigmoid(l), elementwise."""
+    return x * logits - softplus(logits)
 
 
 def bernoulli(cfg: LikelihoodConfig, x_dim: int) -> Likelihood:
@@ -99,7 +104,7 @@ class ContinuousBernoulli(dist.ContinuousBernoulli):
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         if self._validate_args:
             self._validate_sample(value)
-        return value * self.logits - softplus(self.logits) + _log_cb_normaliser(self.logits)
+        return _bernoulli_form(value, self.logits) + _log_cb_normaliser(self.logits)
 
 
 def _log_cb_normaliser(logits: torch.Tensor) -> torch.Tensor:

@@ -147,13 +147,14 @@ def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path
     return written + write_figures(r, out, dims)
 
 
-def _marginal(q, dim: int):
-    """Point 0's marginal of z[dim] under q, as :func:`inspection.marginal_overlay` takes
-    it: (mean, std) of a Gaussian, else 4,000 of q's draws ``[S]`` (a flow's own shape)."""
+def _marginals(q):
+    """Point 0's marginals under q, as :func:`inspection.marginal_overlay` takes them (one
+    dim at a time): (mean ``[D]``, std ``[D]``) of a Gaussian, else 4,000 of q's draws
+    ``[S, D]`` (a flow's own shape)."""
     if is_gaussian(q):
         mean, std = moments(q)
-        return mean[0, dim].item(), std[0, dim].item()
-    return q.sample((4000,))[:, 0, dim]
+        return mean[0], std[0]
+    return q.sample((4000,))[:, 0]
 
 
 def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
@@ -167,8 +168,10 @@ def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
     gauss = dict(r.q) if r.exact is None else {**r.q, "exact": r.exact}
     k = min(dims, draws.shape[1])
     fig, axes = plt.subplots(1, k, figsize=(4 * k, 3), squeeze=False)
+    marginals = {name: _marginals(q) for name, q in gauss.items()}
     for dim in range(k):
-        marg = {name: _marginal(q, dim) for name, q in gauss.items()}
+        marg = {name: (m[0][dim].item(), m[1][dim].item()) if isinstance(m, tuple) else m[:, dim]
+                for name, m in marginals.items()}
         marginal_overlay(draws[:, dim], marg, ax=axes[0, dim], title=f"point 0, z[{dim}]")
     fig.tight_layout()
     written = [save_figure(fig, out / "marginals.png")]

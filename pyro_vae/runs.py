@@ -79,15 +79,19 @@ class Run:
     def sample(self, n: int, label: int | None = None, mean: bool = True) -> torch.Tensor:
         """x for n prior draws z ~ p(z), ``[n, X]`` (all of class ``label`` if conditional):
         the mean of p(x | z), or (``mean=False``) a draw x ~ p(x | z)."""
-        y = None
-        if self.vae.num_classes:
-            if label is None:
-                y = torch.arange(n, device=self.device) % self.vae.num_classes
-            else:
-                y = torch.full((n,), int(label), device=self.device)
-        elif label is not None:
-            raise ValueError(f"label = {label}: this run is not conditional (model.conditional = false)")
-        return self.vae.sample(n, y, mean=mean)
+        return self.vae.sample(n, self.prior_labels(n, label), mean=mean)
+
+    def prior_labels(self, n: int, label: int | None = None) -> torch.Tensor | None:
+        """Labels ``[n]`` of n prior draws of a conditional run: all ``label``, or the
+        classes in turn; None for an unconditional run (which refuses a ``label``)."""
+        if not self.vae.num_classes:
+            if label is not None:
+                raise ValueError(f"label = {label}: this run is not conditional "
+                                 "(model.conditional = false)")
+            return None
+        if label is None:
+            return torch.arange(n, device=self.device) % self.vae.num_classes
+        return torch.full((n,), int(label), device=self.device)
 
     def points(self, x, y=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x as the run takes it: float points ``[N, X]`` on the run's device, from any array

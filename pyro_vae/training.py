@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ckpt_io
 from . import distributed
-from .config import Config, ConfigError, TrainConfig, config_hash, from_dict, to_dict
+from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
 from .evaluate import elbo_terms, mean_se, rng_untouched
@@ -245,9 +245,8 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
             defer = defer_reads and not validate and tc.elbo in DEFERRABLE
             reads = pyro_host_reads_deferred() if defer else contextlib.nullcontext()
             with jit_notice_silenced(), reads:  # train.elbo = "jit" traces with torch.jit
-                if tc.elbo == "jit" and weight not in traced:
-                    trace_jit_elbo(elbo, model, guide, args, weight)
-                    traced.add(weight)
+                if tc.elbo == "jit":
+                    trace_jit_elbo(elbo, model, guide, args, weight, traced)
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
                     return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight),
                                         device=x.device)
@@ -258,13 +257,17 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
     return loss
 
 
-def trace_jit_elbo(elbo, model, guide, args: tuple, weight: float) -> None:
+def trace_jit_elbo(elbo, model, guide, args: tuple, weight: float, traced: set) -> None:
     """Have ``JitTrace_ELBO`` trace its loss for KL weight ``weight`` on a forked random
-    stream. Pyro traces at the first call with new keyword values by running the model
-    three times, three draws of the noise: a resumed run traces at another step than an
-    uninterrupted one, and would draw different noise from there on."""
+    stream, unless ``weight`` is in ``traced`` (then added). Pyro traces at the first call
+    with new keyword values by running the model three times, three draws of the noise: a
+    resumed run traces at another step than an uninterrupted one, and would draw different
+    noise from there on."""
+    if weight in traced:
+        return
     with rng_untouched(args[0].device):
         elbo.differentiable_loss(model, guide, *args, kl_weight=weight)
+    traced.add(weight)
 
 
 def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: float) -> None:
@@ -415,8 +418,7 @@ def train(
     state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])
     loss = make_loss(cfg, state.vae, group, defer_reads=state.sync_every > 1)
     if resume is not None:
-        if from_dict(resume["config"]).data == cfg.data:  # (a forced new data config: new data)
-            ckpt_io.check_same_data(resume, state.dataset, str(run_dir or "the checkpoint"))
+        ckpt_io.check_same_data(resume, state.dataset, str(run_dir or "the checkpoint"), cfg.data)
         state.load_state_dict(resume)
     saver = ckpt_io.Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes
     while state.epoch < tc.epochs:

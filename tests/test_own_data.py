@@ -83,7 +83,9 @@ def test_support_is_read_from_every_value(tmp_path, values, support):
 
 
 @pytest.mark.parametrize("shape, image_shape", [((30, 8, 12), (1, 8, 12)),
-                                                ((30, 3, 4, 8), (3, 4, 8))])
+                                                ((30, 3, 4, 8), (3, 4, 8)),
+                                                ((30, 16, 4, 4), (16, 4, 4)),  # not channels-last:
+                                                ((30, 2, 8, 3), (2, 8, 3))])  # H or W too small
 def test_images_are_flattened_in_their_own_order_and_keep_their_shape(tmp_path, shape, image_shape):
     x = np.random.default_rng(0).integers(0, 256, shape).astype(np.uint8)
     ds = load_dataset(file_config(write(tmp_path / "d.npy", x)))
@@ -362,6 +364,18 @@ def test_a_data_file_changed_since_training_is_refused_by_every_command(tmp_path
         train(load_config(None, [a for a in args if a != "--set"] + ["train.epochs=2"]), resume=run, force=True)
     np.save(path, x)  # restored: the run is whole again
     assert load_run(run).dataset.x_train.shape[0] == 180
+    np.save(path, x[::-1].copy())  # reshuffled: same points, another split
+    with pytest.raises(CheckpointError, match="the data changed"):
+        load_run(run)
+    more = ["--set", "data.subset=100"]  # a forced new split is new data, asked for
+    assert main(["train", "--quiet", "--resume", str(run), "--force", *more, "--set", "train.epochs=2"]) == 0
+
+
+def test_generated_data_sets_carry_no_fingerprint():
+    # drawn from their config, not read: float bits that may differ by an ulp between hosts
+    for name in ("ring", "linear-gaussian"):
+        assert load_dataset(DataConfig(name=name, binarize="none")).fingerprint is None
+    assert len(load_dataset(DataConfig(subset=100)).fingerprint) == 64  # mnist-10k: a file
 
 
 def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_path):
