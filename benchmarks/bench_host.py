@@ -58,7 +58,7 @@ def pyro_vae_step(elbo: str):
     """One deferred-read training step of ``train.elbo = elbo`` on a fixed minibatch."""
     cfg = load_config(None, [*TINY, f"train.elbo={elbo}"])
     state = TrainState.create(cfg, torch.device("cpu"))
-    loss = make_loss(cfg, state.vae, defer_reads=True)
+    loss = make_loss(cfg, state.vae)
     x = state.dataset.x_train[:4].bernoulli()
     return lambda: train_step(state, loss, x, None, 1.0)
 

@@ -9,7 +9,7 @@ one launch. Per step the host only fills the graph's inputs and replays::
     replay:  grads <- 0
              loss = objectives.negative_elbo(vae, x_buf, eps_buf, onehot(y_buf), w)
              loss.backward();  bad = not finite(loss, |grad|)
-             loss_sum += loss unless bad;  first_bad <- step if bad and none before
+             loss_sum += loss;  first_bad <- min(first_bad, step) if bad
              fused Adam step, skipped on the device when bad (its ``found_inf``)
 
 so it needs the written-out estimators (``objectives.written_out``: trace or meanfield with
@@ -72,7 +72,7 @@ class StepGraphs:
                           UncapturedGraphWarning, stacklevel=3)
         # the deferred reads of training.TrainState.defer, kept in place for the graph
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=dev)
+        self.first_bad = torch.full((), NONE_BAD, dtype=torch.float64, device=dev)
         self.step_no = torch.zeros((), dtype=torch.float64, device=dev)  # step of a replay
         self.found_inf = torch.zeros((), device=dev)  # read by the fused Adam: skip if 1
         self.weight, self.weight_value = torch.ones((), device=dev), 1.0  # the KL weight
@@ -114,7 +114,7 @@ class StepGraphs:
             return
         if state.pending is None:
             self.loss_sum.zero_()
-            self.first_bad.fill_(-1.0)
+            self.first_bad.fill_(NONE_BAD)
         else:
             self.loss_sum.copy_(state.pending[0])
             self.first_bad.copy_(state.pending[1])
@@ -146,7 +146,7 @@ class StepGraphs:
             y1h = self.vae.onehot(y)
             loss = self.loss(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
         loss.backward()
-        both = loss_and_grad_norm(loss, grads)  # (2,)
+        both = loss_and_grad_norms(loss, grads)  # (1 + P,)
         bad = fold_step(self.loss_sum, self.first_bad, both, self.step_no)
         self.found_inf.copy_(bad)
         self.step_no.add_(1.0)
@@ -201,23 +201,30 @@ def optimized(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [p for g in opt.param_groups for p in g["params"]]
 
 
-def loss_and_grad_norm(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
-    """``[2]``: the step's loss and the sum of its gradients' norms (one fused reduction),
-    non-finite where the loss or any gradient entry is."""
-    norm = torch.stack(torch._foreach_norm(grads)).sum()
-    return torch.stack([loss.detach().to(norm), norm])
+def loss_and_grad_norms(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.Tensor:
+    """``[1 + P]``: the step's loss, then the norms of its P gradients (one fused
+    reduction); an entry is non-finite where the loss or that gradient has one."""
+    return torch.stack([loss.detach().to(grads[0].dtype), *torch._foreach_norm(grads)])
+
+
+NONE_BAD = 2.0**52  # first_bad while no step was non-finite: above every step number
 
 
 def fold_step(loss_sum: torch.Tensor, first_bad: torch.Tensor, both: torch.Tensor,
               step) -> torch.Tensor:
-    """Fold a step's ``both`` (:func:`loss_and_grad_norm`) into the unread sums, in place and
-    on the device: its loss added to ``loss_sum`` unless non-finite, else its number ``step``
-    (a float or 0-d tensor) kept in ``first_bad`` if none was before (both 0-d float64).
-    Returns the step's non-finite flag (0-d bool), Adam's ``found_inf``."""
-    bad = ~torch.isfinite(both).all()
-    loss_sum.add_(torch.where(bad, 0.0, both[0].double()))
-    first_bad.copy_(torch.where(bad & (first_bad < 0), step, first_bad))
-    return bad
+    """Fold a step's ``both`` (:func:`loss_and_grad_norms`) into the unread sums, in place
+    and on the device (nine operations, which a GPU step launches one by one): its loss
+    added to ``loss_sum``, and where the step is non-finite its number ``step`` (a float or
+    0-d tensor) into ``first_bad = min(first_bad, step)`` (both 0-d float64; ``first_bad``
+    starts at :data:`NONE_BAD`; a non-finite ``loss_sum`` is never read as a loss: the read
+    raises). Returns Adam's ``found_inf``, 0-d: 1 for a non-finite step, else 0
+    (``v * 0`` is NaN exactly where v is infinite or NaN)."""
+    found = both.mul(0.0).sum().nan_to_num(nan=1.0)
+    loss_sum.add_(both[0])
+    # found = 1: step exactly (|values| < 2^53); found = 0: step + NONE_BAD, which min ignores
+    candidate = found.double().mul(-NONE_BAD).add_(step).add_(NONE_BAD)
+    torch.minimum(first_bad, candidate, out=first_bad)
+    return found
 
 
 @contextlib.contextmanager

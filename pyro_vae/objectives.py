@@ -118,8 +118,7 @@ def check_written_out(cfg: Config) -> None:
     """Refuse ``train.compile = true`` or ``train.cuda_graph = true`` where the written-out
     loss (:func:`negative_elbo`, which both run) is not the estimator asked for, each with
     one error: an ELBO other than :data:`COMPILABLE`, a guide other than the diagonal
-    Gaussian (it draws z = loc + scale * eps), and for a graph the student-t prior (torch
-    builds it from a Python number: a host synchronisation). Each mode, and the two together
+    Gaussian (it draws z = loc + scale * eps). Each mode, and the two together
     (the compiled loss captured in the graph), gives the eager parameters on the same seed,
     losses to float32 rounding (tests/test_train.py, tests/test_graphs.py; tests/test_cuda.py
     on a GPU)."""
@@ -134,11 +133,6 @@ def check_written_out(cfg: Config) -> None:
             raise ConfigError(f"train.{key} = true with guide.name = {cfg.guide.name!r}: its "
                               "loss draws z = loc + scale * eps, so it supports guide.name = "
                               f"'gaussian'; use train.{key} = false for this guide")
-    if tc.cuda_graph and cfg.prior.name == "student-t":
-        raise ConfigError("train.cuda_graph = true with prior.name = 'student-t': torch's "
-                          "StudentT copies a Python number to the device each time it is built "
-                          "(a host synchronisation, which a CUDA graph cannot capture); use "
-                          "another prior or train.cuda_graph = false")
 
 
 def call_compiled(compiled, *args) -> torch.Tensor:

@@ -54,9 +54,25 @@ def laplace(cfg: PriorConfig, latent_dim: int, x_dim: int) -> Prior:
     return Prior(make, fixed={"loc": torch.zeros(latent_dim), "scale": torch.ones(latent_dim)})
 
 
+class StudentT(dist.StudentT):
+    """Pyro's StudentT from tensors ``df``, ``loc``, ``scale`` ``[D]``, its chi-square
+    Gamma(df / 2, rate 1/2) built from them: torch's builds that rate from the Python number
+    0.5, on a GPU a copy from host memory (a synchronisation) each time the prior is built,
+    i.e. every training step."""
+
+    def __init__(self, df: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 validate_args=None):
+        self.df, self.loc, self.scale = torch.broadcast_tensors(df, loc, scale)
+        self._chi2 = dist.Gamma(0.5 * self.df, torch.full_like(self.df, 0.5))
+        torch.distributions.Distribution.__init__(self, self.df.shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return super().expand(batch_shape, self._get_checked_instance(StudentT, _instance))
+
+
 def student_t(cfg: PriorConfig, latent_dim: int, x_dim: int) -> Prior:
     """z_d ~ StudentT(df, 0, 1) i.i.d. (variance df / (df - 2) for df > 2)."""
-    make = lambda p, enc: dist.StudentT(p["df"], p["loc"], p["scale"]).to_event(1)  # noqa: E731
+    make = lambda p, enc: StudentT(p["df"], p["loc"], p["scale"]).to_event(1)  # noqa: E731
     return Prior(make, fixed={
         "df": torch.full((latent_dim,), float(cfg.df)),
         "loc": torch.zeros(latent_dim),

@@ -33,7 +33,7 @@ from .config import Config, ConfigError, TrainConfig, config_hash, to_dict
 from .data import Dataset, epoch_inputs, load_dataset
 from .distributed import Group
 from .evaluate import elbo_terms, mean_se, rng_untouched
-from .graphs import StepGraphs, fold_step, loss_and_grad_norm, optimized
+from .graphs import NONE_BAD, StepGraphs, fold_step, loss_and_grad_norms, optimized
 from .likelihoods import check_data
 from .model import VAE, registered
 from .objectives import (DEFERRABLE, ELBOS, MonteCarloKLWarning, call_compiled,
@@ -169,7 +169,7 @@ class TrainState:
         self.pending = None
 
     def defer(self, both: torch.Tensor) -> None:
-        """Record a step's (loss, gradient norm) ``[2]`` without reading it on the host (a
+        """Record a step's (loss, gradient norms) ``[1 + P]`` without reading it on the host (a
         GPU runs ahead): a non-finite step's update is skipped inside the fused Adam
         (``found_inf``, as ``torch.amp.GradScaler`` does) and its step number kept."""
         # float64: its 29 bits beyond float32's hold the sum of an epoch's float32 losses
@@ -177,8 +177,8 @@ class TrainState:
         # depend on where the reads fall: a resumed run reads at other steps and must add up
         # to the same epoch
         self.pending = self.pending or (both.new_zeros((), dtype=torch.float64),
-                                        both.new_full((), -1.0, dtype=torch.float64))
-        self.optimizer.found_inf = fold_step(*self.pending, both, float(self.step)).float()
+                                        both.new_full((), NONE_BAD, dtype=torch.float64))
+        self.optimizer.found_inf = fold_step(*self.pending, both, float(self.step))
 
     def read_pending(self) -> None:
         """Fold the deferred losses into ``epoch_loss`` (one host read); a non-finite step
@@ -187,7 +187,7 @@ class TrainState:
             return
         loss_sum, first_bad = torch.stack(self.pending).tolist()
         self.pending, self.epoch_loss = None, self.epoch_loss + loss_sum
-        if first_bad >= 0:
+        if first_bad < NONE_BAD:
             raise NonFiniteError(
                 f"non-finite loss or gradient at epoch {self.epoch + 1}, step {int(first_bad) + 1} "
                 f"(read at step {self.step}): its update, and any later non-finite one, was "
@@ -204,13 +204,14 @@ class TrainState:
 LossFn = Callable[[torch.Tensor, "torch.Tensor | None", float, bool], torch.Tensor]
 
 
-def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool = False) -> LossFn:
+def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
     """``loss(x, y, weight, validate)``: the -ELBO estimate of ``train.elbo`` for minibatch
     x ``[B, X]`` (labels y ``[B]`` or None) with KL weight ``weight``, as a scalar tensor,
     gradients left in ``.grad``. ``validate``: run Pyro's program eagerly with its shape and
     support checks (the first step; the compiled loss computes the same value, unchecked).
-    ``defer_reads`` (``train.sync_every > 1``): after the first step, the ELBOs in
-    ``objectives.DEFERRABLE`` run inside ``objectives.pyro_host_reads_deferred``.
+    After the first step the ELBOs in ``objectives.DEFERRABLE`` run inside
+    ``objectives.pyro_host_reads_deferred`` (no host read of their own: :func:`train_step`
+    checks the loss and gradients for every ELBO, on the device or on the host).
     In a group of several processes: ``distributed.make_loss`` (x is the global batch)."""
     tc = cfg.train
     if tc.elbo == "meanfield" and not has_gaussian_guide(vae):
@@ -242,11 +243,11 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group(), defer_reads: bool =
                                   x.new_full((), weight), analytic_kl)
         else:
             args = (x,) if y is None else (x, y)  # no None argument: the JIT ELBO traces args
-            defer = defer_reads and not validate and tc.elbo in DEFERRABLE
-            reads = pyro_host_reads_deferred() if defer else contextlib.nullcontext()
-            with jit_notice_silenced(), reads:  # train.elbo = "jit" traces with torch.jit
-                if tc.elbo == "jit":
+            if tc.elbo == "jit":  # traces with torch.jit at each new KL weight
+                with jit_notice_silenced():
                     trace_jit_elbo(elbo, model, guide, args, weight, traced)
+            defer = not validate and tc.elbo in DEFERRABLE
+            with pyro_host_reads_deferred() if defer else contextlib.nullcontext():
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
                     return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight),
                                         device=x.device)
@@ -287,7 +288,7 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     with pyro.validation_enabled(validate):
         value = loss(x, y, weight, validate)
     grads = [p.grad for p in optimized(state.optimizer) if p.grad is not None]
-    both = distributed.all_sum(loss_and_grad_norm(value, grads), state.group)
+    both = distributed.all_sum(loss_and_grad_norms(value, grads), state.group)
     if state.sync_every > 1:  # no host read in this step: see TrainState.defer
         state.defer(both)
         state.optimizer.step()
@@ -295,8 +296,8 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
         if state.step % state.sync_every == 0:
             state.read_pending()
         return
-    loss_value, norm_value = both.tolist()  # summed over ranks: the global batch's loss
-    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+    loss_value, *norms = both.tolist()  # summed over ranks: the global batch's loss
+    if not all(map(math.isfinite, (loss_value, *norms))):
         raise NonFiniteError(
             f"non-finite loss or gradient at epoch {state.epoch + 1}, step {state.step + 1} "
             f"(loss = {loss_value}): {diagnose_nonfinite(state.vae, (x, y), weight)}. "
@@ -416,7 +417,7 @@ def train(
     pyro.set_rng_seed(tc.seed)  # the one seed: torch, numpy, python (the same on every rank)
     state, group = TrainState.create(cfg, device), distributed.current()
     state.group = distributed.check_supported(cfg, group, state.dataset.x_train.shape[0])
-    loss = make_loss(cfg, state.vae, group, defer_reads=state.sync_every > 1)
+    loss = make_loss(cfg, state.vae, group)
     if resume is not None:
         ckpt_io.check_same_data(resume, state.dataset, str(run_dir or "the checkpoint"), cfg.data)
         state.load_state_dict(resume)

@@ -96,15 +96,20 @@ def write_torchvision_set(root, folder, n_train, n_test, seed=0):
 @contextlib.contextmanager
 def no_host_reads(monkeypatch, what: str = "a training step"):
     """Within: reading a tensor's value on the host (``item``, ``tolist``, ``bool``,
-    ``float``, ``int``, ``cpu``, ``numpy``) fails the test; on a GPU each such read stalls
-    the queue."""
+    ``float``, ``int``, ``cpu``, ``numpy``) or building one from Python data
+    (``torch.tensor``: on a GPU a copy from host memory) fails the test; on a GPU each
+    stalls the queue."""
 
     def host_read(*args, **kwargs):
         raise AssertionError(f"a host read in {what}")
 
+    def host_copy(*args, **kwargs):
+        raise AssertionError(f"a tensor built from Python data in {what}")
+
     with monkeypatch.context() as m:
         for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
             m.setattr(torch.Tensor, name, host_read)
+        m.setattr(torch, "tensor", host_copy)
         yield
 
 

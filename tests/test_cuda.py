@@ -126,7 +126,7 @@ def test_a_deferred_cuda_step_never_synchronizes_with_the_host():
 
     cfg = small_config("train.device=cuda")  # sync_every: 50 by default on CUDA
     state = TrainState.create(cfg, torch.device("cuda"))
-    loss = make_loss(cfg, state.vae, defer_reads=state.sync_every > 1)
+    loss = make_loss(cfg, state.vae)
     x = state.dataset.x_train[:64]  # (64, X) on the GPU
     train_step(state, loss, x, None, 1.0)  # the first step validates, and may read
     with no_synchronization():
@@ -176,7 +176,7 @@ def test_a_captured_step_never_synchronizes_with_the_host():
     cfg = small_config("train.device=cuda", "train.cuda_graph=true")
     state = TrainState.create(cfg, torch.device("cuda"))
     assert isinstance(state.graphs, StepGraphs)
-    loss = make_loss(cfg, state.vae, defer_reads=True)
+    loss = make_loss(cfg, state.vae)
     x = state.dataset.x_train[:64]  # (64, X) on the GPU
     for _ in range(2):  # the eager first step, then the capture (which synchronizes)
         train_step(state, loss, x, None, 1.0)

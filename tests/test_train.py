@@ -230,7 +230,7 @@ def test_deferred_reads_skip_a_non_finite_update_and_then_stop_naming_its_step()
     cfg = small_config("train.batch_size=32", "train.sync_every=4", subset=300)
     state = TrainState.create(cfg, torch.device("cpu"))
     assert state.sync_every == 4
-    loss = make_loss(cfg, state.vae, defer_reads=True)
+    loss = make_loss(cfg, state.vae)
     with torch.no_grad():  # a poisoned decoder bias: every step's loss is NaN from here on
         state.vae.decoder.net[-1].bias[0] = float("nan")
     before = {k: v.clone() for k, v in state.vae.encoder.state_dict().items()}
@@ -249,7 +249,7 @@ def test_in_a_group_the_stop_flag_is_polled_only_where_the_losses_are_read(monke
 
     cfg = small_config("train.sync_every=4", "train.batch_size=32", "train.device=cpu", subset=300)
     state = TrainState.create(cfg, torch.device("cpu"))
-    loss = make_loss(cfg, state.vae, defer_reads=True)
+    loss = make_loss(cfg, state.vae)
     state.group = distributed.Group(rank=0, world=2)  # one process standing in for two
     polls = []
     monkeypatch.setattr(distributed, "all_sum", lambda values, group: values)
@@ -260,17 +260,19 @@ def test_in_a_group_the_stop_flag_is_polled_only_where_the_losses_are_read(monke
 
 
 @pytest.mark.parametrize("overrides", [("train.elbo=trace",), ("train.elbo=meanfield",),
+                                       ("prior.name=student-t",),
                                        ("train.elbo=trace", "model.conditional=true"),
                                        ("train.compile=true", "model.conditional=true")])
 def test_a_deferred_step_reads_nothing_back_from_the_device(monkeypatch, overrides):
     """With train.sync_every > 1, a step after the first reads nothing on the host (on a
     GPU each read stalls the queue), Pyro's own .item() calls and NaN branch included, and
-    the label range check of a conditional model."""
+    the label range check of a conditional model; nor builds a tensor from Python data
+    (torch's StudentT did, each time the prior was built)."""
     from pyro_vae.training import TrainState, make_loss, train_step
 
     cfg = small_config(*overrides, "train.sync_every=50", "train.device=cpu")
     state = TrainState.create(cfg, torch.device("cpu"))
-    loss = make_loss(cfg, state.vae, defer_reads=True)
+    loss = make_loss(cfg, state.vae)
     x = state.dataset.x_train[:64]  # (64, X)
     y = state.dataset.y_train[:64] if state.vae.num_classes else None
     for _ in range(2 if cfg.train.compile else 1):  # the first validates; the second compiles
@@ -281,3 +283,21 @@ def test_a_deferred_step_reads_nothing_back_from_the_device(monkeypatch, overrid
             train_step(state, loss, x, y, 1.0)
     state.read_pending()
     assert state.step == before + 3 and math.isfinite(state.epoch_loss) and state.epoch_loss > 0
+
+
+def test_fold_step_keeps_the_first_non_finite_step_and_flags_each_for_adam():
+    from pyro_vae.graphs import NONE_BAD, fold_step, loss_and_grad_norms
+
+    grads = [torch.ones(3), torch.ones(2)]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    first_bad = torch.full((), NONE_BAD, dtype=torch.float64)
+    found = []
+    for step, (loss, g) in enumerate([(1.0, 1.0), (2.0, 1.0), (3.0, float("inf")),
+                                      (4.0, 1.0), (float("nan"), 1.0)], start=10**7):
+        both = loss_and_grad_norms(torch.tensor(loss), [grads[0], grads[1] * g])  # (1 + 2,)
+        found.append(fold_step(loss_sum, first_bad, both, float(step)).item())
+        if step == 10**7 + 1:
+            assert loss_sum.item() == 3.0 and first_bad.item() == NONE_BAD
+    assert found == [0.0, 0.0, 1.0, 0.0, 1.0]  # the fused Adam skips exactly those updates
+    assert first_bad.item() == 10**7 + 2  # the first of them, exact at any step count
+
