@@ -193,8 +193,8 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
     def report(m: dict) -> None:
         if not args.quiet and group.is_main:
             se = m.get("test_elbo_se")  # None for one test point: nothing to spread
-            error = "" if se is None else f" +- {se:.2f}"
-            print(f"epoch {m['epoch']:3d}  train ELBO {m['train_elbo']:9.2f}  "
+            error = " +- n/a (one test point)" if se is None else f" +- {se:.2f}"
+            print(f"epoch {m['epoch']:3d}  train objective {m['train_elbo']:9.2f}  "
                   f"test ELBO {m['test_elbo']:9.2f}{error}  ({m['seconds']:.1f} s)", flush=True)
 
     try:
@@ -248,8 +248,9 @@ def _estimate(e: dict, digits: int = 2) -> str:
     """``mean (Monte Carlo SE a, test-set SE b)`` for a :func:`evaluate.with_errors` dict; an
     SE that does not exist is named with its reason, never printed as a number."""
     parts = []
-    if e.get("mc_se") is not None:
-        parts.append(f"Monte Carlo SE {e['mc_se']:.2g}")
+    if e.get("mc_se") is not None:  # with a caveat, where one is attached
+        note = f" ({e['mc_se_note']})" if e.get("mc_se_note") else ""
+        parts.append(f"Monte Carlo SE {e['mc_se']:.2g}{note}")
     elif e.get("mc_se_note"):
         parts.append(f"Monte Carlo SE {e['mc_se_note']}")
     if e.get("test_set_se") is not None:

@@ -74,6 +74,16 @@ def log_weights(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, k: int
     return log_terms(vae, x, q.rsample((k,)), y1h, q)  # z: (K, B, D)
 
 
+def check_counts(x: torch.Tensor, **counts: int) -> None:
+    """One ValueError naming each count below 1 (``k = 0, batch_size = 0: must be >= 1``),
+    or data ``x`` without points: what every estimator here needs."""
+    bad = [f"{name} = {value}" for name, value in counts.items() if value < 1]
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: must be >= 1")
+    if x.shape[0] == 0:
+        raise ValueError(f"x has shape {list(x.shape)}: no data points; pass at least one")
+
+
 def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
     """Consecutive slices (x ``[b, X]``, y ``[b]`` or None) of at most ``batch_size`` points."""
     for i in range(0, x.shape[0], batch_size):
@@ -84,6 +94,7 @@ def batches(x: torch.Tensor, y: torch.Tensor | None, batch_size: int):
 def elbo_terms(vae: VAE, x, y=None, k: int = 1, batch_size: int = 1000, seed: int | None = 0):
     """Per data point ``[N]``: (reconstruction E_q[log p(x|z)], KL estimate E_q[log q - log p]),
     Monte Carlo with K draws; ELBO = reconstruction - KL."""
+    check_counts(x, k=k, batch_size=batch_size)
     recs, kls = [], []
     with seeded(seed, x.device):
         for xb, yb in batches(x, y, batch_size):
@@ -189,6 +200,7 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
                       batch_size: int = 100, seed: int | None = 0) -> torch.Tensor:
     """Importance-weighted estimate of log p(x) per data point ``[N]``:
     log (1/K) sum_k w_k, with memory bounded by ``chunk * batch_size`` draws for any K."""
+    check_counts(x, k=k, chunk=chunk, batch_size=batch_size)
     out = []
     with seeded(seed, x.device):
         for xb, yb in batches(x, y, batch_size):
@@ -207,6 +219,11 @@ def active_units(means: torch.Tensor, threshold: float = 0.01) -> tuple[int, tor
     ``means`` ``[N, D]``; returns (count, per-dimension variances ``[D]``)."""
     var = means.var(0)
     return int((var > threshold).sum()), var
+
+
+NO_KL_PER_DIMENSION = ("not available: needs a Gaussian guide (not a flow) and a prior that "
+                       "factorises over dimensions with a closed-form KL from a Normal "
+                       "(normal, laplace; not a mixture, VampPrior or Student-t)")
 
 
 @torch.no_grad()
@@ -338,6 +355,7 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     share of points with PSIS k-hat > 0.7 with its count and Wilson 95% interval (None, with
     ``khat_note`` saying why, when K is too small for a Pareto fit). With K = 1 no Monte Carlo
     SE exists: each is None with ``mc_se_note`` saying so."""
+    check_counts(x, k=k, batch_size=batch_size, chunk=chunk)
     with seeded(seed, x.device):  # a flow guide's posterior means are drawn too
         p = _per_point(vae, x, y, k, batch_size, chunk)
         means = posterior_means(vae, x, y)  # (N, D)
@@ -353,6 +371,7 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
         **_active_summary(means),
         "latent_dim": vae.latent_dim,
         "kl_per_dimension": None if per_dim is None else per_dim.tolist(),
+        "kl_per_dimension_note": None if per_dim is not None else NO_KL_PER_DIMENSION,
         **_khat_summary(p["khat"], k),
     }
 

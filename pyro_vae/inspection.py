@@ -250,12 +250,13 @@ def interpolation_data(vae: VAE, xa, xb, steps: int = 10, ya=None):
 
 
 def training_curves(metrics: list[dict], axes=None):
-    """ELBO (train, test), test reconstruction and KL, and the KL weight per epoch; returns
-    the Figure."""
+    """The training objective and the test ELBO, test reconstruction and KL, and the KL
+    weight per epoch; returns the Figure."""
     if axes is None:
         _, axes = _plt().subplots(1, 3, figsize=(12, 3.2))
     epochs = [m["epoch"] for m in metrics]
-    axes[0].plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO")
+    # the objective trained (KL-weighted; the IWAE bound for iwae), averaged over the epoch
+    axes[0].plot(epochs, [m["train_elbo"] for m in metrics], label="train objective")
     axes[0].plot(epochs, [m["test_elbo"] for m in metrics], label="test ELBO")
     axes[0].set_ylabel("nats per data point")
     axes[1].plot(epochs, [m["test_reconstruction"] for m in metrics], label="E_q[log p(x|z)]")
@@ -268,7 +269,7 @@ def training_curves(metrics: list[dict], axes=None):
         ax.set_xlabel("epoch")
     for ax in axes[:2]:
         ax.legend(fontsize=8)
-    axes[0].set_title("ELBO")
+    axes[0].set_title("objective and ELBO")
     axes[0].figure.tight_layout()
     return axes[0].figure
 

@@ -37,11 +37,21 @@ def _particles(cfg: TrainConfig) -> dict:
                 max_plate_nesting=1)
 
 
+def _iwae(cfg: TrainConfig) -> RenyiELBO:
+    """``RenyiELBO(alpha=0)`` over ``num_particles`` vectorized particles; with one particle
+    the IWAE bound is the ELBO, which is said (a tighter bound needs K >= 2)."""
+    if cfg.num_particles == 1:
+        warnings.warn("train.elbo = 'iwae' with train.num_particles = 1 is the ELBO (the IWAE "
+                      "bound at K = 1); for a tighter bound set train.num_particles >= 2",
+                      stacklevel=3)
+    return RenyiELBO(alpha=0.0, **{**_particles(cfg), "vectorize_particles": True})
+
+
 ELBOS: dict[str, Callable[[TrainConfig], pyro.infer.ELBO]] = {
     "trace": lambda c: Trace_ELBO(**_particles(c)),
     "meanfield": lambda c: TraceMeanField_ELBO(**_particles(c)),
     "jit": lambda c: JitTrace_ELBO(**_particles(c), ignore_jit_warnings=True),
-    "iwae": lambda c: RenyiELBO(alpha=0.0, **{**_particles(c), "vectorize_particles": True}),
+    "iwae": _iwae,
 }
 register_choices("train.elbo", ELBOS)
 

@@ -50,8 +50,9 @@ def _checks_markdown(c: dict) -> list[str]:
              f"- BDMC on {b['points']} points simulated from the model, same AIS settings: "
              f"lower {b['lower']['mean']:.3f} +- {b['lower']['mc_se']:.3f}, upper "
              f"{b['upper']['mean']:.3f} +- {b['upper']['mc_se']:.3f}; gap upper - lower "
-             f"{_with_noise(b['gap']['mean'], b['gap']['mc_se'], True)} nats (Monte Carlo SE): "
-             "how far AIS can sit below log p(x) on data like the model's.",
+             f"{_with_noise(b['gap']['mean'], b['gap']['mc_se'], True)} nats (Monte Carlo SE, "
+             f"delta method over {b['chains']} chains per point: a lower estimate, as are "
+             "AIS's SEs above): how far AIS can sit below log p(x) on data like the model's.",
              "- importance-weighted, " + c["iw_source"] + ": IW - AIS = "
              + _with_noise(*_mean_and_se(c["iw_minus_ais"], c["iw_minus_ais_se"]), True)
              + " (IW is a lower bound too; clearly above zero would mean AIS is too low)."]

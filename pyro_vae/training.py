@@ -344,7 +344,11 @@ def run_epoch(state: TrainState, loss: LossFn, progress: bool = False,
 
 def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     """Evaluate the test ELBO and its terms, append the epoch's metrics, move to the next
-    epoch; returns the metrics dict. ``test_elbo_se``: sd / sqrt(N) of the N test points'
+    epoch; returns the metrics dict. ``train_elbo``: minus the epoch's mean training loss
+    per data point, the objective trained, averaged while the parameters moved: the ELBO
+    only at KL weight 1 (else E_q[log p(x|z)] - w KL) and for ``train.elbo`` other than
+    ``iwae`` (the IWAE bound); ``test_elbo`` is the ELBO at the epoch's end, weight 1.
+    ``test_elbo_se``: sd / sqrt(N) of the N test points'
     one-draw ELBOs, the error of ``test_elbo`` from the draws and the test points together
     (``pyro-vae evaluate`` names the two apart); None for one test point. A non-finite test
     ELBO (an update that overflowed the model) raises :class:`NonFiniteError`."""

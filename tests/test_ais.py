@@ -1,11 +1,12 @@
 """AIS and BDMC against closed forms: the linear-Gaussian evidence and 2-D quadrature."""
 
+import json
 import math
 
 import pytest
 import torch
 
-from pyro_vae.ais import ais, bdmc, sigmoid_schedule, simulate
+from pyro_vae.ais import ais, bdmc, evaluate_ais, sigmoid_schedule, simulate
 from pyro_vae.evaluate import iw_bound, log_weights, quadrature_log_px
 from pyro_vae.networks import MIN_ENCODER_SCALE
 from pyro_vae.toys import linear_gaussian_evidence
@@ -114,3 +115,21 @@ def test_ais_refuses_bad_arguments_naming_them():
         ais(vae, x, steps=1)  # its acceptance rate would be 0 of 0 moves
     with pytest.raises(ValueError, match=r"z_exact has shape \[4, 3, 2\]; expected \[C, 2, 2\]"):
         ais(vae, x, steps=2, z_exact=torch.zeros(4, 3, 2))
+    with pytest.raises(ValueError, match=r"step_size = 0.0, target_accept = 0.65: step_size "
+                                         r"must be > 0 \(a zero step never moves"):
+        ais(vae, x, steps=2, step_size=0.0)
+    with pytest.raises(ValueError, match=r"target_accept = 1.5: .*target_accept in \(0, 1\)"):
+        ais(vae, x, steps=2, target_accept=1.5)
+
+
+def test_one_chain_has_no_monte_carlo_se_and_several_carry_their_caveat():
+    vae, ds, _ = linear_setup()
+    x = ds.x_test[:3]
+    one = evaluate_ais(vae, x, steps=3, chains=1, leapfrogs=1)["log_px"]
+    assert one["mc_se"] is None and one["mc_se_note"] == ("not available: one chain per point "
+                                                          "has no spread")
+    json.dumps(one, allow_nan=False)  # strict JSON: no NaN stands in for the missing SE
+    b = bdmc(vae, 2, steps=3, chains=3, leapfrogs=1)
+    for key in ("lower", "upper", "gap"):
+        assert b[key]["mc_se"] > 0
+        assert b[key]["mc_se_note"] == "delta method over 3 chains per point: a lower estimate"

@@ -197,8 +197,12 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert set(saved) == {"iw k=50 n=1000 seed=0 batch=250 cpu", "iw k=10 n=20 seed=0 batch=100 cpu",
                           "ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"}  # nothing overwritten
     assert saved["iw k=10 n=20 seed=0 batch=100 cpu"]["khat_share_above_0.7"] is None
-    assert saved["ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"]["log_px"]["mc_se"] > 0
-    assert "not available: K=10" in capsys.readouterr().out
+    ais_px = saved["ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"]["log_px"]
+    assert ais_px["mc_se"] > 0 and "4 chains per point: a lower estimate" in ais_px["mc_se_note"]
+    text = capsys.readouterr().out
+    ais_line = next(line for line in text.splitlines() if "AIS" in line)
+    assert "(delta method over 4 chains per point: a lower estimate)" in ais_line
+    assert "not available: K=10" in text
     assert main(["evaluate", run, "--k", "1", "--n", "20"]) == 0
     text = capsys.readouterr().out
     assert "Monte Carlo SE n/a: one draw per point (K=1)" in text and "nan" not in text
@@ -253,3 +257,24 @@ def test_the_delta_method_se_is_a_function_of_the_weights_ess_and_never_exceeds_
     ess = w.sum(0) ** 2 / (w**2).sum(0)
     torch.testing.assert_close(se, ((16 / ess - 1) / 15).sqrt())
     assert se.max() <= 1 + 1e-12 and se[0] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_bad_counts_and_empty_data_are_refused_naming_them():
+    cfg, ds, vae = build_vae()
+    x = ds.x_test[:4]
+    with pytest.raises(ValueError, match=r"^k = 0, chunk = 0: must be >= 1$"):
+        evaluate_model(vae, x, k=0, chunk=0)
+    with pytest.raises(ValueError, match=r"^batch_size = 0: must be >= 1$"):
+        iw_log_likelihood(vae, x, k=4, batch_size=0)
+    with pytest.raises(ValueError, match=r"x has shape \[0, 784\]: no data points"):
+        elbo_terms(vae, x[:0])
+
+
+def test_kl_per_dimension_says_why_it_is_not_available():
+    x = build_vae()[1].x_test[:3]
+    for overrides, available in (((), True), (("prior.name=mixture",), False),
+                                 (("guide.name=iaf",), False)):
+        out = evaluate_model(build_vae(*overrides)[2], x, k=2)
+        assert (out["kl_per_dimension"] is not None) == available, overrides
+        note = out["kl_per_dimension_note"]
+        assert note is None if available else note.startswith("not available: needs a Gaussian")

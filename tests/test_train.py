@@ -301,3 +301,7 @@ def test_fold_step_keeps_the_first_non_finite_step_and_flags_each_for_adam():
     assert found == [0.0, 0.0, 1.0, 0.0, 1.0]  # the fused Adam skips exactly those updates
     assert first_bad.item() == 10**7 + 2  # the first of them, exact at any step count
 
+
+def test_iwae_with_one_particle_says_it_is_the_elbo():
+    with pytest.warns(UserWarning, match="num_particles = 1 is the ELBO"):
+        ELBOS["iwae"](small_config("train.elbo=iwae").train)
