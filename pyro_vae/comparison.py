@@ -4,10 +4,15 @@ For a :class:`~pyro_vae.settings.Setting` (a decoder held fixed and a few points
 posterior p(z | x_n) of the *same* Pyro model (``VAE.model``) is approximated three ways,
 each timed: (a) the amortized guide, (b) a Gaussian fitted per point (``fits.py``), (c) NUTS
 (``mcmc.py``), the reference for everything else. Where the posterior is known in closed
-form it is the reference instead. The gaps (Cremer, Li & Duvenaud 2018)::
+form it is the reference instead. The gaps (Cremer, Li & Duvenaud 2018; :func:`gaps`)::
 
-    log p(x) - ELBO(b)      approximation gap (what a Gaussian family cannot capture)
-    ELBO(b)  - ELBO(a)      amortization gap (what sharing one encoder costs)
+    log p(x) - ELBO(a)        inference gap
+    log p(x) - ELBO(b best)   approximation gap (what a Gaussian family cannot capture;
+                              ``approximation_gap_diag`` with the diagonal fit)
+    ELBO(b own) - ELBO(a)     amortization gap (what sharing one encoder costs), b own
+                              the per-point fit of the guide's own family
+
+so for the diagonal guide approximation_gap_diag + amortization_gap = inference gap.
 
 log p(x) is exact where known, else estimated by AIS (``ais.py``, the literature's reference,
 Wu et al. 2017), vouched for by BDMC on data simulated from the model, by quadrature for a
