@@ -31,7 +31,7 @@ from typing import NamedTuple
 import pyro
 import torch
 
-from .evaluate import batches, log_mean_exp, log_terms, seeded, with_errors
+from .evaluate import batches, check_counts, log_mean_exp, log_terms, seeded, with_errors
 from .guides import base_gaussian
 from .model import VAE
 
@@ -202,6 +202,7 @@ def evaluate_ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps
     """Forward AIS (from the guide) on data x ``[N, X]``, ``batch_size`` points at a time:
     log p(x) as a mean over points with its Monte Carlo SE (over chains, per point,
     combined) and test-set SE, the mean HMC acceptance rate and the seconds per point."""
+    check_counts(x, batch_size=batch_size)  # the others are checked by ais()
     t0 = time.perf_counter()
     with seeded(seed, x.device):
         runs = [ais(vae, xb, yb, steps, chains, leapfrogs) for xb, yb in batches(x, y, batch_size)]

@@ -248,7 +248,11 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
     """All approximations, metrics, gaps, costs and NUTS health for ``setting``; log p(x)
     exact where known, else by AIS (``ais_steps`` x ``ais_chains``) with its checks. The
     per-point Gaussians take ``fit_steps`` SVI steps each: fewer is faster, but an
-    unconverged fit understates the amortization gap (and overstates the approximation gap)."""
+    unconverged fit understates the amortization gap (and overstates the approximation gap).
+    ``ais_chains`` must be >= 2: the report's AIS and BDMC errors come from their spread."""
+    if ais_chains < 2:
+        raise ValueError(f"ais_chains = {ais_chains}: must be >= 2 (one chain per point has "
+                         "no spread, so AIS would carry no Monte Carlo SE)")
     n_points = setting.x.shape[0]
     qs, seconds = _approximations(setting, fit_steps)
     nuts = run_nuts(setting, chains, warmup, draws, jit, seed, progress)

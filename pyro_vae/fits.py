@@ -56,7 +56,7 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
     def guide(x, y=None, kl_weight=1.0):
-        with pyro.plate(PLATE, x.shape[0]):
+        with pyro.plate(PLATE, x.shape[0], device=x.device):
             pyro.sample(LATENT, q())
 
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)

@@ -146,8 +146,8 @@ class StepGraphs:
             y1h = self.vae.onehot(y)
             loss = self.loss(self.vae, x, eps, y1h, self.weight, self.analytic_kl)
         loss.backward()
-        both = loss_and_grad_norms(loss, grads)  # (1 + P,)
-        bad = fold_step(self.loss_sum, self.first_bad, both, self.step_no)
+        loss_and_norms = loss_and_grad_norms(loss, grads)  # (1 + P,)
+        bad = fold_step(self.loss_sum, self.first_bad, loss_and_norms, self.step_no)
         self.found_inf.copy_(bad)
         self.step_no.add_(1.0)
         self.opt.found_inf = self.found_inf  # read by step() (captured: by address) ...
@@ -210,17 +210,17 @@ def loss_and_grad_norms(loss: torch.Tensor, grads: list[torch.Tensor]) -> torch.
 NONE_BAD = 2.0**52  # first_bad while no step was non-finite: above every step number
 
 
-def fold_step(loss_sum: torch.Tensor, first_bad: torch.Tensor, both: torch.Tensor,
+def fold_step(loss_sum: torch.Tensor, first_bad: torch.Tensor, loss_and_norms: torch.Tensor,
               step) -> torch.Tensor:
-    """Fold a step's ``both`` (:func:`loss_and_grad_norms`) into the unread sums, in place
-    and on the device (nine operations, which a GPU step launches one by one): its loss
+    """Fold a step's ``loss_and_norms`` (:func:`loss_and_grad_norms`) into the unread sums,
+    in place and on the device (nine operations, which a GPU step launches one by one): its loss
     added to ``loss_sum``, and where the step is non-finite its number ``step`` (a float or
     0-d tensor) into ``first_bad = min(first_bad, step)`` (both 0-d float64; ``first_bad``
     starts at :data:`NONE_BAD`; a non-finite ``loss_sum`` is never read as a loss: the read
     raises). Returns Adam's ``found_inf``, 0-d: 1 for a non-finite step, else 0
     (``v * 0`` is NaN exactly where v is infinite or NaN)."""
-    found = both.mul(0.0).sum().nan_to_num(nan=1.0)
-    loss_sum.add_(both[0])
+    found = loss_and_norms.mul(0.0).sum().nan_to_num(nan=1.0)
+    loss_sum.add_(loss_and_norms[0])
     # found = 1: step exactly (|values| < 2^53); found = 0: step + NONE_BAD, which min ignores
     candidate = found.double().mul(-NONE_BAD).add_(step).add_(NONE_BAD)
     torch.minimum(first_bad, candidate, out=first_bad)

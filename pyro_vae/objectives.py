@@ -43,7 +43,7 @@ def _iwae(cfg: TrainConfig) -> RenyiELBO:
     if cfg.num_particles == 1:
         warnings.warn("train.elbo = 'iwae' with train.num_particles = 1 is the ELBO (the IWAE "
                       "bound at K = 1); for a tighter bound set train.num_particles >= 2",
-                      stacklevel=3)
+                      OneParticleIWAEWarning, stacklevel=3)
     return RenyiELBO(alpha=0.0, **{**_particles(cfg), "vectorize_particles": True})
 
 
@@ -60,6 +60,10 @@ COMPILABLE = ("trace", "meanfield")  # train.elbo values that train.compile supp
 
 class MonteCarloKLWarning(UserWarning):
     """The analytic-KL ELBO falls back to a Monte Carlo KL for this prior."""
+
+
+class OneParticleIWAEWarning(UserWarning):
+    """``train.elbo = 'iwae'`` with one particle: the IWAE bound at K = 1 is the ELBO."""
 
 
 @contextlib.contextmanager
@@ -83,8 +87,9 @@ def pyro_host_reads_deferred():
     ``.item()`` (to return a float) and branches on ``isnan(loss).any()`` (to warn): about
     five host reads a step, each of which stalls a GPU until its queue drains. Here its
     ``torch_item`` keeps the value as a detached tensor and ``warn_if_nan`` passes it
-    through, so ``differentiable_loss`` returns the same value and gradient as a 0-d tensor
-    (``training.train_step`` catches a NaN itself, deferred). Pyro's two functions are
+    through, so ``differentiable_loss`` returns the same gradient, and the value to float32
+    rounding (Pyro adds the site sums as Python floats), as a 0-d tensor
+    (``training.train_step`` catches a NaN itself). Pyro's two functions are
     swapped in its modules' namespaces and restored on exit."""
     from pyro.infer import trace_elbo, trace_mean_field_elbo
 

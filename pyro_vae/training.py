@@ -168,7 +168,7 @@ class TrainState:
         ckpt_io.set_rng_state(ckpt["rng"], self.vae.device)
         self.pending = None
 
-    def defer(self, both: torch.Tensor) -> None:
+    def defer(self, loss_and_norms: torch.Tensor) -> None:
         """Record a step's (loss, gradient norms) ``[1 + P]`` without reading it on the host (a
         GPU runs ahead): a non-finite step's update is skipped inside the fused Adam
         (``found_inf``, as ``torch.amp.GradScaler`` does) and its step number kept."""
@@ -176,9 +176,10 @@ class TrainState:
         # exactly (while it stays under 2^29 times a loss's last bit), so the sum does not
         # depend on where the reads fall: a resumed run reads at other steps and must add up
         # to the same epoch
-        self.pending = self.pending or (both.new_zeros((), dtype=torch.float64),
-                                        both.new_full((), NONE_BAD, dtype=torch.float64))
-        self.optimizer.found_inf = fold_step(*self.pending, both, float(self.step))
+        new = loss_and_norms.new_full
+        self.pending = self.pending or (new((), 0.0, dtype=torch.float64),
+                                        new((), NONE_BAD, dtype=torch.float64))
+        self.optimizer.found_inf = fold_step(*self.pending, loss_and_norms, float(self.step))
 
     def read_pending(self) -> None:
         """Fold the deferred losses into ``epoch_loss`` (one host read); a non-finite step
@@ -186,14 +187,15 @@ class TrainState:
         if self.pending is None:
             return
         loss_sum, first_bad = torch.stack(self.pending).tolist()
-        self.pending, self.epoch_loss = None, self.epoch_loss + loss_sum
-        if first_bad < NONE_BAD:
+        self.pending = None
+        if first_bad < NONE_BAD:  # loss_sum holds the non-finite loss: epoch_loss keeps out
             raise NonFiniteError(
                 f"non-finite loss or gradient at epoch {self.epoch + 1}, step {int(first_bad) + 1} "
                 f"(read at step {self.step}): its update, and any later non-finite one, was "
                 "skipped; the last checkpoint is intact. Rerun with train.sync_every = 1 (and "
                 "train.cuda_graph = false) to name the sites; try a smaller train.lr or "
                 "train.on_nan = 'rollback'.")
+        self.epoch_loss += loss_sum
 
     def set_lr_factor(self, factor: float) -> None:
         self.lr_factor = factor
@@ -214,17 +216,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
     checks the loss and gradients for every ELBO, on the device or on the host).
     In a group of several processes: ``distributed.make_loss`` (x is the global batch)."""
     tc = cfg.train
-    if tc.elbo == "meanfield" and not has_gaussian_guide(vae):
-        raise ConfigError(
-            f"train.elbo = 'meanfield' computes KL(q(z|x) || p(z)) in closed form, which needs a "
-            f"Gaussian guide; guide.name = {cfg.guide.name!r} is not one: use train.elbo = "
-            "'trace' (or 'iwae', 'jit')")
-    analytic_kl = uses_analytic_kl(cfg, vae)
-    if tc.elbo == "meanfield" and not analytic_kl:
-        warnings.warn(
-            f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
-            f"prior {cfg.prior.name!r}; TraceMeanField_ELBO uses the Monte Carlo estimate "
-            "for the latent site (the ELBO stays unbiased)", MonteCarloKLWarning, stacklevel=3)
+    analytic_kl = _checked_kl(cfg, vae)
     if group.world > 1:
         return distributed.make_loss(vae, tc.num_particles, analytic_kl, group)
     elbo = ELBOS[tc.elbo](tc)
@@ -258,6 +250,24 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
     return loss
 
 
+def _checked_kl(cfg: Config, vae: VAE) -> bool:
+    """Whether the loss takes the KL in closed form (``objectives.uses_analytic_kl``), after
+    refusing ``meanfield`` without a Gaussian guide and warning where it falls back to a
+    Monte Carlo KL."""
+    if cfg.train.elbo == "meanfield" and not has_gaussian_guide(vae):
+        raise ConfigError(
+            f"train.elbo = 'meanfield' computes KL(q(z|x) || p(z)) in closed form, which needs a "
+            f"Gaussian guide; guide.name = {cfg.guide.name!r} is not one: use train.elbo = "
+            "'trace' (or 'iwae', 'jit')")
+    analytic_kl = uses_analytic_kl(cfg, vae)
+    if cfg.train.elbo == "meanfield" and not analytic_kl:
+        warnings.warn(
+            f"train.elbo = 'meanfield': no closed-form KL between the Gaussian guide and "
+            f"prior {cfg.prior.name!r}; TraceMeanField_ELBO uses the Monte Carlo estimate "
+            "for the latent site (the ELBO stays unbiased)", MonteCarloKLWarning, stacklevel=4)
+    return analytic_kl
+
+
 def trace_jit_elbo(elbo, model, guide, args: tuple, weight: float, traced: set) -> None:
     """Have ``JitTrace_ELBO`` trace its loss for KL weight ``weight`` on a forked random
     stream, unless ``weight`` is in ``traced`` (then added). Pyro traces at the first call
@@ -288,15 +298,15 @@ def train_step(state: TrainState, loss: LossFn, x: torch.Tensor, y, weight: floa
     with pyro.validation_enabled(validate):
         value = loss(x, y, weight, validate)
     grads = [p.grad for p in optimized(state.optimizer) if p.grad is not None]
-    both = distributed.all_sum(loss_and_grad_norms(value, grads), state.group)
+    loss_and_norms = distributed.all_sum(loss_and_grad_norms(value, grads), state.group)
     if state.sync_every > 1:  # no host read in this step: see TrainState.defer
-        state.defer(both)
+        state.defer(loss_and_norms)
         state.optimizer.step()
         state.step += 1
         if state.step % state.sync_every == 0:
             state.read_pending()
         return
-    loss_value, *norms = both.tolist()  # summed over ranks: the global batch's loss
+    loss_value, *norms = loss_and_norms.tolist()  # summed over ranks: the global batch's loss
     if not all(map(math.isfinite, (loss_value, *norms))):
         raise NonFiniteError(
             f"non-finite loss or gradient at epoch {state.epoch + 1}, step {state.step + 1} "

@@ -238,3 +238,8 @@ def test_the_energy_noise_floor_compares_samples_of_the_methods_size(chains, dra
     same_size = torch.tensor([energy_distance(torch.randn(n, 2), torch.randn(n, 2))
                               for _ in range(200)]).mean()
     assert abs(floor / same_size - 1) < 0.15, (floor, same_size)
+
+
+def test_compare_refuses_one_ais_chain_naming_it():
+    with pytest.raises(ValueError, match=r"ais_chains = 1: must be >= 2 \(one chain per point"):
+        compare(toy_setting("linear-gaussian", points=1), ais_chains=1)

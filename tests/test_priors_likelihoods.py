@@ -234,3 +234,20 @@ def test_every_bundled_config_validates_and_trains_a_few_steps(path, tmp_path):
     cfg = load_config(path, extra)
     result = train(cfg)
     assert math.isfinite(result.metrics[-1]["test_elbo"])
+
+
+def test_the_student_t_prior_is_pyros_student_t_built_from_tensors_alone():
+    from pyro_vae.priors import StudentT
+
+    df, loc, scale = torch.tensor([3.0, 7.0]), torch.tensor([0.5, -1.0]), torch.tensor([2.0, 0.3])
+    ours = StudentT(df, loc, scale).to_event(1).expand([4])
+    pyros = dist.StudentT(df, loc, scale).to_event(1).expand([4])
+    torch.manual_seed(1)
+    a = ours.rsample((3,))  # (3, 4, 2)
+    torch.manual_seed(1)
+    b = pyros.rsample((3,))
+    assert torch.equal(a, b) and ours.batch_shape == (4,) and type(ours.base_dist) is StudentT
+    assert torch.allclose(ours.log_prob(a), pyros.log_prob(a))
+    assert torch.allclose(ours.base_dist.variance, pyros.base_dist.variance)
+    with pytest.raises(ValueError, match="scale"):
+        StudentT(df, loc, -scale, validate_args=True)

@@ -303,5 +303,32 @@ def test_fold_step_keeps_the_first_non_finite_step_and_flags_each_for_adam():
 
 
 def test_iwae_with_one_particle_says_it_is_the_elbo():
-    with pytest.warns(UserWarning, match="num_particles = 1 is the ELBO"):
+    from pyro_vae.objectives import OneParticleIWAEWarning
+
+    with pytest.warns(OneParticleIWAEWarning, match="num_particles = 1 is the ELBO"):
         ELBOS["iwae"](small_config("train.elbo=iwae").train)
+
+
+def test_on_the_cpu_pyros_reads_are_deferred_after_the_checked_first_step(monkeypatch):
+    """At train.sync_every = 1 (the CPU default) the step reads its loss itself, so Pyro's
+    own reads (torch_item, warn_if_nan) are skipped after the first step; the first still
+    runs them, and Pyro's shape checks."""
+    from pyro.infer import enum, trace_elbo
+
+    from pyro_vae.training import TrainState, make_loss, train_step
+
+    cfg = small_config("train.sync_every=1", "train.device=cpu")
+    state = TrainState.create(cfg, torch.device("cpu"))
+    assert state.sync_every == 1
+    loss = make_loss(cfg, state.vae)
+    x = state.dataset.x_train[:32]
+    calls = []
+    check = enum.check_site_shape
+    monkeypatch.setattr(enum, "check_site_shape", lambda *a: calls.append("shape") or check(*a))
+    monkeypatch.setattr(trace_elbo, "torch_item", lambda v: calls.append("item") or v.item())
+    train_step(state, loss, x, None, 1.0)  # the first, checked step
+    assert calls.count("shape") == 3 and "item" in calls  # z, x in the model; z in the guide
+    calls.clear()
+    monkeypatch.setattr(trace_elbo, "warn_if_nan", lambda v, *a, **k: calls.append("nan") or v)
+    train_step(state, loss, x, None, 1.0)
+    assert calls == [] and state.step == 2 and math.isfinite(state.epoch_loss)
