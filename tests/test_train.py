@@ -237,6 +237,7 @@ def test_deferred_reads_skip_a_non_finite_update_and_then_stop_naming_its_step()
     with pytest.raises(NonFiniteError, match=r"at epoch 1, step 1 \(read at step 4\): its "
                                              r"update, and any later non-finite one, was skipped"):
         run_epoch(state, loss)
+    assert state.epoch_loss == 0.0  # the non-finite sum was not added
     for name, value in state.vae.encoder.state_dict().items():  # no update was applied
         assert torch.equal(value, before[name]), name
 
