@@ -213,8 +213,8 @@ NONE_BAD = 2.0**52  # first_bad while no step was non-finite: above every step n
 def fold_step(loss_sum: torch.Tensor, first_bad: torch.Tensor, loss_and_norms: torch.Tensor,
               step) -> torch.Tensor:
     """Fold a step's ``loss_and_norms`` (:func:`loss_and_grad_norms`) into the unread sums,
-    in place and on the device (nine operations, which a GPU step launches one by one): its loss
-    added to ``loss_sum``, and where the step is non-finite its number ``step`` (a float or
+    in place and on the device (nine operations, which a GPU step launches one by one): its
+    loss added to ``loss_sum``, and where the step is non-finite its number ``step`` (a float or
     0-d tensor) into ``first_bad = min(first_bad, step)`` (both 0-d float64; ``first_bad``
     starts at :data:`NONE_BAD`; a non-finite ``loss_sum`` is never read as a loss: the read
     raises). Returns Adam's ``found_inf``, 0-d: 1 for a non-finite step, else 0

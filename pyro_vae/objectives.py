@@ -37,6 +37,10 @@ def _particles(cfg: TrainConfig) -> dict:
                 max_plate_nesting=1)
 
 
+class OneParticleIWAEWarning(UserWarning):
+    """``train.elbo = 'iwae'`` with one particle: the IWAE bound at K = 1 is the ELBO."""
+
+
 def _iwae(cfg: TrainConfig) -> RenyiELBO:
     """``RenyiELBO(alpha=0)`` over ``num_particles`` vectorized particles; with one particle
     the IWAE bound is the ELBO, which is said (a tighter bound needs K >= 2)."""
@@ -60,10 +64,6 @@ COMPILABLE = ("trace", "meanfield")  # train.elbo values that train.compile supp
 
 class MonteCarloKLWarning(UserWarning):
     """The analytic-KL ELBO falls back to a Monte Carlo KL for this prior."""
-
-
-class OneParticleIWAEWarning(UserWarning):
-    """``train.elbo = 'iwae'`` with one particle: the IWAE bound at K = 1 is the ELBO."""
 
 
 @contextlib.contextmanager

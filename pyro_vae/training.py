@@ -176,9 +176,8 @@ class TrainState:
         # exactly (while it stays under 2^29 times a loss's last bit), so the sum does not
         # depend on where the reads fall: a resumed run reads at other steps and must add up
         # to the same epoch
-        new = loss_and_norms.new_full
-        self.pending = self.pending or (new((), 0.0, dtype=torch.float64),
-                                        new((), NONE_BAD, dtype=torch.float64))
+        self.pending = self.pending or (loss_and_norms.new_zeros((), dtype=torch.float64),
+                                        loss_and_norms.new_full((), NONE_BAD, dtype=torch.float64))
         self.optimizer.found_inf = fold_step(*self.pending, loss_and_norms, float(self.step))
 
     def read_pending(self) -> None:
@@ -188,7 +187,7 @@ class TrainState:
             return
         loss_sum, first_bad = torch.stack(self.pending).tolist()
         self.pending = None
-        if first_bad < NONE_BAD:  # loss_sum holds the non-finite loss: epoch_loss keeps out
+        if first_bad < NONE_BAD:  # loss_sum holds a non-finite loss: it is not added
             raise NonFiniteError(
                 f"non-finite loss or gradient at epoch {self.epoch + 1}, step {int(first_bad) + 1} "
                 f"(read at step {self.step}): its update, and any later non-finite one, was "
