@@ -12,8 +12,9 @@ tensor, or a dict with ``x`` and optional ``y``) or a folder of images (torchvis
 
 from __future__ import annotations
 
+import functools
 import math
-import pickle
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -53,12 +54,24 @@ class Dataset(NamedTuple):
         return self.x_train.shape[1]
 
 
-def train_test_split(x: torch.Tensor, y: torch.Tensor | None, n_test: int, seed: int):
-    """Seeded permutation split into (x_train, y_train, x_test, y_test)."""
-    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[n_test:], perm[:n_test]
-    return x[tr], None if y is None else y[tr], x[te], None if y is None else y[te]
+def split_order(n: int, seed: int) -> torch.Tensor:
+    """The seeded permutation ``[n]`` of the train/test split: its first ``n_test`` points
+    are the test set, the rest the training set."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
+
+def split_rows(x: torch.Tensor, y: torch.Tensor | None, n_test: int):
+    """(x_train, y_train, x_test, y_test) of x ``[N, X]`` and y ``[N]`` already in the order
+    of :func:`split_order`: views of x's rows, no copy."""
+    return (x[n_test:], None if y is None else y[n_test:],
+            x[:n_test], None if y is None else y[:n_test])
+
+
+def train_test_split(x: torch.Tensor, y: torch.Tensor | None, n_test: int, seed: int):
+    """Seeded permutation split into (x_train, y_train, x_test, y_test): x copied once, in
+    the order of :func:`split_order`, and cut in two (:func:`split_rows`)."""
+    order = split_order(x.shape[0], seed)
+    return split_rows(x[order], None if y is None else y[order], n_test)
 
 
 ALLOWED_SHAPES = "[N, X] vectors, [N, H, W] or [N, C, H, W] images"
@@ -67,25 +80,67 @@ _WIDE_UNSIGNED = tuple(getattr(torch, f"uint{bits}") for bits in (16, 32, 64)
 MIN_CLASS_LIMIT = 1000  # class indices below max(N, this) are accepted
 
 
-def _float_points(x) -> torch.Tensor:
-    """x ``[N, ...]`` -> float32 ``[N, X]``; uint8 values are 8-bit pixels, divided by 255.
-    A tensor stays on its device; a numpy array (a memory-mapped one too) is copied once,
-    straight into a new CPU tensor, without a whole-array temporary of another dtype."""
-    n, is_uint8 = x.shape[0], str(x.dtype) in ("uint8", "torch.uint8")
+COPY_CHUNK_BYTES = 64 * 2**20  # rows of a shuffled copy from numpy are gathered this many at a time
+
+
+def _is_uint8(x) -> bool:
+    """Whether x holds 8-bit pixels (numpy or torch ``uint8``), read as value / 255."""
+    return x.dtype == (torch.uint8 if isinstance(x, torch.Tensor) else np.uint8)
+
+
+def _float_points(x, order: torch.Tensor | None = None) -> torch.Tensor:
+    """x ``[N, ...]`` -> float32 ``[N, X]``, its rows in ``order`` ``[N]`` when given; uint8
+    values are 8-bit pixels, divided by 255. A tensor stays on its device; a numpy array (a
+    memory-mapped one too, in any memory layout) is copied once, straight into a new CPU
+    tensor, with temporaries of at most :data:`COPY_CHUNK_BYTES` when reordered."""
+    n = x.shape[0]
     if isinstance(x, torch.Tensor):
-        out = x.detach().reshape(n, -1).to(torch.float32)  # (N, X)
-        return out / 255 if is_uint8 else out
-    out = torch.empty(n, math.prod(x.shape[1:]))  # (N, X)
+        out = x.detach().reshape(n, -1)  # (N, X)
+        out = (out if order is None else out[order.to(out.device)]).to(torch.float32)
+        return out / 255 if _is_uint8(x) else out
+    out = torch.empty(n, math.prod(x.shape[1:]), dtype=torch.float32)  # (N, X)
+    rows = out.numpy().reshape(x.shape)  # a C-ordered view of out, whatever x's layout
     with np.errstate(over="ignore", invalid="ignore"):  # as_points names what overflowed
-        np.copyto(out.numpy(), x.reshape(n, -1), casting="unsafe")
-    return out.div_(255) if is_uint8 else out
+        if order is None:
+            np.copyto(rows, x, casting="unsafe")
+        else:
+            idx, step = order.numpy(), max(1, COPY_CHUNK_BYTES // max(1, x[0].nbytes))
+            for start in range(0, n, step):
+                np.copyto(rows[start:start + step], x[idx[start:start + step]], casting="unsafe")
+    return out.div_(255) if _is_uint8(x) else out
 
 
-def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None]:
+def as_points(x, where: str = "x", split_seed: int | None = None
+              ) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     """Any numeric array or tensor of vectors ``[N, X]`` or images ``[N, H, W]``,
     ``[N, C, H, W]`` -> float32 points ``[N, X]`` and the image shape ``(C, H, W)`` (None for
-    vectors). Every value is checked: a non-numeric type, a wrong rank, an empty set and NaN
-    or infinite values raise :class:`DataError` naming ``where``."""
+    vectors); with ``split_seed``, the points in the order of ``split_order(N, split_seed)``
+    (ready for :func:`split_rows`, with no second copy). Every value is checked: a
+    non-numeric type, a wrong rank, an empty set, NaN or infinite values and 8-bit pixels all
+    0 or 1 raise :class:`DataError` naming ``where``."""
+    x = _checked_array(x, where)
+    # (C, H, W) of images, C = 1 when [N, H, W] has no channel axis
+    shape = None if x.ndim == 2 else tuple(int(d) for d in (1, *x.shape[1:])[-3:])
+    order = None if split_seed is None else split_order(x.shape[0], split_seed)
+    points = _float_points(x, order)  # (N, X)
+    bad = ~torch.isfinite(points)  # (N, X)
+    if bad.any():
+        rows = bad.any(1).nonzero()[:, 0].cpu()  # in points' order
+        first = int((rows if order is None else order[rows]).min())
+        raise DataError(f"{where}: {int(bad.sum())} values that are NaN, infinite or beyond "
+                        f"float32's range of +-3.4e38 (the first in point {first}); allowed: "
+                        "finite float32 numbers only (drop, impute or rescale those points)")
+    if _is_uint8(x) and 0 < points.max() < 1.5 / 255:  # the largest value is 1
+        raise DataError(f"{where}: uint8 values all 0 or 1: 8-bit values are pixels, divided "
+                        "by 255, so these would read as 0 and 1/255; allowed: for 0/1 data "
+                        "(masks, binary images) bool or float values (x.astype(bool))")
+    return points, shape
+
+
+def _checked_array(x, where: str):
+    """x as a numpy array (unless a tensor), after refusing by name what :func:`as_points`
+    cannot read: a non-numeric type, a rank other than 2, 3 or 4, channels-last images and
+    an empty set."""
     if not isinstance(x, torch.Tensor):
         try:
             x = np.asarray(x)
@@ -100,23 +155,14 @@ def as_points(x, where: str = "x") -> tuple[torch.Tensor, tuple[int, ...] | None
         hint = " (one value per point? reshape it to [N, 1])" if x.ndim == 1 else ""
         raise DataError(f"{where}: an array of shape {list(x.shape)} (rank {x.ndim}); "
                         f"allowed: {ALLOWED_SHAPES}{hint}")
-    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and min(x.shape[1:3]) > 4:  # (N, H, W, C)
+    if x.ndim == 4 and x.shape[3] in (1, 2, 3, 4) and min(x.shape[1:3]) > 4:  # (N, H, W, C)
         raise DataError(f"{where}: images of shape {list(x.shape)} look channels-last, "
                         "[N, H, W, C]; allowed: channels first, [N, C, H, W] (numpy: "
                         "x.transpose(0, 3, 1, 2); torch: x.permute(0, 3, 1, 2))")
     if x.shape[0] == 0 or math.prod(x.shape[1:]) == 0:
         raise DataError(f"{where}: empty (shape {list(x.shape)}); needs at least 2 points "
                         "of at least 1 value each")
-    # (C, H, W) of images, C = 1 when [N, H, W] has no channel axis
-    shape = None if x.ndim == 2 else tuple(int(d) for d in (1, *x.shape[1:])[-3:])
-    points = _float_points(x)  # (N, X)
-    bad = ~torch.isfinite(points)  # (N, X)
-    if bad.any():
-        first = int(bad.any(1).nonzero()[0, 0])
-        raise DataError(f"{where}: {int(bad.sum())} values that are NaN, infinite or beyond "
-                        f"float32's range of +-3.4e38 (the first in point {first}); allowed: "
-                        "finite float32 numbers only (drop, impute or rescale those points)")
-    return points, shape
+    return x
 
 
 def _dense(x, where: str) -> None:
@@ -175,20 +221,38 @@ def from_arrays(name: str, x, y, cfg: DataConfig, where: str = "x",
                 where_y: str = "y") -> Dataset:
     """Checked points x (and labels y, see :func:`as_points`, :func:`as_labels`) split into
     train and test: ``round(N * cfg.test_fraction)`` test points (at least 1, and at least 1
-    left to train on), by a permutation seeded with ``cfg.seed``."""
-    points, shape = as_points(x, where)  # (N, X)
+    left to train on), by the permutation :func:`split_order` seeded with ``cfg.seed``; the
+    points are copied once, in that order, and the two sets are views of that copy."""
+    points, shape = as_points(x, where, split_seed=cfg.seed)  # (N, X), in split order
     n = points.shape[0]
-    labels = None if y is None else as_labels(y, n, where_y).to(points.device)  # (N,)
+    labels = None if y is None else as_labels(y, n, where_y)  # (N,)
+    if labels is not None:
+        labels = labels[split_order(n, cfg.seed)].to(points.device)  # as the points
     if n < 2:
         raise DataError(f"{where}: 1 point; needs at least 2 (one to train on, one to test)")
     n_test = min(max(1, round(n * cfg.test_fraction)), n - 1)
     classes = 0 if labels is None else int(labels.max()) + 1
-    return Dataset(name, *train_test_split(points, labels, n_test, cfg.seed), shape, classes,
+    return Dataset(name, *split_rows(points, labels, n_test), shape, classes,
                    support_of(points))
+
+
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"  # np.save; np.savez and torch.save
+
+
+def _saved_as(path: Path) -> str | None:
+    """What wrote the file, by its first bytes: ``"npy"`` (np.save), ``"zip"`` (np.savez or
+    torch.save) or None (anything else)."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return "npy" if head == NPY_MAGIC else "zip" if head[:4] == ZIP_MAGIC else None
 
 
 def _read_npy(path: Path, where: str):
     """A ``.npy`` array, memory-mapped: read from disk as it is converted."""
+    if _saved_as(path) == "zip":
+        raise DataError(f"{where}: a zip archive (a .npz or .pt file) under a .npy name; "
+                        "allowed: an array written by np.save, or the file renamed to what "
+                        "it is (.npz: np.savez, .pt: torch.save)")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False), None
     except (ValueError, OSError, EOFError) as err:
@@ -197,6 +261,9 @@ def _read_npy(path: Path, where: str):
 
 def _read_npz(path: Path, where: str):
     """Array ``x`` and optional labels ``y`` of a ``.npz`` file."""
+    if _saved_as(path) == "npy":
+        raise DataError(f"{where}: one array written by np.save, under a .npz name; allowed: "
+                        "the file renamed .npy, or an archive np.savez(path, x=x, y=y)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k in ("x", "y")}
@@ -212,13 +279,23 @@ def _read_npz(path: Path, where: str):
 def _read_pt(path: Path, where: str):
     """A tensor, or a dict with tensor ``x`` and optional labels ``y``, from ``torch.save``
     (read with ``weights_only=True``: no code in the file is run)."""
+    if _saved_as(path) == "npy":
+        raise DataError(f"{where}: one array written by np.save, under a .pt name; allowed: "
+                        "the file renamed .npy, or tensors written by torch.save")
     try:
         with warnings.catch_warnings():  # a sparse tensor is refused below, by name
             warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
-            zipfile.BadZipFile) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except Exception as err:  # torch.load parses any bytes; whatever fails is named
+        text = str(err).strip()
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsupported:  # weights_only met an object it does not read
+            raise DataError(f"{where}: holds objects other than tensors ({unsupported[1]}), "
+                            "which are read only by running code from the file; allowed: "
+                            "tensors, torch.save({'x': torch.as_tensor(x), 'y': "
+                            "torch.as_tensor(y)}, path), or arrays in a .npz file") from None
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # past torch's advice
+        first = unpickler[1] if unpickler else text.splitlines()[0] if text else type(err).__name__
         raise DataError(f"{where}: not a readable .pt file of tensors ({first})") from None
     if isinstance(obj, torch.Tensor):
         return obj, None
@@ -240,7 +317,8 @@ def _read_image_folder(path: Path, cfg: DataConfig, where: str):
     steps = [T.Grayscale(1)] if cfg.channels == "grayscale" else []
     steps += [T.Resize((cfg.image_size, cfg.image_size))] if cfg.image_size else []
     try:
-        folder = tvd.ImageFolder(str(path), transform=T.Compose([*steps, T.ToTensor()]))
+        folder = tvd.ImageFolder(str(path), transform=T.Compose([*steps, T.ToTensor()]),
+                                 loader=functools.partial(_eight_bit_image, where=where))
     except FileNotFoundError as err:
         raise DataError(f"{where}: {err}; allowed: a folder with one subfolder of images per "
                         "class (root/cat/1.png, root/dog/2.png)") from None
@@ -256,6 +334,26 @@ def _read_image_folder(path: Path, cfg: DataConfig, where: str):
                         f"{', ...' if len(sizes) > 4 else ''}); set data.image_size = S to "
                         "resize them all to SxS")
     return torch.stack(images), torch.tensor(folder.targets)
+
+
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+def _eight_bit_image(file: str, where: str):
+    """The image in ``file`` as an RGB PIL image (``ImageFolder``'s loader). 16-bit, 32-bit
+    and float images (PIL modes I;16, I, F) are refused by name: converting them to RGB
+    clips them to 0..255 instead of scaling (a 16-bit image reads nearly white, a float one
+    black)."""
+    from PIL import Image
+
+    with open(file, "rb") as f:
+        image = Image.open(f)
+        if image.mode not in EIGHT_BIT_MODES:
+            raise DataError(f"{where}: image {file!r} has PIL mode {image.mode!r} (more than 8 "
+                            f"bits a value); allowed: 8-bit images, modes "
+                            f"{', '.join(EIGHT_BIT_MODES)}; save other values as an array "
+                            "[N, C, H, W] in a .npy file, scaled as you choose")
+        return image.convert("RGB")
 
 
 READERS = {".npy": _read_npy, ".npz": _read_npz, ".pt": _read_pt}

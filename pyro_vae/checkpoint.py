@@ -41,8 +41,24 @@ FIELDS = {"config": dict, "model": dict, "optimizer": dict, "rng": dict, "epoch"
 INNER = {"optimizer": ("state", "param_groups"), "rng": ("torch", "cuda", "numpy", "python")}
 
 
+RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt")  # what Saver writes
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or does not fit the model."""
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse ``run_dir`` for a new run when it is a file, or already holds a run's files
+    (:data:`RUN_FILES`), which the new run would overwrite."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"run directory {str(run_dir)!r} is a file; allowed: a new or "
+                              "empty folder")
+    held = [f for f in RUN_FILES if (run_dir / f).exists()]
+    if held:
+        raise CheckpointError(f"run directory {str(run_dir)!r} already holds a run "
+                              f"({', '.join(held)}), which a new run would overwrite; allowed: "
+                              "a new or empty folder, or continue it (--resume, resume=RUN)")
 
 
 def rng_state(device: torch.device | None = None) -> dict:
@@ -261,11 +277,13 @@ class Saver:
         atomic_write(self.run_dir / "config.toml", lambda f: f.write(text.encode()))
 
     def save(self) -> None:
-        """Write checkpoint.pt and, with it, config.toml (so they always agree)."""
+        """Write config.toml, then checkpoint.pt (so they agree). A stop between the two
+        leaves the new config beside the old checkpoint: resuming names the difference, and
+        ``--force`` continues with the config that was being saved."""
         payload = self.state.state_dict()
         if self.run_dir is not None:
-            save_checkpoint(self.run_dir / "checkpoint.pt", payload)
             self._write_config()
+            save_checkpoint(self.run_dir / "checkpoint.pt", payload)
         self.last_good = copy.deepcopy(payload)
 
     def end_epoch(self) -> None:

@@ -206,7 +206,7 @@ def fingerprint(ds: Dataset) -> str:
 def load_dataset(cfg: DataConfig, device: torch.device | str = "cpu") -> Dataset:
     """Load ``cfg.name``, apply ``cfg.subset`` and ``cfg.binarize``, move to ``device``.
 
-    ``static``: train and test binarized once (seed ``cfg.seed``). ``dynamic``: test
+    ``static``: train and test binarized once (seed ``cfg.seed + 12345``). ``dynamic``: test
     binarized once (deterministic evaluation), train kept grey for per-epoch draws.
     """
     if cfg.name not in DATASETS:

@@ -81,9 +81,13 @@ class VAE(nn.Module):
         super().__init__()
         m = cfg.model
         if m.conditional and num_classes < 2:
-            raise ConfigError(
-                f"model.conditional = true needs a labelled data set; {cfg.data.name!r} has none"
-            )
+            d = cfg.data
+            source = f"data.path = {d.path!r}" if d.path else f"data.name = {d.name!r}"
+            held = "no labels" if num_classes == 0 else "labels of one class only"
+            how = (": labels y in a .npz (np.savez(path, x=x, y=y)) or .pt dict, or one image "
+                   "subfolder per class" if d.path else "")
+            raise ConfigError(f"model.conditional = true needs labels of at least 2 classes; "
+                              f"{source} has {held}{how}")
         if m.conditional and cfg.prior.name == "vamp":
             raise ConfigError(
                 "prior.name = 'vamp' with model.conditional = true is not supported: the "

@@ -35,7 +35,7 @@ from .evaluate import evaluate_model, posterior_means
 from .model import VAE
 from .training import resolve_device, train
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "checkpoint.pt")
+RUN_FILES = ckpt_io.RUN_FILES
 
 
 class RunError(ValueError):
@@ -73,8 +73,9 @@ class Run:
 
     def q_z(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """The guide's q(z | x) as a torch distribution on the run's device: batch_shape
-        [B], event_shape [D]. ``x`` ``[B, X]`` (and labels ``y`` ``[B]``) may be on any device."""
-        return self.vae.q_z(x.to(self.device), y)
+        [B], event_shape [D]. ``x`` ``[B, X]`` or images, any array or tensor on any device
+        (checked by :meth:`points`), and labels ``y`` ``[B]`` for a conditional run."""
+        return self.vae.q_z(*self.points(x, y))
 
     def sample(self, n: int, label: int | None = None, mean: bool = True) -> torch.Tensor:
         """x for n prior draws z ~ p(z), ``[n, X]`` (all of class ``label`` if conditional):
@@ -233,6 +234,7 @@ def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None =
     points, shape = as_points(x, "x")  # (N, X)
     labels = None if y is None else as_labels(y, points.shape[0], "y")
     run_dir = Path(run_dir)
+    ckpt_io.check_new_run_dir(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         raise RunError(f"run directory {str(run_dir)!r} already exists and is not empty; "
                        "allowed: a new or empty folder")

@@ -392,10 +392,12 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
 def _resumed(resume, run_dir, cfg: Config, force: bool) -> tuple[dict | None, Path | None]:
     """(the checkpoint to resume from or None, the run directory or None) for :func:`train`:
     a run directory's checkpoint under the resume policy (``checkpoint.resume_checkpoint``),
-    and no forced new batch size mid-epoch."""
+    and no forced new batch size mid-epoch; a new run's directory must not hold a run."""
     if isinstance(resume, (str, Path)):
         run_dir = Path(resume) if run_dir is None else run_dir
         resume = ckpt_io.resume_checkpoint(resume, cfg, force)
+    elif resume is None and run_dir is not None and distributed.current().is_main:
+        ckpt_io.check_new_run_dir(Path(run_dir))  # rank 0 writes; the others only read
     if resume is not None:
         ckpt_io.check_mid_epoch_batch_size(resume, cfg)
     return resume, None if run_dir is None else Path(run_dir)

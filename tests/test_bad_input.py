@@ -112,6 +112,12 @@ def _a_file(d):
     return str(d / "afile")
 
 
+def _used_compare_folder(run, d):
+    (d / "c" / "run").mkdir(parents=True)
+    (d / "c" / "run" / "checkpoint.pt").write_text("an earlier comparison's")
+    return ["compare", "--setting", "ring", "--out", str(d / "c")]
+
+
 def _empty_run(run, d):
     (d / "empty").mkdir()
     return ["evaluate", str(d / "empty")]
@@ -146,6 +152,9 @@ BAD_INPUTS = {
                              "--out = '{d}' is a folder; allowed: a figure file"),
     "compare into a file": (lambda run, d: ["compare", "--setting", "ring", "--out", _a_file(d)],
                             "--out = '{d}/afile' is a file; allowed: a folder"),
+    "compare into an earlier comparison": (_used_compare_folder,
+                                           "--out = '{d}/c' holds an earlier comparison, whose "
+                                           "toy VAE ('{d}/c/run') this one would overwrite"),
     "damaged metrics.jsonl": (_damaged_metrics, "metrics.jsonl', line 1, is not valid JSON"),
     "resume of a missing run": (lambda run, d: ["train", "--resume", str(d / "nope")],
                                 "run directory '{d}/nope' does not exist"),
@@ -201,7 +210,7 @@ BAD_INPUTS = {
                                          "likelihood 'bernoulli' on data set 'x.npy' (data.binarize = "
                                          "'none'): needs x in [0, 1]"),
     "conditional without labels": (_own(_npy(REAL), "model.conditional=true"),
-                                   "model.conditional = true needs a labelled data set"),
+                                   "model.conditional = true needs labels of at least 2 classes; data.path = "),
     "conv on vectors": (_own(_npy(REAL), "model.network=conv"),
                         "model.network = 'conv' needs images, but the data are vectors of 3 values"),
     "conv on 6x6 images": (_own(_npy(np.random.default_rng(0).random((10, 6, 6))), "model.network=conv"),

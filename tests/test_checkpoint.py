@@ -14,7 +14,7 @@ import torch
 
 from pyro_vae import checkpoint as ckpt_io
 from pyro_vae.cli import main
-from pyro_vae.config import ConfigError
+from pyro_vae.config import ConfigError, load_config
 from pyro_vae.runs import ConfigFileWarning, load_run
 from pyro_vae.training import Interrupted, train
 
@@ -58,6 +58,14 @@ def test_sigterm_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
 def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tmp_path):
     cfg = small_config("train.batch_size=64", subset=300, epochs=2)
     full = train(cfg, tmp_path / "full")
+    saved = (tmp_path / "full" / "checkpoint.pt").read_bytes()
+    with pytest.raises(ckpt_io.CheckpointError, match=r"'.*full' already holds a run \(config.toml, "
+                       r"metrics.jsonl, checkpoint.pt\), which a new run would overwrite"):
+        train(cfg, tmp_path / "full")  # not resume: a new run in a used folder
+    assert (tmp_path / "full" / "checkpoint.pt").read_bytes() == saved
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ckpt_io.CheckpointError, match="'.*afile' is a file; allowed: a new or empty folder"):
+        train(cfg, tmp_path / "afile")
     polls = iter(range(10**6))  # should_stop is polled after every step: stop after the 3rd
     with pytest.raises(Interrupted, match="stopped at epoch 1, step 3"):
         train(cfg, tmp_path / "cut", should_stop=lambda: next(polls) >= 2)
@@ -71,6 +79,25 @@ def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tm
     longer = small_config("train.batch_size=64", subset=300, epochs=3)
     assert train(longer, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 3
     assert "epochs = 3" in (tmp_path / "cut" / "config.toml").read_text()  # saved with it
+
+
+def test_a_stop_between_config_and_checkpoint_keeps_the_config_being_saved(tmp_path, monkeypatch):
+    train(small_config(subset=300, epochs=1), tmp_path / "run")
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+
+    def killed(path, payload):
+        raise KeyboardInterrupt  # the process stops after config.toml, before checkpoint.pt
+
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(subset=300, epochs=2), resume=tmp_path / "run", force=True)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    on_disk = load_config(tmp_path / "run" / "config.toml")
+    assert on_disk.train.epochs == 2  # what --force asked for, not the run's old config
+    with pytest.raises(ConfigError, match=r"train.epochs = 2, the run has 1"):
+        train(on_disk, resume=tmp_path / "run")
+    assert train(on_disk, resume=tmp_path / "run", force=True).metrics[-1]["epoch"] == 2
 
 
 def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys):

@@ -96,6 +96,27 @@ def test_images_are_flattened_in_their_own_order_and_keep_their_shape(tmp_path, 
     assert ds.support == "unit-interval"
 
 
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_a_file_is_copied_once_in_split_order_with_small_temporaries(tmp_path, monkeypatch, order):
+    import tracemalloc
+
+    import pyro_vae.arrays as arrays
+
+    x, y = numbered(4000, 64)
+    path = tmp_path / f"{order}.npy"
+    np.save(path, np.asarray(x.reshape(4000, 8, 8), order=order))
+    monkeypatch.setattr(arrays, "COPY_CHUNK_BYTES", x.nbytes // 20)
+    tracemalloc.start()
+    ds = load_dataset(file_config(path))
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < x.nbytes / 4  # no whole-array temporary (torch's memory is not traced)
+    first = torch.cat([ds.x_test, ds.x_train])[:, 0].long()  # each point's index, in order
+    assert torch.equal(first, arrays.split_order(4000, 0))
+    assert ds.x_train.data_ptr() == ds.x_test[-1:].data_ptr() + 64 * 4  # views of one copy
+    assert torch.equal(ds.x_train, torch.from_numpy(x)[first[400:]])
+
+
 def test_npy_is_memory_mapped_and_converted_once(tmp_path, monkeypatch):
     path = write(tmp_path / "d.npy", np.arange(60, dtype=np.int16).reshape(20, 3))
     calls = []
@@ -123,6 +144,21 @@ def test_npy_is_memory_mapped_and_converted_once(tmp_path, monkeypatch):
      "not a readable .npy array"),
     (lambda d: write(d / "n.npy", np.array([[1.0, np.nan], [np.inf, 2], [3, 4]])),
      "2 values that are NaN, infinite or beyond float32's range of +-3.4e38 (the first in point 0); allowed: finite float32 numbers only"),
+    (lambda d: write(d / "n7.npy", np.where(np.arange(20)[:, None] == 7, np.nan, np.ones((20, 2)))),
+     "2 values that are NaN, infinite or beyond float32's range of +-3.4e38 (the first in point 7)"),
+    (lambda d: write(d / "mask.npy", np.eye(6, dtype=np.uint8)[None].repeat(4, 0)),
+     "uint8 values all 0 or 1: 8-bit values are pixels, divided by 255, so these would read as "
+     "0 and 1/255; allowed: for 0/1 data (masks, binary images) bool or float values"),
+    (lambda d: write(d / "a.npy", np.ones((4, 2))).rename(d / "a.npz"),
+     "one array written by np.save, under a .npz name; allowed: the file renamed .npy"),
+    (lambda d: write(d / "a.npy", np.ones((4, 2))).rename(d / "a.pt"),
+     "one array written by np.save, under a .pt name; allowed: the file renamed .npy"),
+    (lambda d: write(d / "a.npz", np.ones((4, 2))).rename(d / "a.npy"),
+     "a zip archive (a .npz or .pt file) under a .npy name; allowed: an array written by np.save"),
+    (lambda d: write(d / "a.pt", np.ones((4, 2))).rename(d / "a.npy"), "a zip archive"),
+    (lambda d: torch.save({"x": np.ones((4, 2))}, d / "np.pt") or d / "np.pt",
+     "holds objects other than tensors (numpy."),
+    (lambda d: (d / "old.pt").write_bytes(b"\x80\x02junk") and d / "old.pt", "not a readable .pt file"),
     (lambda d: write(d / "r1.npy", np.ones(5)), "shape [5] (rank 1); allowed: [N, X] vectors, "
                                                 "[N, H, W] or [N, C, H, W] images (one value per"),
     (lambda d: write(d / "r5.npy", np.ones((2, 1, 1, 1, 1))), "(rank 5); allowed"),
@@ -201,6 +237,13 @@ def test_bad_image_folders_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="'.*empty'.*allowed: a folder with one subfolder of images per class"):
         load_dataset(file_config(tmp_path / "empty"))
+    from PIL import Image
+
+    deep = image_folder(tmp_path / "deep", sizes=[(8, 8), (8, 8)])
+    Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(deep / "cat" / "16.png")
+    with pytest.raises(DataError, match=r"image '.*16.png' has PIL mode 'I;16' \(more than 8 "
+                                        r"bits a value\); allowed: 8-bit images"):
+        load_dataset(file_config(deep))  # RGB conversion would clip it to white
     broken = image_folder(tmp_path / "broken", sizes=[(8, 8), (8, 8)])
     (broken / "cat" / "9.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match=r"image '.*9.png' cannot be read"):
@@ -392,10 +435,17 @@ def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_
     (tmp_path / "used" / "keep").write_text("mine")
     with pytest.raises(RunError, match="'.*used' already exists and is not empty"):
         fit(x, run_dir=tmp_path / "used", overrides=TINY)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(CheckpointError, match="'.*afile' is a file; allowed: a new or empty folder"):
+        fit(x, run_dir=tmp_path / "afile", overrides=TINY)
     with pytest.raises(ConfigError, match="data.path = '.*x.npy': fit takes the data as x"):
         fit(x, run_dir=tmp_path / "p", overrides=["data.path=x.npy", *TINY])
     run = fit(x, run_dir=tmp_path / "ok", overrides=TINY)
     with pytest.raises(DataError, match="x: 4 values per point; this run was trained on 3"):
         run.latent_means(np.ones((2, 4)))
+    for reads_x in (run.q_z, run.to_inference_data):  # every method that takes points checks them
+        with pytest.raises(DataError, match="x: 4 values per point; this run was trained on 3"):
+            reads_x(np.ones((2, 4)))
+    assert torch.equal(run.q_z(x[:2]).mean, run.q_z(torch.as_tensor(x[:2], dtype=torch.float32)).mean)
     with pytest.raises(DataError, match="y: this run is not conditional"):
         run.latent_means(x, np.zeros(30))
