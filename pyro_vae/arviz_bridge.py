@@ -26,7 +26,12 @@ ENGINE = "h5netcdf"
 
 
 def _arviz():
-    import arviz
+    import warnings
+
+    with warnings.catch_warnings():  # ArviZ 0.x's notice, once a day per home directory
+        warnings.filterwarnings("ignore", message="ArviZ is undergoing a major refactor",
+                                category=FutureWarning)
+        import arviz
 
     return arviz
 
@@ -59,13 +64,22 @@ def draws(data, var: str = "z") -> np.ndarray:
 
 
 def rhat(data, var: str = "z") -> np.ndarray:
-    """Rank-normalised split R-hat of ``var`` per element, ``[N, D]`` for z."""
-    return np.asarray(_arviz().rhat(group(data))[var].values)
+    """Rank-normalised split R-hat of ``var`` per element, ``[N, D]`` for z. R-hat compares
+    chains: data of one chain (a guide's draws) is refused by name. NaN where a chain never
+    moved (no within-chain variance: not estimable)."""
+    chains = group(data)[var].sizes["chain"]
+    if chains < 2:
+        raise ValueError(f"R-hat of {var!r}: the data has {chains} chain; allowed: 2 or more "
+                         "chains (R-hat compares them; independent draws need none)")
+    with np.errstate(invalid="ignore", divide="ignore"):  # a stuck chain: NaN, said by callers
+        return np.asarray(_arviz().rhat(group(data))[var].values)
 
 
 def ess_bulk(data, var: str = "z") -> np.ndarray:
-    """Bulk effective sample size of ``var`` per element, ``[N, D]`` for z."""
-    return np.asarray(_arviz().ess(group(data), method="bulk")[var].values)
+    """Bulk effective sample size of ``var`` per element, ``[N, D]`` for z (NaN where a chain
+    never moved)."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.asarray(_arviz().ess(group(data), method="bulk")[var].values)
 
 
 def mcse_mean(data, var: str = "z") -> np.ndarray:
@@ -73,10 +87,26 @@ def mcse_mean(data, var: str = "z") -> np.ndarray:
     return np.asarray(_arviz().mcse(group(data), method="mean")[var].values)
 
 
+HDI_PROB = 0.94  # the interval of summary and plot_forest, under both major versions
+SUMMARY_COLUMNS = ("mean", "sd", "hdi_3%", "hdi_97%", "mcse_mean", "mcse_sd", "ess_bulk",
+                   "ess_tail", "r_hat")
+
+
 def summary(data, kind: str = "all"):
-    """ArviZ's summary table (a pandas DataFrame, one row per element of z); ``kind``:
-    all | stats | diagnostics."""
-    return _arviz().summary(data, kind=kind)
+    """ArviZ's summary table, a pandas DataFrame with one row per element of z
+    (``"z[0, 1]"``: point 0, latent 1), unrounded, with the same columns under both major
+    versions: ``mean sd hdi_3% hdi_97%`` (``kind="stats"``; the 94% highest-density
+    interval), ``mcse_mean mcse_sd ess_bulk ess_tail r_hat`` (``"diagnostics"``), or all.
+    ``r_hat`` is NaN for one chain (see :func:`rhat`); ``ess_tail`` differs slightly
+    between the versions (another estimator)."""
+    az = _arviz()
+    if major_version() >= 1:
+        table = az.summary(data, kind=kind, ci_kind="hdi", ci_prob=HDI_PROB, round_to="none")
+        percent = round(HDI_PROB * 100)
+        table = table.rename(columns={f"hdi{percent}_lb": "hdi_3%", f"hdi{percent}_ub": "hdi_97%"})
+    else:
+        table = az.summary(data, kind=kind, hdi_prob=HDI_PROB, round_to="none")
+    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
 
 
 def save(data, path: str | Path) -> Path:
@@ -91,25 +121,39 @@ def load(path: str | Path):
 
 
 def plot_trace(data, var: str = "z", point: int = 0):
-    """ArviZ's trace plot (marginal densities and traces per chain) of ``var`` at data
-    point ``point``; returns the matplotlib Figure."""
+    """ArviZ's trace plot of ``var`` at data point ``point``: kernel density estimates of the
+    marginals (left) and the draws (right), one colour per latent dim, one line style per
+    chain, with legends for both; returns the matplotlib Figure."""
     az, coords = _arviz(), {"point": [point]}
     if major_version() >= 1:
-        pc = az.plot_trace_dist(data, var_names=[var], coords=coords, backend="matplotlib")
-        return pc.viz["figure"].item()
-    axes = az.plot_trace(data, var_names=[var], coords=coords, compact=True)
-    return np.asarray(axes).ravel()[0].figure
+        pc = az.plot_trace_dist(data, var_names=[var], coords=coords, kind="kde",
+                                backend="matplotlib")
+        pc.add_legend(["point", "latent", "__variable__"])  # colour: every dim but chain, draw
+        pc.add_legend("chain")  # line style
+        fig = pc.viz["figure"].item()
+    else:
+        axes = az.plot_trace(data, var_names=[var], coords=coords, compact=True, legend=True)
+        fig = np.asarray(axes).ravel()[0].figure
+    fig.suptitle(f"{var} at point {point}: colour per latent dim, line style per chain")
+    return fig
 
 
 def plot_forest(named: dict, var: str = "z", point: int = 0):
     """ArviZ's forest plot of ``var`` at data point ``point`` for several ArviZ data side by
-    side (``{"NUTS": data, "guide": data}``); returns the matplotlib Figure. Give every entry
-    the same number of chains (chains are combined)."""
+    side (``{"NUTS": data, "guide": data}``), with a legend naming them: per latent dim the
+    median and the 94% HDI (thin line); returns the matplotlib Figure. Give every entry the
+    same number of chains (chains are combined)."""
     az, coords = _arviz(), {"point": [point]}
     if major_version() >= 1:
         pc = az.plot_forest(named, var_names=[var], coords=coords, combined=True,
+                            point_estimate="median", ci_kind="hdi", ci_probs=(0.5, HDI_PROB),
                             backend="matplotlib")
-        return pc.viz["figure"].item()
-    axes = az.plot_forest(list(named.values()), model_names=list(named), var_names=[var],
-                          coords=coords, combined=True)
-    return np.asarray(axes).ravel()[0].figure
+        pc.add_legend("model")
+        fig, thick = pc.viz["figure"].item(), "50% HDI"
+    else:
+        axes = az.plot_forest(list(named.values()), model_names=list(named), var_names=[var],
+                              coords=coords, combined=True, hdi_prob=HDI_PROB, quartiles=True)
+        fig, thick = np.asarray(axes).ravel()[0].figure, "interquartile range"
+    fig.suptitle(f"{var} at point {point}: median, {round(HDI_PROB * 100)}% HDI (thin), "
+                 f"{thick} (thick)")
+    return fig

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt_io  # noqa: E402
 from . import distributed
 from .config import ConfigError, load_config
 from .data import DataError
-from .evaluate import evaluate_model
+from .evaluate import NO_KL_PER_DIMENSION, evaluate_model
 from .runs import RunError, check_run_dir, load_run
 from .training import Interrupted, NonFiniteError, resolve_device, train
 
@@ -171,6 +171,9 @@ def _run_dir(args) -> Path:
 
 
 def cmd_train(args) -> int:
+    if args.force and not args.resume:
+        raise ConfigError("--force without --resume: it accepts a changed config when continuing "
+                          "a run; allowed: --resume RUN --force, or no --force for a new run")
     if args.resume:
         run_dir = check_run_dir(args.resume)
         cfg = load_config(args.config or run_dir / "config.toml", args.set)
@@ -287,9 +290,9 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
         (f"ELBO, K={r['k']} draws (nats)", _estimate(r["elbo"])),
         ("  reconstruction E_q[log p(x|z)]", _estimate(r["reconstruction"])),
         ("  KL(q(z|x) || p(z))", _estimate(r["kl"])),
-        ("ELBO (bits/dim)", _estimate(r["elbo_bits_per_dim"], 4)),
+        ("-ELBO (bits/dim)", _estimate(r["elbo_bits_per_dim"], 4)),
         (f"log p(x), IW K={r['k']} (nats)", _estimate(r["iw_log_likelihood"]) + _khat_caveat(r)),
-        ("log p(x) (bits/dim)", _estimate(r["iw_bits_per_dim"], 4)),
+        ("-log p(x) (bits/dim)", _estimate(r["iw_bits_per_dim"], 4)),
         ("active units (Cov > 0.01)", r.get("active_units_note") or
          f"{r['active_units']} / {r['latent_dim']}"),
         ("PSIS k-hat > 0.7 (share)", _khat_row(r)),
@@ -345,6 +348,8 @@ def cmd_inspect(args) -> int:
 
     written = write_figures(run, out)
     print(f"wrote {len(written)} figures to {out}/: {', '.join(p.name for p in written)}")
+    if not any(p.name == "kl_per_dimension.png" for p in written):
+        print(f"no kl_per_dimension.png: {NO_KL_PER_DIMENSION}")
     return 0
 
 

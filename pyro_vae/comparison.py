@@ -25,6 +25,8 @@ from __future__ import annotations
 from statistics import NormalDist
 from typing import NamedTuple
 
+import numpy as np
+
 import pyro.distributions as dist
 import torch
 
@@ -82,14 +84,25 @@ def kl_to_exact(q: dist.Distribution, exact: dist.Distribution, draws: int = 400
 
 def nuts_health(nuts: NutsResult, n_points: int, max_rhat: float = 1.01,
                 min_ess: float = 400) -> dict:
-    """NUTS' gates: max R-hat, min bulk ESS (and per second), divergences, passed or not."""
+    """NUTS' gates: max R-hat, min bulk ESS (and per second), divergences, passed or not.
+    Where every chain stayed at one and the same value (a sampler that never moved from its
+    start) there is no variance at all: R-hat cannot be estimated, so R-hat and ESS are None
+    with ``diagnostics_note`` saying why, and the gates fail."""
     rhat = arviz_bridge.rhat(nuts.idata)  # (N, D)
     ess = arviz_bridge.ess_bulk(nuts.idata)
+    estimable = bool(np.isfinite(rhat).all() and np.isfinite(ess).all())
+    stuck = int((~np.isfinite(rhat) | ~np.isfinite(ess)).sum())
     return {
-        "max_rhat": float(rhat.max()), "min_ess_bulk": float(ess.min()),
+        "max_rhat": float(rhat.max()) if estimable else None,
+        "min_ess_bulk": float(ess.min()) if estimable else None,
+        "min_ess_bulk_per_second": (float(ess.min() / (nuts.seconds_per_point * n_points))
+                                    if estimable else None),
+        "diagnostics_note": None if estimable else (
+            f"not available: in {stuck} of the {rhat.size} (point, latent) elements every "
+            "chain stayed at one value (no variance within or between chains)"),
         "divergences": nuts.divergences,
-        "min_ess_bulk_per_second": float(ess.min() / (nuts.seconds_per_point * n_points)),
-        "passed": bool(rhat.max() <= max_rhat and ess.min() >= min_ess and nuts.divergences == 0),
+        "passed": estimable and bool(rhat.max() <= max_rhat and ess.min() >= min_ess
+                                     and nuts.divergences == 0),
         "thresholds": {"rhat": max_rhat, "ess_bulk": min_ess},
     }
 
@@ -175,7 +188,7 @@ def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> di
         pairs["amortization_gap"] = (elbos[fit], elbos["amortized"])
     note = None
     if fit is None:
-        note = f"not split: no per-point fit of guide {guide!r}'s family"
+        note = f"not split: guide {guide!r} has no per-point fit of its family here"
     elif fit not in elbos:
         note = f"not split: {fit} is fitted per point only for D <= {FULL_FIT_MAX_DIM}"
     out = {"log_px": log_px[0].tolist(), "log_px_se": log_px[1].tolist(), "log_px_source": source,

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .evaluate import kl_per_dimension, posterior_means
-from .guides import mean_and_covariance, moments
+from .guides import is_gaussian, mean_and_covariance, moments
 from .model import VAE
 
 
@@ -62,13 +62,15 @@ def image_grid(images, image_shape, nrow: int = 8, ax=None, title: str | None = 
     return ax
 
 
-def scatter(points: torch.Tensor, ax=None, c=None, title: str | None = None, **kw):
-    """Scatter the first two coordinates of ``[N, >=2]`` points; returns the Axes."""
+def scatter(points: torch.Tensor, ax=None, c=None, title: str | None = None, xlabel="x[0]",
+            ylabel="x[1]", **kw):
+    """Scatter the first two coordinates of ``[N, >=2]`` points (data x by default; name
+    latents with ``xlabel="z[0]", ylabel="z[1]"``); returns the Axes."""
     ax = _axes(ax, (4, 4))
     p = points.detach().cpu().numpy()
     ax.scatter(p[:, 0], p[:, 1], s=kw.pop("s", 3), c=None if c is None else c.cpu().numpy(), **kw)
     ax.set_aspect("equal", adjustable="datalim")
-    return _label(ax, "dim 1", "dim 2", title)
+    return _label(ax, xlabel, ylabel, title)
 
 
 def reconstructions_figure(x, recon, image_shape=None):
@@ -169,6 +171,16 @@ def marginal_overlay(draws, approximations: dict, ax=None, title: str | None = N
     return _label(ax, "z", "density", title)
 
 
+def _sigma_legend(ax):
+    """A legend of ``ax``'s labelled artists plus two grey keys for the line styles of
+    ellipses and intervals: 1 sigma solid, 2 sigma dotted."""
+    from matplotlib.lines import Line2D
+
+    keys = [Line2D([], [], color="0.3", ls=ls, label=label)
+            for ls, label in (("-", "1σ"), (":", "2σ"))]
+    return ax.legend(handles=[*ax.get_legend_handles_labels()[0], *keys], fontsize=7)
+
+
 def _ellipse(mean, cov, k: float):
     """Points ``[2, 200]`` of the k-sigma ellipse of a 2-D Gaussian: mean + k L u, L L^T = cov."""
     t = np.linspace(0, 2 * np.pi, 200)
@@ -177,8 +189,8 @@ def _ellipse(mean, cov, k: float):
 
 
 def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
-    """NUTS draws ``[S, 2]`` as a cloud with the 1- and 2-sigma ellipses of Gaussians
-    ``gaussians: name -> (mean [2], covariance [2, 2])``; returns the Axes."""
+    """NUTS draws ``[S, 2]`` as a cloud with the 1- (solid) and 2-sigma (dotted) ellipses of
+    Gaussians ``gaussians: name -> (mean [2], covariance [2, 2])``; returns the Axes."""
     ax = _axes(ax, (4, 4))
     d = draws.detach().cpu().numpy()
     ax.scatter(d[:, 0], d[:, 1], s=2, alpha=0.25, color="tab:blue", label="NUTS")
@@ -186,7 +198,7 @@ def pair_overlay(draws, gaussians: dict, ax=None, title: str | None = None):
         for k, ls in ((1, "-"), (2, ":")):
             ax.plot(*_ellipse(mean, cov, k), color=_colour(name), ls=ls,
                     label=name if k == 1 else None)
-    ax.legend(fontsize=7)
+    _sigma_legend(ax)
     return _label(ax, "z[0]", "z[1]", title)
 
 
@@ -274,30 +286,55 @@ def training_curves(metrics: list[dict], axes=None):
     return axes[0].figure
 
 
+def class_colours(num_classes: int):
+    """One distinct RGBA colour per class ``[K, 4]``: tab10's first K (K <= 10), tab20's
+    (K <= 20), else K evenly spaced viridis colours."""
+    plt = _plt()
+    if num_classes <= 10:
+        return plt.get_cmap("tab10").colors[:num_classes]
+    if num_classes <= 20:
+        return plt.get_cmap("tab20").colors[:num_classes]
+    return plt.get_cmap("viridis")(np.linspace(0, 1, num_classes))
+
+
 def latent_scatter(points: torch.Tensor, labels=None, ax=None, title=None, xlabel="z[0]",
                    ylabel="z[1]"):
-    """2-D points ``[N, 2]`` coloured by integer labels ``[N]`` with a colour bar."""
+    """2-D points ``[N, 2]`` coloured by class labels in 0..K-1 ``[N]`` (K = max + 1): one
+    colour per class (:func:`class_colours`), and a colour bar of K bands, ticked at each
+    band's centre with its class. Returns the Axes."""
     ax = _axes(ax, (5, 4.3))
     p = points.detach().cpu().numpy()
-    c = None if labels is None else labels.detach().cpu().numpy()
-    sc = ax.scatter(p[:, 0], p[:, 1], c=c, cmap="tab10" if c is not None else None, s=4)
-    if c is not None:
-        ax.figure.colorbar(sc, ax=ax, label="label")
+    if labels is None:
+        ax.scatter(p[:, 0], p[:, 1], s=4)
+        return _label(ax, xlabel, ylabel, title)
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    c = labels.detach().cpu().numpy()
+    k = int(c.max()) + 1
+    norm = BoundaryNorm(np.arange(k + 1) - 0.5, k)  # class i -> band [i - 1/2, i + 1/2)
+    sc = ax.scatter(p[:, 0], p[:, 1], c=c, cmap=ListedColormap(class_colours(k)), norm=norm, s=4)
+    bar = ax.figure.colorbar(sc, ax=ax, label="class")
+    ticks = range(k) if k <= 20 else np.unique(np.linspace(0, k - 1, 11).round()).astype(int)
+    bar.set_ticks(ticks, labels=[str(t) for t in ticks])
     return _label(ax, xlabel, ylabel, title)
 
 
-def kl_bars(kl: torch.Tensor, ax=None, title="KL(q(z_d|x) || p(z_d)) per dimension"):
-    """Bar chart of the mean KL per latent dimension ``[D]``."""
+def kl_bars(kl: torch.Tensor, ax=None, title="mean over x of KL(q(z[d]|x) || p(z[d]))"):
+    """Bar chart of the mean KL per latent dimension d ``[D]``, ticked at whole d."""
+    from matplotlib.ticker import MaxNLocator
+
     ax = _axes(ax, (max(4, 0.15 * len(kl) + 2), 3))
     ax.bar(range(len(kl)), kl.detach().cpu().numpy(), color="tab:purple")
-    return _label(ax, "latent dimension", "nats", title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return _label(ax, "latent dimension d", "nats", title)
 
 
 def posterior_ellipses(means: torch.Tensor, covariances: torch.Tensor, ax=None, dims=(0, 1),
                        title=None):
-    """1- and 2-sigma ellipses of q(z|x) for a few points: ``means [n, 2]`` and
-    ``covariances [n, 2, 2]`` of the latent dims ``dims`` (the axis labels), e.g. from
-    :func:`pyro_vae.guides.mean_and_covariance` (a full guide's ellipses are tilted)."""
+    """1- (solid) and 2-sigma (dotted) ellipses of q(z|x) for a few points: ``means [n, 2]``
+    and ``covariances [n, 2, 2]`` of the latent dims ``dims`` (the axis labels), e.g. from
+    :func:`pyro_vae.guides.mean_and_covariance` (a full guide's ellipses are tilted); a
+    legend keys the line styles. Returns the Axes."""
     ax = _axes(ax, (4.5, 4.5))
     m = means.detach().double().cpu().numpy()
     c = covariances.detach().double().cpu().numpy()
@@ -309,20 +346,26 @@ def posterior_ellipses(means: torch.Tensor, covariances: torch.Tensor, ax=None, 
     pad = 2.5 * np.sqrt(c[:, [0, 1], [0, 1]].max())
     ax.set_xlim(m[:, 0].min() - pad, m[:, 0].max() + pad)
     ax.set_ylim(m[:, 1].min() - pad, m[:, 1].max() + pad)
+    _sigma_legend(ax)
     return _label(ax, f"z[{dims[0]}]", f"z[{dims[1]}]",
                   title or "q(z|x) of test points: 1 and 2 sigma")
 
 
-def posterior_intervals(means: torch.Tensor, stds: torch.Tensor, ax=None, title=None):
-    """1- and 2-sigma intervals of a one-dimensional q(z|x) for a few points (``means``,
-    ``stds`` ``[n]``), one row per point."""
+def posterior_intervals(means: torch.Tensor, stds: torch.Tensor, ax=None, title=None,
+                        dim: int = 0):
+    """1- (solid) and 2-sigma (dotted) intervals of q(z[dim]|x) for a few points (``means``,
+    ``stds`` ``[n]``), one row per point (whole-numbered); returns the Axes."""
+    from matplotlib.ticker import MaxNLocator
+
     ax = _axes(ax, (4.5, 3))
     m, s = means.detach().cpu().numpy(), stds.detach().cpu().numpy()
     for i in range(len(m)):
         ax.plot([m[i] - 2 * s[i], m[i] + 2 * s[i]], [i, i], ":", color=f"C{i % 10}")
         ax.plot([m[i] - s[i], m[i] + s[i]], [i, i], "-", color=f"C{i % 10}", lw=2)
         ax.plot(m[i], i, "o", color=f"C{i % 10}", ms=3)
-    return _label(ax, "z[0]", "test point", title or "q(z|x) of test points: 1 and 2 sigma")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    _sigma_legend(ax)
+    return _label(ax, f"z[{dim}]", "test point", title or "q(z|x) of test points: 1 and 2 sigma")
 
 
 def latent_histogram(values: torch.Tensor, labels=None, ax=None, title=None):
@@ -363,16 +406,24 @@ def _latent_space_figures(vae: VAE, ds, means: torch.Tensor, out: Path) -> list[
     return [save_figure(ax.figure, out / "latent_pca.png")]
 
 
-def _uncertainty_figure(vae: VAE, x: torch.Tensor, y, dims: list[int], out: Path) -> Path:
-    """q(z|x) of the points ``x [n, X]`` in the latent dims ``dims`` (one or two)."""
-    q = vae.q_z(x, y)
+def uncertainty_axes(q, dims: list[int], ax=None, what: str = "test points"):
+    """q(z|x) of n points (``q``: batch ``[n]``, event ``[D]``) in the latent dims ``dims``:
+    intervals (one dim) or ellipses (two), titled "q(z|x) of n ``what``". A Gaussian's are
+    exact; any other q's (a flow) come from the moments of its draws, and the title says
+    so. Returns the Axes."""
+    n = q.batch_shape[0]
+    mean, cov = mean_and_covariance(q, dims)  # (n, k), (n, k, k)
+    title = f"q(z|x) of {n} {what}" + ("" if is_gaussian(q) else "\n(moments of draws)")
     if len(dims) == 1:
-        mean, cov = mean_and_covariance(q, dims)  # (n, 1), (n, 1, 1)
-        ax = posterior_intervals(mean[:, 0], cov[:, 0, 0].sqrt(),
-                                 title=f"q(z|x) of {len(x)} test points")
-    else:
-        ax = posterior_ellipses(*mean_and_covariance(q, dims), dims=dims,
-                                title=f"q(z|x) of {len(x)} test points in the two most active dims")
+        return posterior_intervals(mean[:, 0], cov[:, 0, 0].sqrt(), ax=ax, title=title,
+                                   dim=dims[0])
+    return posterior_ellipses(mean, cov, ax=ax, dims=dims, title=title)
+
+
+def _uncertainty_figure(vae: VAE, x: torch.Tensor, y, dims: list[int], out: Path) -> Path:
+    """``posterior_uncertainty.png``: :func:`uncertainty_axes` of q(z|x) for ``x [n, X]``."""
+    what = "test points" if len(dims) == 1 else "test points in the two most active dims"
+    ax = uncertainty_axes(vae.q_z(x, y), dims, what=what)
     return save_figure(ax.figure, out / "posterior_uncertainty.png")
 
 

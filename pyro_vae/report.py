@@ -14,10 +14,24 @@ def _mean(values) -> float:
     return float(sum(values) / len(values))
 
 
-def _with_noise(value: float, se: float, is_gap: bool) -> str:
-    """``value +- se``; a gap within 2 SE of zero is said to be 0 within noise."""
+NEGATIVE_GAP = {  # why a gap that cannot be negative came out below 0 beyond noise
+    "amortization_gap": "the per-point fit is unconverged: more --fit-steps",
+    None: "the log p(x) estimate is too low",  # every gap taken from log p(x)
+}
+
+
+def _with_noise(value: float, se: float, is_gap: bool, key: str | None = None) -> str:
+    """``value +- se``; a gap within 2 SE of zero is said to be 0 within noise, one more than
+    2 SE below zero (gaps cannot be negative) is flagged with its likely cause. An SE of 0
+    (a closed-form log p(x)) reads "exact"."""
+    if se == 0 and not is_gap:
+        return f"{value:.4f} (exact)"
     text = f"{value:.4f} +- {se:.4f}"
-    return text + " (0 within noise)" if is_gap and abs(value) < 2 * se else text
+    if is_gap and abs(value) < 2 * se:
+        return text + " (0 within noise)"
+    if is_gap and value < 0:
+        return text + f" (below 0 beyond noise: {NEGATIVE_GAP.get(key, NEGATIVE_GAP[None])})"
+    return text
 
 
 def _mean_and_se(values: list, ses: list) -> tuple[float, float]:
@@ -35,8 +49,9 @@ def _gaps_markdown(g: dict) -> list[str]:
     for key in (k for k in keys if k in g):
         values, ses = g[key], g[f"{key}_se"]
         mean, mean_se = _mean_and_se(values, ses)
-        lines.append(f"| {key} | {_with_noise(mean, mean_se, key != 'log_px')} | "
-                     + ", ".join(_with_noise(v, se, key != "log_px") for v, se in zip(values, ses))
+        gap = key != "log_px"
+        lines.append(f"| {key} | {_with_noise(mean, mean_se, gap, key)} | "
+                     + ", ".join(_with_noise(v, se, gap, key) for v, se in zip(values, ses))
                      + " |")
     return lines
 
@@ -83,6 +98,11 @@ def _nuts_error_cell(r: dict) -> str:
     return f"{_mean(n['mean_error_in_ref_std']):.3f} (MCSE {mcse:.3f})"
 
 
+def _diagnostic(n: dict, key: str, fmt: str) -> str:
+    """A NUTS diagnostic, or "n/a" where it could not be estimated (the report says why)."""
+    return "n/a" if n[key] is None else format(n[key], fmt)
+
+
 def report_markdown(r: dict) -> str:
     """The report: NUTS gates first, then accuracy, gaps and cost tables."""
     n = r["nuts"]
@@ -90,10 +110,13 @@ def report_markdown(r: dict) -> str:
     lines = [
         f"# VI versus MCMC: {r['setting']}",
         "",
-        f"**NUTS health gates {status}**: max R-hat {n['max_rhat']:.4f} (<= {n['thresholds']['rhat']}), "
-        f"min bulk ESS {n['min_ess_bulk']:.0f} (>= {n['thresholds']['ess_bulk']:.0f}), "
+        f"**NUTS health gates {status}**: max R-hat {_diagnostic(n, 'max_rhat', '.4f')} "
+        f"(<= {n['thresholds']['rhat']}), min bulk ESS {_diagnostic(n, 'min_ess_bulk', '.0f')} "
+        f"(>= {n['thresholds']['ess_bulk']:.0f}), "
         f"{n['divergences']} divergences; {n['chains']} chains x {n['draws']} draws "
-        f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s {n['min_ess_bulk_per_second']:.0f}.",
+        f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s "
+        f"{_diagnostic(n, 'min_ess_bulk_per_second', '.0f')}."
+        + (f" R-hat and bulk ESS {n['diagnostics_note']}." if n.get("diagnostics_note") else ""),
         "",
         f"{r['points']} data points, latent dimension {r['latent_dim']}, amortized guide "
         f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}"
@@ -122,13 +145,15 @@ def report_markdown(r: dict) -> str:
     g = r["gaps"]
     lines += _gaps_markdown(g)
     lines += _checks_markdown(r.get("log_px_checks") or {})
-    fit = g.get("amortization_fit") or g.get("amortization_note") or "not split"
+    fit = g.get("amortization_fit")
+    amortization = (f"amortization_gap = ELBO(per-point fit of the guide's own family: {fit}) - "
+                    "ELBO(amortized guide)" if fit else
+                    f"amortization_gap: {g.get('amortization_note') or 'not split'}")
     lines += ["", "inference_gap = log p(x) - ELBO(amortized guide); approximation_gap = "
               "log p(x) - ELBO(best per-point Gaussian: "
               f"{g.get('approximation_fit', 'gaussian-full')}); approximation_gap_diag uses the "
-              "diagonal one; amortization_gap = ELBO(per-point fit of the guide's own family: "
-              f"{fit}) - ELBO(amortized guide). A gap "
-              "within 2 Monte Carlo SE of zero reads \"0 within noise\": gaps cannot be negative."]
+              f"diagonal one; {amortization}. Gaps cannot be negative: one within 2 Monte Carlo "
+              "SE of zero reads \"0 within noise\", one further below zero is flagged."]
     return "\n".join(lines) + "\n"
 
 
@@ -179,7 +204,8 @@ def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
     if draws.shape[1] >= 2:  # a flow's ellipse is that of its moments, and says so
         pairs = {name if is_gaussian(q) else f"{name} (moments)":
                  [m[0].cpu().numpy() for m in mean_and_covariance(q)] for name, q in gauss.items()}
-        ax = pair_overlay(draws[:, :2], pairs, title="point 0: Gaussian ellipses over NUTS")
+        ax = pair_overlay(draws[:, :2], pairs, title="point 0: each approximation's ellipses "
+                          "over NUTS draws")
         written.append(save_figure(ax.figure, out / "pair.png"))
     written.append(save_figure(arviz_bridge.plot_trace(r.nuts.idata, point=0), out / "trace.png"))
     return written

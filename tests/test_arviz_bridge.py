@@ -53,6 +53,24 @@ def test_rhat_ess_and_mcse_tell_mixed_chains_from_stuck_ones():
     mcse = arviz_bridge.mcse_mean(good)  # sd / sqrt(4000) = 0.0158
     assert ((mcse > 0.013) & (mcse < 0.019)).all()
     assert len(arviz_bridge.summary(good, kind="stats")) == 2 * 3
+    with pytest.raises(ValueError, match="the data has 1 chain; allowed: 2 or more chains"):
+        arviz_bridge.rhat(arviz_bridge.from_draws(mixed[:1]))
+
+
+def test_summary_has_the_same_unrounded_columns_and_94_percent_hdi_under_both_versions():
+    torch.manual_seed(0)
+    z = torch.randn(2, 2000, 2, 3, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5])
+    table = arviz_bridge.summary(arviz_bridge.from_draws(z))
+    assert tuple(table.columns) == arviz_bridge.SUMMARY_COLUMNS
+    assert list(table.index[:2]) == ["z[0, 0]", "z[0, 1]"]
+    flat = z.flatten(0, 1).reshape(4000, 6)  # rows in the table's order: point, then latent
+    assert torch.allclose(torch.from_numpy(table["mean"].to_numpy().copy()), flat.mean(0))  # unrounded
+    lo, hi = (torch.from_numpy(table[c].to_numpy().copy()) for c in ("hdi_3%", "hdi_97%"))
+    inside = ((flat >= lo) & (flat <= hi)).double().mean(0)
+    assert torch.allclose(inside, torch.full_like(inside, 0.94), atol=0.002)  # a 94% interval
+    assert ((hi - lo) / (2 * 1.881 * torch.tensor([1.0, 2.0, 0.5]).repeat(2)) - 1).abs().max() < 0.1
+    assert tuple(arviz_bridge.summary(arviz_bridge.from_draws(z), kind="stats").columns) == \
+        arviz_bridge.SUMMARY_COLUMNS[:4]
 
 
 def test_plots_return_a_figure_for_the_requested_point():
@@ -66,3 +84,8 @@ def test_plots_return_a_figure_for_the_requested_point():
     # the trace plot shows one line per chain and latent dim of point 1, no other point
     lines = [line for ax in trace.axes for line in ax.get_lines() if len(line.get_xdata()) == 50]
     assert len(lines) == 2 * 2
+    assert trace._suptitle.get_text() == "z at point 1: colour per latent dim, line style per chain"
+    assert forest._suptitle.get_text().startswith("z at point 0: median, 94% HDI (thin), ")
+    for fig, names in ((trace, {"0", "1"}), (forest, {"NUTS", "guide"})):  # chains; models
+        legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+        assert any(names <= {t.get_text() for t in lg.get_texts()} for lg in legends), fig

@@ -152,6 +152,9 @@ BAD_INPUTS = {
                              "--out = '{d}' is a folder; allowed: a figure file"),
     "compare into a file": (lambda run, d: ["compare", "--setting", "ring", "--out", _a_file(d)],
                             "--out = '{d}/afile' is a file; allowed: a folder"),
+    "force without resume": (lambda run, d: ["train", "--force", "--runs-dir", str(d)],
+                             "--force without --resume: it accepts a changed config when "
+                             "continuing a run"),
     "compare into an earlier comparison": (_used_compare_folder,
                                            "--out = '{d}/c' holds an earlier comparison, whose "
                                            "toy VAE ('{d}/c/run') this one would overwrite"),

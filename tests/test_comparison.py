@@ -1,6 +1,7 @@
 """VI versus MCMC on settings where the answer is known (pPCA) or NUTS is affordable (ring)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -189,7 +190,7 @@ def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split()
     assert full["inference_gap"] == [3.0] and full["approximation_gap"] == [2.0]
     flow = gaps(one, elbos, "exact", guide="iaf")  # no per-point flow fit: not split
     assert flow["amortization_fit"] is None and "amortization_gap" not in flow
-    assert flow["amortization_note"] == "not split: no per-point fit of guide 'iaf''s family"
+    assert flow["amortization_note"] == "not split: guide 'iaf' has no per-point fit of its family here"
     table = "\n".join(_gaps_markdown(flow))
     assert "| inference_gap | 3.0000" in table and "amortization_gap" not in table
     wide = {k: v for k, v in elbos.items() if k != "gaussian-full"}  # D > 10: no full fit
@@ -197,6 +198,46 @@ def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split()
     assert big["amortization_fit"] is None and big["approximation_fit"] == "gaussian-diag"
     assert big["amortization_note"] == "not split: gaussian-full is fitted per point only for D <= 10"
     assert big["approximation_gap"] == [2.5]  # against the diagonal fit, and named so
+
+
+def test_gap_table_flags_a_gap_below_zero_beyond_noise_and_names_an_exact_log_px():
+    exact = (torch.tensor([1.0, 1.0, 1.0]), torch.zeros(3))
+    elbos = {"amortized": (torch.tensor([0.5, 1.3, 1.02]), torch.full((3,), 0.1)),
+             "gaussian-diag": (torch.tensor([0.7, 0.9, 1.0]), torch.full((3,), 0.1))}
+    table = "\n".join(_gaps_markdown(gaps(exact, elbos, "exact", guide="gaussian")))
+    row = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| ")}
+    assert "| 1.0000 (exact), 1.0000 (exact)," in row["log_px"] and "+-" not in row["log_px"]
+    # inference gaps 0.5, -0.3, -0.02 (SE 0.1): positive, below 0 beyond noise, 0 within noise
+    cells = row["inference_gap"].split(" | ")[2].split(", ")
+    assert cells[0] == "0.5000 +- 0.1000"
+    assert cells[1] == "-0.3000 +- 0.1000 (below 0 beyond noise: the log p(x) estimate is too low)"
+    assert cells[2] == "-0.0200 +- 0.1000 (0 within noise) |"
+    amortization = row["amortization_gap"].split(" | ")[2].split(", ")  # 0.2, -0.4, -0.02
+    assert amortization[1].endswith("(below 0 beyond noise: the per-point fit is unconverged: "
+                                    "more --fit-steps)")
+
+
+def test_nuts_health_says_why_r_hat_is_not_available_for_chains_that_never_moved(ring):
+    from pyro_vae.comparison import nuts_health
+    from pyro_vae.mcmc import NutsResult
+
+    torch.manual_seed(0)
+    samples = torch.randn(2, 500, 2, 3)
+    samples[:, :, 0, 1] = 0.25  # every chain stuck at its start in one element
+    nuts = NutsResult(samples, arviz_bridge.from_draws(samples), 0, 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warning leaks out of ArviZ
+        health = nuts_health(nuts, n_points=2)
+    assert health["max_rhat"] is None and health["min_ess_bulk"] is None
+    assert health["diagnostics_note"] == (
+        "not available: in 1 of the 6 (point, latent) elements every chain stayed at one value "
+        "(no variance within or between chains)")
+    assert not health["passed"]
+    text = report_markdown({**ring[1].summary, "nuts": {**ring[1].summary["nuts"], **health}})
+    assert "max R-hat n/a (<= 1.01), min bulk ESS n/a (>= 400)" in text
+    assert "R-hat and bulk ESS not available: in 1 of the 6" in text
+    moving = nuts_health(NutsResult(samples.normal_(), arviz_bridge.from_draws(samples), 0, 0.1), 2)
+    assert moving["max_rhat"] < 1.05 and moving["diagnostics_note"] is None
 
 
 def _log_joint_minus_exact(setting, draws=64):

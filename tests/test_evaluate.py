@@ -189,6 +189,8 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     text = capsys.readouterr().out
     assert "log p(x), IW K=50" in text and "Monte Carlo SE" in text and "test-set SE" in text
     iw_line = next(line for line in text.splitlines() if line.startswith("log p(x), IW"))
+    bits = next(line for line in text.splitlines() if line.startswith("-log p(x) (bits/dim)"))
+    assert float(bits.split()[3]) == pytest.approx(-iw["mean"] / (784 * math.log(2)), abs=1e-4)
     flagged = out["khat_above_0.7"]  # the row says when k-hat makes its SE optimistic
     assert ("optimistic: k-hat > 0.7 on" in iw_line) == (flagged > 0), (iw_line, flagged)
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--ais-steps", "5",

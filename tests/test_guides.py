@@ -231,7 +231,11 @@ def test_inspect_and_arviz_draws_work_for_a_flow_guide(tmp_path, capsys):
              "--set", "guide.hidden=[8]", "--runs-dir", str(tmp_path), "--name", "flow"]
     assert main(["train", *small]) == 0
     assert main(["inspect", str(tmp_path / "flow")]) == 0
-    assert "figures" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    assert "figures" in printed[-2] and "kl_per_dimension.png" not in printed[-2]
+    assert printed[-1] == "no kl_per_dimension.png: not available: needs a Gaussian guide (not a flow)" \
+        " and a prior that factorises over dimensions with a closed-form KL from a Normal (normal, " \
+        "laplace; not a mixture, VampPrior or Student-t)"
     run = load_run(tmp_path / "flow")
     post = arviz_bridge.group(run.to_inference_data(run.dataset.x_test[:3], num_samples=50))
     assert post["z"].dims == ("chain", "draw", "point", "latent") and post["z"].shape == (1, 50, 3, 4)

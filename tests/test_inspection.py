@@ -1,14 +1,16 @@
 import matplotlib
 import matplotlib.image as mpimg
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 
 from pyro_vae.cli import main
-from pyro_vae.config import load_config
-from pyro_vae.guides import mean_and_covariance
-from pyro_vae.inspection import (image_grid, kl_bars, latent_scatter, marginal_overlay, pair_overlay,
-                                 pca, posterior_ellipses, principal_angles, scatter, training_curves)
+from pyro_vae.config import GuideConfig, load_config
+from pyro_vae.guides import GUIDES, mean_and_covariance
+from pyro_vae.inspection import (class_colours, image_grid, kl_bars, latent_scatter, marginal_overlay,
+                                 pair_overlay, pca, posterior_ellipses, posterior_intervals,
+                                 principal_angles, scatter, training_curves, uncertainty_axes)
 from pyro_vae.runs import load_run
 from pyro_vae.training import train
 
@@ -65,6 +67,90 @@ def test_plot_functions_draw_on_the_given_axes_and_never_show():
                 "test_kl": 1.0, "kl_weight": 1.0} for e in range(1, 4)]
     f2, ax3 = plt.subplots(1, 3)
     assert training_curves(metrics, axes=ax3) is f2
+    plt.close("all")
+
+
+def _visible_tick_labels(axis):
+    """The texts of ``axis``'s tick labels inside its view limits (after a draw)."""
+    axis.axes.figure.canvas.draw()
+    lo, hi = sorted(axis.get_view_interval())
+    return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs()) if lo <= v <= hi]
+
+
+def _style_keys(ax):
+    """Legend text -> line style of ``ax``'s legend entries (None for a marker-only entry)."""
+    legend = ax.get_legend()
+    return {t.get_text(): h.get_linestyle() if isinstance(h, matplotlib.lines.Line2D) else None
+            for t, h in zip(legend.get_texts(), legend.legend_handles)}
+
+
+@pytest.mark.parametrize("num_classes", [3, 8, 13, 25])
+def test_latent_scatter_colours_each_point_as_its_class_band_on_the_colour_bar(num_classes):
+    torch.manual_seed(0)
+    labels = torch.arange(200) % num_classes
+    ax = latent_scatter(torch.randn(200, 2), labels)
+    ax.figure.canvas.draw()
+    sc = ax.collections[0]
+    colours = np.asarray(class_colours(num_classes))[:, :3]  # (K, 3)
+    assert len(np.unique(colours, axis=0)) == num_classes  # distinct
+    np.testing.assert_allclose(sc.get_facecolors()[:, :3], colours[labels.numpy()])
+    bar = sc.colorbar
+    assert bar.cmap.N == num_classes  # no band of a colour no point has
+    for i in range(num_classes):  # band i has class i's colour
+        np.testing.assert_allclose(bar.cmap(bar.norm(i))[:3], colours[i])
+    ticks = bar.get_ticks()
+    assert all(float(t).is_integer() and 0 <= t < num_classes for t in ticks)  # at band centres
+    assert [t.get_text() for t in bar.ax.get_yticklabels()] == [str(int(t)) for t in ticks]
+    if num_classes <= 20:
+        assert list(ticks) == list(range(num_classes))
+    plt.close("all")
+
+
+@pytest.mark.parametrize("num_dims", [2, 3, 7, 40])
+def test_kl_bars_tick_whole_latent_dimensions(num_dims):
+    ax = kl_bars(torch.rand(num_dims))
+    labels = _visible_tick_labels(ax.xaxis)
+    assert labels and all(t.replace("\u2212", "-").lstrip("-").isdigit() for t in labels), labels
+    plt.close("all")
+
+
+def test_scatter_names_data_axes_from_zero_like_the_latents():
+    ax = scatter(torch.randn(20, 2))
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("x[0]", "x[1]")
+    ax = scatter(torch.randn(20, 2), xlabel="z[0]", ylabel="z[1]")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z[0]", "z[1]")
+    assert latent_scatter(torch.randn(20, 2)).get_xlabel() == "z[0]"
+    plt.close("all")
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+@pytest.mark.parametrize("dims", [[1, 0], [2]])
+def test_uncertainty_axes_key_line_styles_and_flag_moments_of_draws(name, dims):
+    """Every guide's figure keys 1 sigma (solid) and 2 sigma (dotted); only a non-Gaussian
+    q (the iaf flow) says its ellipses/intervals come from the moments of draws."""
+    torch.manual_seed(0)
+    guide = GUIDES[name](GuideConfig(name=name, hidden=(8,), context=2), 3)
+    q = guide(torch.randn(5, guide.num_params))  # batch [5], event [3]
+    ax = uncertainty_axes(q, dims)
+    assert _style_keys(ax) == {"1σ": "-", "2σ": ":"}
+    title = ax.get_title()
+    assert title.startswith("q(z|x) of 5 test points")
+    assert ("moments of draws" in title) == (name == "iaf"), title
+    assert ax.get_xlabel() == f"z[{dims[0]}]"
+    if len(dims) == 1:
+        assert _visible_tick_labels(ax.yaxis) == ["0", "1", "2", "3", "4"]  # whole test points
+    else:
+        assert ax.get_ylabel() == f"z[{dims[1]}]"
+    plt.close("all")
+
+
+def test_pair_overlay_and_intervals_key_their_line_styles():
+    gauss = {"exact": ([0, 0], [[1, 0], [0, 1]]), "amortized (moments)": ([0, 1], [[1, 0.5], [0.5, 1]])}
+    ax = pair_overlay(torch.randn(300, 2), gauss)
+    assert _style_keys(ax) == {"NUTS": None, "exact": "-", "amortized (moments)": "-",
+                               "1σ": "-", "2σ": ":"}
+    ax = posterior_intervals(torch.zeros(3), torch.ones(3))
+    assert _style_keys(ax) == {"1σ": "-", "2σ": ":"}
     plt.close("all")
 
 
