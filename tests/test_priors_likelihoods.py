@@ -176,7 +176,7 @@ def test_a_continuous_density_on_binarized_data_warns(likelihood):
         train(small_config(f"likelihood.name={likelihood}", subset=64))
 
 
-def test_a_prior_and_a_likelihood_registered_from_user_code_work_from_config():
+def test_a_prior_and_a_likelihood_registered_from_user_code_work_from_config(tmp_path):
     # exactly what README shows
     def wide_normal(cfg, latent_dim, x_dim):
         return Prior(lambda p, encoder: dist.Normal(p["loc"], 2.0).to_event(1),
@@ -190,8 +190,9 @@ def test_a_prior_and_a_likelihood_registered_from_user_code_work_from_config():
     try:
         cfg = small_config("prior.name=wide-normal", "likelihood.name=student-pixels",
                            "data.binarize=none", epochs=2)
-        result = train(cfg)
+        result = train(cfg, tmp_path / "custom", progress=True)
         assert result.metrics[-1]["train_elbo"] > result.metrics[0]["train_elbo"]
+        assert (tmp_path / "custom" / "checkpoint.pt").is_file()
         assert (result.vae.prior_dist().base_dist.scale == 2.0).all()
     finally:
         PRIORS.pop("wide-normal")
