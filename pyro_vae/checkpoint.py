@@ -187,13 +187,20 @@ def data_record(ds) -> dict:
 
 
 def check_same_data(ckpt: dict, ds, run: str, data_cfg=None) -> None:
-    """Refuse a data set other than the one the run was trained on (its ``data`` record):
+    """Refuse data of another width than the run's networks take, and a data set other than
+    the one the run was trained on (its ``data`` record):
     a data file grown or reshuffled since gives another train/test split, whose test points
     may have been trained on. Not checked: a checkpoint from before the record or without
     a fingerprint (generated data), and a forced new ``data_cfg`` that changes more than
     ``data.binarize`` (new data, asked for)."""
     saved = ckpt.get("data")
     old_cfg = from_dict(ckpt["config"]).data
+    if ds.x_dim != ckpt["x_dim"]:  # new data or not, the run's networks cannot take it
+        now = data_cfg or old_cfg
+        source = f"data.path = {now.path!r}" if now.path else f"data.name = {now.name!r}"
+        raise CheckpointError(
+            f"run {run!r} was trained on data with {ckpt['x_dim']} values per point; {source} "
+            f"now gives {ds.x_dim}; allowed: data of {ckpt['x_dim']} values per point")
     if data_cfg is not None and data_cfg != dataclasses.replace(old_cfg,
                                                                 binarize=data_cfg.binarize):
         return

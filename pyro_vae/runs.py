@@ -180,11 +180,6 @@ def load_run(path: str | Path, device: str = "cpu") -> Run:
     cfg = from_dict(ckpt["config"])
     check_config_file(path / "config.toml", cfg)
     ds = load_dataset(cfg.data, dev)
-    if ds.x_dim != ckpt["x_dim"]:
-        raise ckpt_io.CheckpointError(
-            f"run {str(path)!r} was trained on data with {ckpt['x_dim']} values per point; "
-            f"data set {cfg.data.name!r} now gives {ds.x_dim}"
-        )
     ckpt_io.check_same_data(ckpt, ds, str(path))
     vae = VAE(cfg, ds.x_dim, ds.num_classes, ds.image_shape).to(dev)
     ckpt_io.load_state(vae, ckpt["model"], f"checkpoint {str(path / 'checkpoint.pt')!r}")

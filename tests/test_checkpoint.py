@@ -196,8 +196,22 @@ def test_data_of_another_shape_than_the_run_is_refused(trained_run):
     ckpt_io.save_checkpoint(trained_run / "checkpoint.pt", {k: v for k, v in ckpt.items() if k != "format"})
     with pytest.warns(ConfigFileWarning, match="data.name"), pytest.raises(
             ckpt_io.CheckpointError, match="trained on data with 784 values per point; "
-                                           "data set 'ring' now gives 2"):
+                                           "data.name = 'ring' now gives 2; allowed: data of 784"):
         load_run(trained_run)
+
+
+def test_a_forced_resume_on_data_of_another_width_names_the_data(tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "six.npy", rng.normal(size=(60, 6)).astype("float32"))
+    np.save(tmp_path / "seven.npy", rng.normal(size=(60, 7)).astype("float32"))
+    own = ["model.hidden=[8]", "model.latent_dim=2", "train.epochs=1"]
+    train(load_config("own_data", [f"data.path={tmp_path / 'six.npy'}", *own]), tmp_path / "run")
+    wider = load_config("own_data", [f"data.path={tmp_path / 'seven.npy'}", *own])
+    with pytest.raises(ckpt_io.CheckpointError, match=r"trained on data with 6 values per point; "
+                       r"data.path = '.*seven.npy' now gives 7; allowed: data of 6 values per point"):
+        train(wider, resume=tmp_path / "run", force=True)  # was: a list of misfit weights
 
 
 def test_nan_in_data_is_refused_on_load():
