@@ -236,23 +236,39 @@ def from_arrays(name: str, x, y, cfg: DataConfig, where: str = "x",
                    support_of(points))
 
 
-NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"  # np.save; np.savez and torch.save
+NPY_MAGIC, ZIP_MAGIC, PICKLE = b"\x93NUMPY", b"PK\x03\x04", b"\x80"  # first bytes
+WRITERS = {".npy": "np.save", ".npz": "np.savez", ".pt": "torch.save"}
 
 
 def _saved_as(path: Path) -> str | None:
-    """What wrote the file, by its first bytes: ``"npy"`` (np.save), ``"zip"`` (np.savez or
-    torch.save) or None (anything else)."""
+    """The extension of what wrote the file, from its first bytes: ``.npy`` (np.save),
+    ``.npz`` (np.savez: a zip of .npy files), ``.pt`` (torch.save: a zip holding a
+    ``data.pkl``, or a pickle in torch's legacy format), or None (anything else)."""
     with open(path, "rb") as f:
         head = f.read(6)
-    return "npy" if head == NPY_MAGIC else "zip" if head[:4] == ZIP_MAGIC else None
+    if head == NPY_MAGIC:
+        return ".npy"
+    if head[:4] == ZIP_MAGIC:
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except zipfile.BadZipFile:
+            return None
+        return ".pt" if any(n.endswith("data.pkl") for n in names) else ".npz"
+    return ".pt" if head[:1] == PICKLE else None
+
+
+def _check_extension(path: Path, where: str) -> None:
+    """Refuse, by name, a file whose contents another extension's writer made (an np.save
+    array named .npz, say): each reader would fail on it with a message about its insides."""
+    suffix, written = path.suffix.lower(), _saved_as(path)
+    if written is not None and written != suffix:
+        raise DataError(f"{where}: a file written by {WRITERS[written]} under a {suffix} name; "
+                        f"allowed: the file renamed {written}")
 
 
 def _read_npy(path: Path, where: str):
     """A ``.npy`` array, memory-mapped: read from disk as it is converted."""
-    if _saved_as(path) == "zip":
-        raise DataError(f"{where}: a zip archive (a .npz or .pt file) under a .npy name; "
-                        "allowed: an array written by np.save, or the file renamed to what "
-                        "it is (.npz: np.savez, .pt: torch.save)")
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False), None
     except (ValueError, OSError, EOFError) as err:
@@ -261,9 +277,6 @@ def _read_npy(path: Path, where: str):
 
 def _read_npz(path: Path, where: str):
     """Array ``x`` and optional labels ``y`` of a ``.npz`` file."""
-    if _saved_as(path) == "npy":
-        raise DataError(f"{where}: one array written by np.save, under a .npz name; allowed: "
-                        "the file renamed .npy, or an archive np.savez(path, x=x, y=y)")
     try:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files if k in ("x", "y")}
@@ -279,9 +292,6 @@ def _read_npz(path: Path, where: str):
 def _read_pt(path: Path, where: str):
     """A tensor, or a dict with tensor ``x`` and optional labels ``y``, from ``torch.save``
     (read with ``weights_only=True``: no code in the file is run)."""
-    if _saved_as(path) == "npy":
-        raise DataError(f"{where}: one array written by np.save, under a .pt name; allowed: "
-                        "the file renamed .npy, or tensors written by torch.save")
     try:
         with warnings.catch_warnings():  # a sparse tensor is refused below, by name
             warnings.filterwarnings("ignore", message="Validating sparse tensor invariants")
@@ -295,7 +305,8 @@ def _read_pt(path: Path, where: str):
                             "tensors, torch.save({'x': torch.as_tensor(x), 'y': "
                             "torch.as_tensor(y)}, path), or arrays in a .npz file") from None
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # past torch's advice
-        first = unpickler[1] if unpickler else text.splitlines()[0] if text else type(err).__name__
+        first = unpickler[1] if unpickler else text.splitlines()[0] if text else ""
+        first = first if first and not first.isdigit() else f"{type(err).__name__} {first}"
         raise DataError(f"{where}: not a readable .pt file of tensors ({first})") from None
     if isinstance(obj, torch.Tensor):
         return obj, None
@@ -349,8 +360,9 @@ def _eight_bit_image(file: str, where: str):
     with open(file, "rb") as f:
         image = Image.open(f)
         if image.mode not in EIGHT_BIT_MODES:
-            raise DataError(f"{where}: image {file!r} has PIL mode {image.mode!r} (more than 8 "
-                            f"bits a value); allowed: 8-bit images, modes "
+            deep = image.mode in ("I", "F") or image.mode.startswith("I;")
+            raise DataError(f"{where}: image {file!r} has PIL mode {image.mode!r}"
+                            f"{' (more than 8 bits a value)' if deep else ''}; allowed: modes "
                             f"{', '.join(EIGHT_BIT_MODES)}; save other values as an array "
                             "[N, C, H, W] in a .npy file, scaled as you choose")
         return image.convert("RGB")
@@ -377,5 +389,6 @@ def file_data(cfg: DataConfig) -> Dataset:
     elif path.suffix.lower() not in READERS:
         raise DataError(f"{where}: unknown extension {path.suffix!r}; {allowed}")
     else:
+        _check_extension(path, where)
         x, y = READERS[path.suffix.lower()](path, where)
     return from_arrays(path.name, x, y, cfg, where, f"{where}, labels y")

@@ -29,8 +29,8 @@ def _arviz():
     import warnings
 
     with warnings.catch_warnings():  # ArviZ 0.x's notice, once a day per home directory
-        warnings.filterwarnings("ignore", message="ArviZ is undergoing a major refactor",
-                                category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"\s*ArviZ is undergoing a major refactor",
+                                category=FutureWarning)  # the message starts with a newline
         import arviz
 
     return arviz
@@ -100,13 +100,18 @@ def summary(data, kind: str = "all"):
     ``r_hat`` is NaN for one chain (see :func:`rhat`); ``ess_tail`` differs slightly
     between the versions (another estimator)."""
     az = _arviz()
+    with np.errstate(invalid="ignore", divide="ignore"):  # a stuck chain: NaN, as in rhat
+        table = _summary(az, data, kind)
+    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+
+
+def _summary(az, data, kind: str):
+    """ArviZ's own summary with the 94% HDI, renamed to 0.x's column names under 1.x."""
     if major_version() >= 1:
         table = az.summary(data, kind=kind, ci_kind="hdi", ci_prob=HDI_PROB, round_to="none")
         percent = round(HDI_PROB * 100)
-        table = table.rename(columns={f"hdi{percent}_lb": "hdi_3%", f"hdi{percent}_ub": "hdi_97%"})
-    else:
-        table = az.summary(data, kind=kind, hdi_prob=HDI_PROB, round_to="none")
-    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]
+        return table.rename(columns={f"hdi{percent}_lb": "hdi_3%", f"hdi{percent}_ub": "hdi_97%"})
+    return az.summary(data, kind=kind, hdi_prob=HDI_PROB, round_to="none")
 
 
 def save(data, path: str | Path) -> Path:
@@ -128,12 +133,16 @@ def plot_trace(data, var: str = "z", point: int = 0):
     if major_version() >= 1:
         pc = az.plot_trace_dist(data, var_names=[var], coords=coords, kind="kde",
                                 backend="matplotlib")
-        pc.add_legend(["point", "latent", "__variable__"])  # colour: every dim but chain, draw
+        pc.add_legend(["point", "latent", "__variable__"],  # colour: all but chain and draw
+                      title="point, latent")
         pc.add_legend("chain")  # line style
         fig = pc.viz["figure"].item()
     else:
-        axes = az.plot_trace(data, var_names=[var], coords=coords, compact=True, legend=True)
-        fig = np.asarray(axes).ravel()[0].figure
+        axes = np.asarray(az.plot_trace(data, var_names=[var], coords=coords, compact=True,
+                                        legend=True)).ravel()
+        for ax in axes:
+            ax.set_title("")  # the variable's name, which the figure's title gives
+        fig = axes[0].figure
     fig.suptitle(f"{var} at point {point}: colour per latent dim, line style per chain")
     return fig
 

@@ -48,17 +48,23 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, truncated, corrupted or does not fit the model."""
 
 
-def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse ``run_dir`` for a new run when it is a file, or already holds a run's files
-    (:data:`RUN_FILES`), which the new run would overwrite."""
+class RunError(ValueError):
+    """A run directory is missing or incomplete, or not free for a new run."""
+
+
+def check_new_run_dir(run_dir: Path, empty: bool = False) -> None:
+    """Refuse ``run_dir`` for a new run, by name, when it is a file, when it holds a run
+    (its ``checkpoint.pt``, which the new run would overwrite), or, with ``empty`` (the CLI
+    and ``fit``, which write more files beside the run's), when it is not empty."""
+    allowed = "allowed: a new or empty folder, or continuing the run (--resume RUN, resume=RUN)"
     if run_dir.exists() and not run_dir.is_dir():
-        raise CheckpointError(f"run directory {str(run_dir)!r} is a file; allowed: a new or "
-                              "empty folder")
-    held = [f for f in RUN_FILES if (run_dir / f).exists()]
-    if held:
-        raise CheckpointError(f"run directory {str(run_dir)!r} already holds a run "
-                              f"({', '.join(held)}), which a new run would overwrite; allowed: "
-                              "a new or empty folder, or continue it (--resume, resume=RUN)")
+        raise RunError(f"run directory {str(run_dir)!r} is a file; allowed: a new or empty folder")
+    if (run_dir / "checkpoint.pt").exists():
+        raise RunError(f"run directory {str(run_dir)!r} already holds a run (checkpoint.pt), "
+                       f"which a new run would overwrite; {allowed}")
+    if empty and run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"run directory {str(run_dir)!r} already exists and is not empty; "
+                       "allowed: a new or empty folder")
 
 
 def rng_state(device: torch.device | None = None) -> dict:
@@ -263,6 +269,14 @@ def write_metrics(run_dir: Path, metrics: list[dict]) -> None:
     atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(text.encode()))
 
 
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the temporary files of :func:`atomic_write` that a process killed mid-write
+    (SIGKILL, a power cut) left in ``run_dir``: the run's files themselves are intact."""
+    for name in RUN_FILES:
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 class Saver:
     """Writes a run's files (``config.toml``, ``metrics.jsonl``, ``checkpoint.pt``) for a
     ``training.TrainState`` and keeps the last checkpoint payload, what a rollback returns to.
@@ -273,6 +287,7 @@ class Saver:
         self.state, self.run_dir = state, run_dir
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale_temp_files(run_dir)
             write_metrics(run_dir, state.metrics)
         if run_dir is not None and not (run_dir / "checkpoint.pt").is_file():
             self.save()  # keeps last_good too; a resumed run's changes are written at save()

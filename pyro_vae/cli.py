@@ -162,11 +162,7 @@ def _run_dir(args) -> Path:
     path = _out_folder(args.runs_dir, "--runs-dir") / name
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--name = {name!r}: {str(path)!r} is a file; allowed: a new name")
-    if path.exists() and any(path.iterdir()):
-        raise RunError(
-            f"run directory {str(path)!r} already exists and is not empty; pick another "
-            "--name, or continue it with --resume"
-        )
+    ckpt_io.check_new_run_dir(path, empty=True)  # figures are written beside the run
     return path
 
 
@@ -349,7 +345,7 @@ def cmd_inspect(args) -> int:
     written = write_figures(run, out)
     print(f"wrote {len(written)} figures to {out}/: {', '.join(p.name for p in written)}")
     if not any(p.name == "kl_per_dimension.png" for p in written):
-        print(f"no kl_per_dimension.png: {NO_KL_PER_DIMENSION}")
+        print(f"kl_per_dimension.png {NO_KL_PER_DIMENSION}")  # "not available: needs ..."
     return 0
 
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 from statistics import NormalDist
 from typing import NamedTuple
 
-import numpy as np
-
 import pyro.distributions as dist
 import torch
 
@@ -85,24 +83,23 @@ def kl_to_exact(q: dist.Distribution, exact: dist.Distribution, draws: int = 400
 def nuts_health(nuts: NutsResult, n_points: int, max_rhat: float = 1.01,
                 min_ess: float = 400) -> dict:
     """NUTS' gates: max R-hat, min bulk ESS (and per second), divergences, passed or not.
-    Where every chain stayed at one and the same value (a sampler that never moved from its
-    start) there is no variance at all: R-hat cannot be estimated, so R-hat and ESS are None
-    with ``diagnostics_note`` saying why, and the gates fail."""
+    Where no chain moved at all (zero within-chain variance in some z element, a sampler
+    stuck at its start), R-hat is undefined (chains at one value) or unbounded (at several):
+    R-hat and ESS are then None with ``diagnostics_note`` saying why, and the gates fail."""
     rhat = arviz_bridge.rhat(nuts.idata)  # (N, D)
     ess = arviz_bridge.ess_bulk(nuts.idata)
-    estimable = bool(np.isfinite(rhat).all() and np.isfinite(ess).all())
-    stuck = int((~np.isfinite(rhat) | ~np.isfinite(ess)).sum())
+    frozen = int((nuts.samples.var(1) == 0).all(0).sum())  # (C, S, N, D) -> elements
+    note = None if not frozen else (
+        f"not available: in {frozen} of the {rhat.size} (point, latent) elements no chain "
+        "moved (zero within-chain variance: R-hat undefined or unbounded)")
     return {
-        "max_rhat": float(rhat.max()) if estimable else None,
-        "min_ess_bulk": float(ess.min()) if estimable else None,
-        "min_ess_bulk_per_second": (float(ess.min() / (nuts.seconds_per_point * n_points))
-                                    if estimable else None),
-        "diagnostics_note": None if estimable else (
-            f"not available: in {stuck} of the {rhat.size} (point, latent) elements every "
-            "chain stayed at one value (no variance within or between chains)"),
-        "divergences": nuts.divergences,
-        "passed": estimable and bool(rhat.max() <= max_rhat and ess.min() >= min_ess
-                                     and nuts.divergences == 0),
+        "max_rhat": None if frozen else float(rhat.max()),
+        "min_ess_bulk": None if frozen else float(ess.min()),
+        "min_ess_bulk_per_second": (None if frozen else
+                                    float(ess.min() / (nuts.seconds_per_point * n_points))),
+        "diagnostics_note": note, "divergences": nuts.divergences,
+        "passed": not frozen and bool(rhat.max() <= max_rhat and ess.min() >= min_ess
+                                      and nuts.divergences == 0),
         "thresholds": {"rhat": max_rhat, "ess_bulk": min_ess},
     }
 

@@ -287,8 +287,8 @@ def training_curves(metrics: list[dict], axes=None):
 
 
 def class_colours(num_classes: int):
-    """One distinct RGBA colour per class ``[K, 4]``: tab10's first K (K <= 10), tab20's
-    (K <= 20), else K evenly spaced viridis colours."""
+    """One distinct colour per class, K of them (RGB triples from tab10 for K <= 10, tab20
+    for K <= 20; else K evenly spaced viridis colours, RGBA ``[K, 4]``)."""
     plt = _plt()
     if num_classes <= 10:
         return plt.get_cmap("tab10").colors[:num_classes]

@@ -14,23 +14,30 @@ def _mean(values) -> float:
     return float(sum(values) / len(values))
 
 
-NEGATIVE_GAP = {  # why a gap that cannot be negative came out below 0 beyond noise
-    "amortization_gap": "the per-point fit is unconverged: more --fit-steps",
-    None: "the log p(x) estimate is too low",  # every gap taken from log p(x)
-}
+PRINTED = 5e-5  # values are printed to 4 decimals: nearer 0 than this they read 0.0000
 
 
-def _with_noise(value: float, se: float, is_gap: bool, key: str | None = None) -> str:
-    """``value +- se``; a gap within 2 SE of zero is said to be 0 within noise, one more than
-    2 SE below zero (gaps cannot be negative) is flagged with its likely cause. An SE of 0
-    (a closed-form log p(x)) reads "exact"."""
+def _negative_cause(key: str, exact_log_px: bool) -> str:
+    """What a gap (which cannot be negative) more than 2 SE below 0 can come from: chance
+    (about 1 cell in 40 at 2 SE) first, then the estimate the gap rests on."""
+    if key == "amortization_gap":
+        return "chance, or the per-point fit unconverged: more --fit-steps"
+    return "chance, or an error: log p(x) is exact" if exact_log_px else \
+        "chance, or the log p(x) estimate too low"
+
+
+def _with_noise(value: float, se: float, is_gap: bool, key: str = "", exact: bool = False) -> str:
+    """``value +- se``; a gap (or difference) within 2 SE of zero, or printed as 0, is said
+    to be 0 within noise. A gap of the gap table (``key``), which cannot be negative, more
+    than 2 SE below zero is flagged with what it can come from (``exact``: its log p(x) is
+    exact). An SE of 0 (an exact log p(x)) reads "exact"."""
     if se == 0 and not is_gap:
         return f"{value:.4f} (exact)"
     text = f"{value:.4f} +- {se:.4f}"
-    if is_gap and abs(value) < 2 * se:
+    if is_gap and abs(value) < max(2 * se, PRINTED):
         return text + " (0 within noise)"
-    if is_gap and value < 0:
-        return text + f" (below 0 beyond noise: {NEGATIVE_GAP.get(key, NEGATIVE_GAP[None])})"
+    if key and is_gap and value < 0:
+        return text + f" (below 0 by over 2 SE: {_negative_cause(key, exact)})"
     return text
 
 
@@ -49,9 +56,9 @@ def _gaps_markdown(g: dict) -> list[str]:
     for key in (k for k in keys if k in g):
         values, ses = g[key], g[f"{key}_se"]
         mean, mean_se = _mean_and_se(values, ses)
-        gap = key != "log_px"
-        lines.append(f"| {key} | {_with_noise(mean, mean_se, gap, key)} | "
-                     + ", ".join(_with_noise(v, se, gap, key) for v, se in zip(values, ses))
+        gap, exact = key != "log_px", g["log_px_source"] == "exact"
+        lines.append(f"| {key} | {_with_noise(mean, mean_se, gap, key, exact)} | "
+                     + ", ".join(_with_noise(v, se, gap, key, exact) for v, se in zip(values, ses))
                      + " |")
     return lines
 
@@ -153,7 +160,8 @@ def report_markdown(r: dict) -> str:
               "log p(x) - ELBO(best per-point Gaussian: "
               f"{g.get('approximation_fit', 'gaussian-full')}); approximation_gap_diag uses the "
               f"diagonal one; {amortization}. Gaps cannot be negative: one within 2 Monte Carlo "
-              "SE of zero reads \"0 within noise\", one further below zero is flagged."]
+              "SE of zero reads \"0 within noise\", one further below zero is flagged (by chance about "
+              "1 cell in 40)."]
     return "\n".join(lines) + "\n"
 
 

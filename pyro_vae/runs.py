@@ -36,10 +36,7 @@ from .model import VAE
 from .training import resolve_device, train
 
 RUN_FILES = ckpt_io.RUN_FILES
-
-
-class RunError(ValueError):
-    """A run directory is missing or incomplete."""
+RunError = ckpt_io.RunError  # defined beside the files it is about
 
 
 class ConfigFileWarning(UserWarning):
@@ -74,7 +71,9 @@ class Run:
     def q_z(self, x: torch.Tensor, y: torch.Tensor | None = None):
         """The guide's q(z | x) as a torch distribution on the run's device: batch_shape
         [B], event_shape [D]. ``x`` ``[B, X]`` or images, any array or tensor on any device
-        (checked by :meth:`points`), and labels ``y`` ``[B]`` for a conditional run."""
+        (checked by :meth:`points`, so no gradient reaches x: for gradients in x call
+        ``run.vae.q_z(x)`` with float32 ``[B, X]`` on the run's device), and labels ``y``
+        ``[B]`` for a conditional run."""
         return self.vae.q_z(*self.points(x, y))
 
     def sample(self, n: int, label: int | None = None, mean: bool = True) -> torch.Tensor:
@@ -229,10 +228,7 @@ def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None =
     points, shape = as_points(x, "x")  # (N, X)
     labels = None if y is None else as_labels(y, points.shape[0], "y")
     run_dir = Path(run_dir)
-    ckpt_io.check_new_run_dir(run_dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"run directory {str(run_dir)!r} already exists and is not empty; "
-                       "allowed: a new or empty folder")
+    ckpt_io.check_new_run_dir(run_dir, empty=True)  # data.npy is written beside the run
     created = not run_dir.exists()
     file = _save_points(run_dir, points, shape, labels)
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name="file", path=str(file)))

@@ -396,8 +396,8 @@ def _resumed(resume, run_dir, cfg: Config, force: bool) -> tuple[dict | None, Pa
     if isinstance(resume, (str, Path)):
         run_dir = Path(resume) if run_dir is None else run_dir
         resume = ckpt_io.resume_checkpoint(resume, cfg, force)
-    elif resume is None and run_dir is not None and distributed.current().is_main:
-        ckpt_io.check_new_run_dir(Path(run_dir))  # rank 0 writes; the others only read
+    elif resume is None and run_dir is not None:  # on every rank: rank 0 writes only after
+        ckpt_io.check_new_run_dir(Path(run_dir))  # DDP's first collective, past every check
     if resume is not None:
         ckpt_io.check_mid_epoch_batch_size(resume, cfg)
     return resume, None if run_dir is None else Path(run_dir)

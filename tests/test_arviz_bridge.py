@@ -1,5 +1,8 @@
 """The ArviZ boundary: the same names, dims, diagnostics and files under ArviZ 0.x and 1.x."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.figure
@@ -19,6 +22,15 @@ def fixture_draws():
     diverging = torch.zeros(2, 5, dtype=torch.bool)
     diverging[1, 3] = True
     return z, diverging
+
+
+def test_importing_arviz_through_the_bridge_shows_no_refactor_notice(tmp_path):
+    # ArviZ 0.x prints it once a day per home directory: a fresh one always sees it
+    env = {**os.environ, "HOME": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    code = "from pyro_vae import arviz_bridge; arviz_bridge.major_version()"
+    proc = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "refactor" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("written_by", [0, 1])

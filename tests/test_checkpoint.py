@@ -59,12 +59,12 @@ def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tm
     cfg = small_config("train.batch_size=64", subset=300, epochs=2)
     full = train(cfg, tmp_path / "full")
     saved = (tmp_path / "full" / "checkpoint.pt").read_bytes()
-    with pytest.raises(ckpt_io.CheckpointError, match=r"'.*full' already holds a run \(config.toml, "
-                       r"metrics.jsonl, checkpoint.pt\), which a new run would overwrite"):
+    with pytest.raises(ckpt_io.RunError, match=r"'.*full' already holds a run \(checkpoint.pt\), "
+                       r"which a new run would overwrite"):
         train(cfg, tmp_path / "full")  # not resume: a new run in a used folder
     assert (tmp_path / "full" / "checkpoint.pt").read_bytes() == saved
     (tmp_path / "afile").write_text("")
-    with pytest.raises(ckpt_io.CheckpointError, match="'.*afile' is a file; allowed: a new or empty folder"):
+    with pytest.raises(ckpt_io.RunError, match="'.*afile' is a file; allowed: a new or empty folder"):
         train(cfg, tmp_path / "afile")
     polls = iter(range(10**6))  # should_stop is polled after every step: stop after the 3rd
     with pytest.raises(Interrupted, match="stopped at epoch 1, step 3"):
@@ -79,6 +79,19 @@ def test_python_api_resume_equals_an_uninterrupted_run_and_applies_the_policy(tm
     longer = small_config("train.batch_size=64", subset=300, epochs=3)
     assert train(longer, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 3
     assert "epochs = 3" in (tmp_path / "cut" / "config.toml").read_text()  # saved with it
+
+
+def test_a_new_run_killed_before_its_first_checkpoint_leaves_a_folder_a_new_run_can_use(tmp_path,
+                                                                                        monkeypatch):
+    def killed(path, payload):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt_io, "save_checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(subset=300), tmp_path / "run")
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.toml", "metrics.jsonl"]
+    assert train(small_config(subset=300), tmp_path / "run").metrics[-1]["epoch"] == 1
 
 
 def test_a_stop_between_config_and_checkpoint_keeps_the_config_being_saved(tmp_path, monkeypatch):
@@ -136,6 +149,12 @@ def test_writer_killed_mid_write_leaves_the_previous_checkpoint_loadable(trained
     assert proc.returncode == 9
     after = ckpt_io.load_checkpoint(path)
     assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    left = list(trained_run.glob(".checkpoint.pt.*.tmp"))  # the killed writer's half file
+    assert len(left) == 1
+    (trained_run / "notes.tmp").write_text("the user's own")
+    cfg = load_config(trained_run / "config.toml")
+    train(cfg, resume=trained_run)  # the next run on the folder clears the half file only
+    assert not left[0].exists() and (trained_run / "notes.tmp").exists()
 
 
 def test_truncated_or_foreign_checkpoints_are_named(trained_run, tmp_path):

@@ -208,35 +208,45 @@ def test_gap_table_flags_a_gap_below_zero_beyond_noise_and_names_an_exact_log_px
     row = {ln.split(" | ")[0][2:]: ln for ln in table.splitlines() if ln.startswith("| ")}
     assert "| 1.0000 (exact), 1.0000 (exact)," in row["log_px"] and "+-" not in row["log_px"]
     # inference gaps 0.5, -0.3, -0.02 (SE 0.1): positive, below 0 beyond noise, 0 within noise
-    cells = row["inference_gap"].split(" | ")[2].split(", ")
-    assert cells[0] == "0.5000 +- 0.1000"
-    assert cells[1] == "-0.3000 +- 0.1000 (below 0 beyond noise: the log p(x) estimate is too low)"
-    assert cells[2] == "-0.0200 +- 0.1000 (0 within noise) |"
-    amortization = row["amortization_gap"].split(" | ")[2].split(", ")  # 0.2, -0.4, -0.02
-    assert amortization[1].endswith("(below 0 beyond noise: the per-point fit is unconverged: "
-                                    "more --fit-steps)")
+    assert row["inference_gap"].split(" | ")[2] == (
+        "0.5000 +- 0.1000, -0.3000 +- 0.1000 (below 0 by over 2 SE: chance, or an error: log "
+        "p(x) is exact), -0.0200 +- 0.1000 (0 within noise) |")
+    assert "-0.4000 +- 0.1414 (below 0 by over 2 SE: chance, or the per-point fit unconverged: " \
+        "more --fit-steps)" in row["amortization_gap"]  # gaps 0.2, -0.4, -0.02
+    ais = "\n".join(_gaps_markdown(gaps((exact[0], torch.full((3,), 0.05)), elbos, "AIS")))
+    assert "-0.3000 +- 0.1118 (below 0 by over 2 SE: chance, or the log p(x) estimate too low)" in ais
+    from pyro_vae.report import _with_noise
+
+    assert _with_noise(-1e-9, 0.0, True, "approximation_gap", True) == "-0.0000 +- 0.0000 (0 within noise)"
+    assert _with_noise(-0.5, 0.1, True) == "-0.5000 +- 0.1000"  # a difference, not a gap: no flag
 
 
-def test_nuts_health_says_why_r_hat_is_not_available_for_chains_that_never_moved(ring):
+def test_nuts_health_says_why_r_hat_is_not_available_where_no_chain_moved(ring):
     from pyro_vae.comparison import nuts_health
     from pyro_vae.mcmc import NutsResult
 
     torch.manual_seed(0)
     samples = torch.randn(2, 500, 2, 3)
-    samples[:, :, 0, 1] = 0.25  # every chain stuck at its start in one element
+    samples[:, :, 0, 1] = 0.25  # no chain moved from its start in one element ...
+    samples[0, :, 1, 2], samples[1, :, 1, 2] = 0.25, 0.5  # ... at one value, or at two
     nuts = NutsResult(samples, arviz_bridge.from_draws(samples), 0, 0.1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no numpy warning leaks out of ArviZ
         health = nuts_health(nuts, n_points=2)
+        arviz_bridge.summary(nuts.idata)
     assert health["max_rhat"] is None and health["min_ess_bulk"] is None
     assert health["diagnostics_note"] == (
-        "not available: in 1 of the 6 (point, latent) elements every chain stayed at one value "
-        "(no variance within or between chains)")
+        "not available: in 2 of the 6 (point, latent) elements no chain moved (zero "
+        "within-chain variance: R-hat undefined or unbounded)")
     assert not health["passed"]
+    one_stuck = samples.normal_().clone()
+    one_stuck[1, :, 0, 0] = 0.25  # one chain of two stuck: R-hat is defined, and fails
+    mixed = nuts_health(NutsResult(one_stuck, arviz_bridge.from_draws(one_stuck), 0, 0.1), 2)
+    assert mixed["max_rhat"] > 1.5 and not mixed["passed"] and mixed["diagnostics_note"] is None
     text = report_markdown({**ring[1].summary, "nuts": {**ring[1].summary["nuts"], **health}})
     assert "max R-hat n/a (<= 1.01), min bulk ESS n/a (>= 400)" in text
-    assert "R-hat and bulk ESS not available: in 1 of the 6" in text
-    moving = nuts_health(NutsResult(samples.normal_(), arviz_bridge.from_draws(samples), 0, 0.1), 2)
+    assert "R-hat and bulk ESS not available: in 2 of the 6" in text
+    moving = nuts_health(NutsResult(samples, arviz_bridge.from_draws(samples), 0, 0.1), 2)
     assert moving["max_rhat"] < 1.05 and moving["diagnostics_note"] is None
 
 

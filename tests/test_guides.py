@@ -233,7 +233,7 @@ def test_inspect_and_arviz_draws_work_for_a_flow_guide(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "flow")]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert "figures" in printed[-2] and "kl_per_dimension.png" not in printed[-2]
-    assert printed[-1] == "no kl_per_dimension.png: not available: needs a Gaussian guide (not a flow)" \
+    assert printed[-1] == "kl_per_dimension.png not available: needs a Gaussian guide (not a flow)" \
         " and a prior that factorises over dimensions with a closed-form KL from a Normal (normal, " \
         "laplace; not a mixture, VampPrior or Student-t)"
     run = load_run(tmp_path / "flow")

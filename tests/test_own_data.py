@@ -150,12 +150,18 @@ def test_npy_is_memory_mapped_and_converted_once(tmp_path, monkeypatch):
      "uint8 values all 0 or 1: 8-bit values are pixels, divided by 255, so these would read as "
      "0 and 1/255; allowed: for 0/1 data (masks, binary images) bool or float values"),
     (lambda d: write(d / "a.npy", np.ones((4, 2))).rename(d / "a.npz"),
-     "one array written by np.save, under a .npz name; allowed: the file renamed .npy"),
+     "a file written by np.save under a .npz name; allowed: the file renamed .npy"),
     (lambda d: write(d / "a.npy", np.ones((4, 2))).rename(d / "a.pt"),
-     "one array written by np.save, under a .pt name; allowed: the file renamed .npy"),
+     "a file written by np.save under a .pt name; allowed: the file renamed .npy"),
     (lambda d: write(d / "a.npz", np.ones((4, 2))).rename(d / "a.npy"),
-     "a zip archive (a .npz or .pt file) under a .npy name; allowed: an array written by np.save"),
-    (lambda d: write(d / "a.pt", np.ones((4, 2))).rename(d / "a.npy"), "a zip archive"),
+     "a file written by np.savez under a .npy name; allowed: the file renamed .npz"),
+    (lambda d: write(d / "a.pt", np.ones((4, 2))).rename(d / "a.npy"),
+     "a file written by torch.save under a .npy name; allowed: the file renamed .pt"),
+    (lambda d: write(d / "a.pt", np.ones((4, 2))).rename(d / "a.npz"), "by torch.save under a .npz"),
+    (lambda d: write(d / "a.npz", np.ones((4, 2))).rename(d / "a.pt"), "by np.savez under a .pt"),
+    (lambda d: (torch.save(torch.ones(4, 2), d / "old.pt", _use_new_zipfile_serialization=False)
+                or (d / "old.pt").rename(d / "old.npy")), "by torch.save under a .npy name"),
+    (lambda d: (d / "tiny.npy").write_bytes(b"abc") and d / "tiny.npy", "not a readable .npy array"),
     (lambda d: torch.save({"x": np.ones((4, 2))}, d / "np.pt") or d / "np.pt",
      "holds objects other than tensors (numpy."),
     (lambda d: (d / "old.pt").write_bytes(b"\x80\x02junk") and d / "old.pt", "not a readable .pt file"),
@@ -242,7 +248,7 @@ def test_bad_image_folders_are_named(tmp_path):
     deep = image_folder(tmp_path / "deep", sizes=[(8, 8), (8, 8)])
     Image.fromarray(np.full((8, 8), 30000, np.uint16)).save(deep / "cat" / "16.png")
     with pytest.raises(DataError, match=r"image '.*16.png' has PIL mode 'I;16' \(more than 8 "
-                                        r"bits a value\); allowed: 8-bit images"):
+                                        r"bits a value\); allowed: modes 1, L, LA"):
         load_dataset(file_config(deep))  # RGB conversion would clip it to white
     broken = image_folder(tmp_path / "broken", sizes=[(8, 8), (8, 8)])
     (broken / "cat" / "9.png").write_bytes(b"not a png")
@@ -436,7 +442,7 @@ def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_
     with pytest.raises(RunError, match="'.*used' already exists and is not empty"):
         fit(x, run_dir=tmp_path / "used", overrides=TINY)
     (tmp_path / "afile").write_text("")
-    with pytest.raises(CheckpointError, match="'.*afile' is a file; allowed: a new or empty folder"):
+    with pytest.raises(RunError, match="'.*afile' is a file; allowed: a new or empty folder"):
         fit(x, run_dir=tmp_path / "afile", overrides=TINY)
     with pytest.raises(ConfigError, match="data.path = '.*x.npy': fit takes the data as x"):
         fit(x, run_dir=tmp_path / "p", overrides=["data.path=x.npy", *TINY])
