@@ -240,3 +240,16 @@ def test_gpu_wheels_refuses_a_kit_pip_cannot_install_and_bad_arguments(tmp_path)
     roots = {r.name for r in gw.roots(ROOT / "pyproject.toml", env)}
     assert {"pyro-ppl", "arviz", "pytest", "pytest-xdist"} <= roots
     assert "torch" in gw.read_have(ROOT / "benchmarks" / "gpu_image_packages.txt")
+
+
+def test_bench_ais_se_reads_an_se_half_the_spread_as_ratio_2_and_counts_coverage():
+    bench = benchmark("bench_ais_se")
+    torch.manual_seed(0)
+    exact = torch.zeros(50)
+    est = exact + 0.1 * torch.randn(4000, 50)  # spread 0.1 over repeats, no bias
+    chains, ratio, covered, bias = bench.row(16, est, torch.full_like(est, 0.05), exact).split("|")
+    assert int(chains) == 16 and float(ratio) == pytest.approx(2.0, abs=0.03)
+    assert float(covered) == pytest.approx(0.68, abs=0.01)  # +- 2 SE = +- 1 spread
+    assert float(bias) == pytest.approx(0.0, abs=0.005)
+    honest = bench.row(16, est - 0.05, torch.full_like(est, 0.1), exact).split("|")
+    assert float(honest[1]) == pytest.approx(1.0, abs=0.02) and float(honest[3]) == pytest.approx(-0.05, abs=0.005)
