@@ -19,15 +19,17 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # the CLI only writes files: never a window
 
 from . import checkpoint as ckpt_io  # noqa: E402
 from . import distributed
-from .config import ConfigError, load_config
+from .config import SEED_MAX, ConfigError, load_config
 from .data import DataError
 from .evaluate import NO_KL_PER_DIMENSION, evaluate_model
 from .runs import RunError, check_run_dir, load_run
@@ -130,6 +132,12 @@ def _at_least(*checks: tuple[str, int, int]) -> None:
             raise ConfigError(f"{flag} = {value}: must be >= {low}")
 
 
+def _seed_in_range(seed: int) -> None:
+    """Refuse a ``--seed`` that numpy cannot take, by name."""
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"--seed = {seed}: allowed 0..{SEED_MAX}")
+
+
 def _out_folder(path: str | Path, flag: str) -> Path:
     """An output folder (created when written to); refused, by name, when it is a file."""
     path = Path(path)
@@ -158,6 +166,9 @@ def _out_figure(path: str | Path, flag: str) -> Path:
 
 
 def _run_dir(args) -> Path:
+    if args.name is not None and (args.name in ("", ".", "..") or Path(args.name).name != args.name):
+        raise ConfigError(f"--name = {args.name!r}: allowed: a plain folder name (no path "
+                          "separators; the folder goes in --runs-dir)")
     name = args.name or time.strftime("%Y%m%d-%H%M%S")
     path = _out_folder(args.runs_dir, "--runs-dir") / name
     if path.exists() and not path.is_dir():
@@ -300,9 +311,12 @@ def cmd_evaluate(args) -> int:
     if args.n is not None:
         _at_least(("--n", args.n, 1))
     if args.seed is not None:
-        _at_least(("--seed", args.seed, 0))
+        _seed_in_range(args.seed)
     if args.ais_steps is not None:
         _at_least(("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device = 'cuda' but no CUDA device is available on this machine; "
+                          "allowed here: auto, cpu")
     run = load_run(args.run, device=args.device)
     ds = run.dataset
     n = ds.x_test.shape[0] if args.n is None else args.n
@@ -354,6 +368,7 @@ def cmd_compare(args) -> int:
     from .report import write_comparison
     from .settings import run_setting, toy_setting
 
+    _seed_in_range(args.seed)
     _at_least(("--points", args.points, 1), ("--chains", args.chains, 2),
               ("--warmup", args.warmup, 1), ("--draws", args.draws, 10), ("--iw-k", args.iw_k, 2),
               ("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2),
@@ -364,6 +379,10 @@ def cmd_compare(args) -> int:
         if args.set:
             raise ConfigError("--set applies to the toy settings; a run keeps its own config")
         run = load_run(args.run)
+        if args.points > run.dataset.x_test.shape[0]:
+            raise ConfigError(f"--points = {args.points}: the run's test set has "
+                              f"{run.dataset.x_test.shape[0]} points; allowed 1.."
+                              f"{run.dataset.x_test.shape[0]}")
         setting = run_setting(run, args.points)
         out = _out_folder(args.out or run.path / "compare", "--out")
     else:
@@ -388,6 +407,15 @@ def cmd_compare(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    previous, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        return _run(args)
+    finally:
+        warnings.formatwarning = previous
+
+
+def _run(args) -> int:
+    """The command, with bad input answered in one line (exit status 2)."""
     try:
         return {"train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate,
                 "inspect": cmd_inspect, "compare": cmd_compare}[args.command](args)
@@ -399,6 +427,17 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as err:
         print(f"pyro-vae: training failed: {err}", file=sys.stderr)
         return 1
+    except OSError as err:  # a folder or file the command cannot create, write or read
+        if err.filename is None:
+            raise
+        print(f"pyro-vae: error: {str(err.filename)!r}: {err.strerror or err}; allowed: paths "
+              "this user can read and write (folders that are folders)", file=sys.stderr)
+        return 2
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """``pyro-vae: warning: Category: message`` (not Python's file, line and source)."""
+    return f"pyro-vae: warning: {category.__name__}: {message}\n"
 
 
 def entry() -> None:

@@ -39,6 +39,9 @@ def register_choices(key: str, registry: Mapping[str, Any]) -> None:
     _REGISTRIES[key] = registry
 
 
+SEED_MAX = 2**32 - 1  # numpy's seeds (pyro.set_rng_seed seeds numpy too)
+
+
 def _spec(default, *, choices=None, low=None, low_open=False, high=None, high_open=False,
           doc=""):
     """A dataclass field with validation metadata.
@@ -61,7 +64,8 @@ class DataConfig:
     download: bool = _spec(False, doc="allow torchvision to download missing files")
     binarize: str = _spec("dynamic", choices=("none", "dynamic", "static"))
     subset: int = _spec(0, low=0, doc="keep only the first N training images (0 = all)")
-    seed: int = _spec(0, low=0, doc="seed of the train/test split and toy generators")
+    seed: int = _spec(0, low=0, high=SEED_MAX,
+                      doc="seed of the train/test split and toy generators")
     size: int = _spec(10000, low=10, doc="number of points drawn for toy data sets")
     obs_dim: int = _spec(10, low=1, doc="linear-gaussian: dimension of x")
     true_latent_dim: int = _spec(2, low=1, doc="linear-gaussian: dimension of the true z")
@@ -120,7 +124,7 @@ class TrainConfig:
     compile: bool = _spec(False, doc="torch.compile the loss (train.elbo trace or meanfield)")
     cuda_graph: bool = _spec(False, doc="replay each step as one CUDA graph (train.elbo trace "
                              "or meanfield, one process; uncaptured on the CPU): graphs.py")
-    seed: int = _spec(0, low=0)
+    seed: int = _spec(0, low=0, high=SEED_MAX)
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
     beta: float = _spec(1.0, low=0.0, doc="weight of the KL term")
     kl_warmup_epochs: int = _spec(0, low=0, doc="linear warm-up of beta from 0")
@@ -284,14 +288,21 @@ def config_file(path: str | Path) -> Path:
     if path.is_dir():
         raise ConfigError(f"config file {str(path)!r} is a folder; allowed: a TOML file, or a "
                           "bundled config's name")
-    names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.toml")))
-    raise ConfigError(f"config file {str(path)!r} does not exist; bundled configs, "
-                      f"by name: {names}")
+    stems = sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.toml"))
+    if path.parent == Path(".") and path.suffix == ".toml" and path.stem in stems:
+        return BUNDLED_CONFIGS / path.name  # "ring_2d.toml" for the bundled ring_2d
+    near = difflib.get_close_matches(path.stem.lower(), stems, n=1)
+    hint = f" (did you mean {near[0]!r}?)" if near and path.parent == Path(".") else ""
+    raise ConfigError(f"config file {str(path)!r} does not exist{hint}; bundled configs, "
+                      f"by name: {', '.join(stems)}")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Defaults <- TOML file at ``path`` (or a bundled config's name, see
     :func:`config_file`) <- ``section.key=value`` overrides; validated."""
+    if isinstance(overrides, (str, Mapping)) or overrides is None:
+        raise ConfigError(f"overrides = {overrides!r}; allowed: a list of 'section.key=value' "
+                          "strings, e.g. ['train.epochs=10']")
     tree: dict = {}
     if path is not None:
         path = config_file(path)

@@ -46,6 +46,9 @@ class ConfigFileWarning(UserWarning):
 def check_run_dir(path: str | Path) -> Path:
     """``path`` as a Path, after checking that it holds every file of a run."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunError(f"run directory {str(path)!r} is a file; allowed: a run's folder (the "
+                       "one holding checkpoint.pt)")
     if not path.is_dir():
         raise RunError(f"run directory {str(path)!r} does not exist")
     missing = [f for f in RUN_FILES if not (path / f).is_file()]
@@ -225,6 +228,9 @@ def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None =
     if cfg.data.path:
         raise ConfigError(f"data.path = {cfg.data.path!r}: fit takes the data as x; "
                           "allowed: no data.path")
+    if cfg.model.conditional and y is None:
+        raise ConfigError("model.conditional = true needs labels; allowed: fit(x, y) with one "
+                          "whole-number label per point")
     points, shape = as_points(x, "x")  # (N, X)
     labels = None if y is None else as_labels(y, points.shape[0], "y")
     run_dir = Path(run_dir)

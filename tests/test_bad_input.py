@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from pyro_vae.cli import main
+from pyro_vae.config import ConfigError, load_config
 from pyro_vae.runs import ConfigFileWarning, load_run
 
 TINY = ["--set", "model.hidden=[16]", "--set", "model.latent_dim=2", "--set", "train.epochs=1"]
@@ -152,6 +153,25 @@ BAD_INPUTS = {
                              "--out = '{d}' is a folder; allowed: a figure file"),
     "compare into a file": (lambda run, d: ["compare", "--setting", "ring", "--out", _a_file(d)],
                             "--out = '{d}/afile' is a file; allowed: a folder"),
+    "a seed numpy cannot take": (_train("train.seed=4294967296"),
+                                 "train.seed = 4294967296: out of range, must be >= 0 and <= 4294967295"),
+    "an evaluate seed numpy cannot take": (lambda run, d: ["evaluate", str(run), "--seed", str(2**64)],
+                                           f"--seed = {2**64}: allowed 0..4294967295"),
+    "a compare seed below 0": (lambda run, d: ["compare", "--setting", "ring", "--seed", "-1"],
+                               "--seed = -1: allowed 0..4294967295"),
+    "a run name that leaves --runs-dir": (lambda run, d: ["train", "--runs-dir", str(d), "--name", "../x"],
+                                          "--name = '../x': allowed: a plain folder name"),
+    "a run directory that is a file": (lambda run, d: ["sample", str(run / "config.toml")],
+                                       "config.toml' is a file; allowed: a run's folder"),
+    "runs under a file's path": (lambda run, d: _a_file(d) and ["train", "--quiet", "--runs-dir",
+                                                                 f"{d}/afile/sub", "--name", "x"],
+                                 "'{d}/afile/sub/x': Not a directory; allowed: paths this user can "
+                                 "read and write"),
+    "a misspelled bundled config": (lambda run, d: ["train", "--config", "ring2d"],
+                                    "config file 'ring2d' does not exist (did you mean 'ring_2d'?)"),
+    "compare more points than the run has": (lambda run, d: ["compare", "--setting", "run", "--run",
+                                                             str(run), "--points", "100000"],
+                                             "--points = 100000: the run's test set has"),
     "force without resume": (lambda run, d: ["train", "--force", "--runs-dir", str(d)],
                              "--force without --resume: it accepts a changed config when "
                              "continuing a run"),
@@ -298,3 +318,31 @@ def test_a_checkpoint_with_a_damaged_field_is_refused_naming_it(run, capsys, key
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert err.startswith("pyro-vae: error: checkpoint ") and "is damaged: " + expected in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_evaluate_on_cuda_without_a_gpu_names_the_flag(run, capsys):
+    assert main(["evaluate", str(run), "--device", "cuda"]) == 2
+    assert "pyro-vae: error: --device = 'cuda' but no CUDA device" in capsys.readouterr().err
+
+
+def test_python_overrides_of_the_wrong_shape_and_fit_without_labels_are_named(tmp_path):
+    from pyro_vae import fit
+
+    for wrong in ("train.epochs=1", {"train.epochs": 1}, None):
+        with pytest.raises(ConfigError, match=r"overrides = .*; allowed: a list of 'section.key=value'"):
+            load_config(None, wrong)
+    with pytest.raises(ConfigError, match=r"model.conditional = true needs labels; allowed: fit\(x, y\)"):
+        fit(np.ones((10, 3)), run_dir=tmp_path / "c", overrides=["model.conditional=true"])
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_bundled_config_is_found_by_its_file_name_too():
+    assert load_config("ring_2d.toml") == load_config("ring_2d")
+
+
+def test_cli_warnings_read_as_one_line_without_python_source():
+    from pyro_vae.cli import _one_line_warning
+
+    assert _one_line_warning(UserWarning("careful"), UserWarning, "/x/training.py", 435,
+                             "loss = make_loss(cfg)") == "pyro-vae: warning: UserWarning: careful\n"

@@ -76,7 +76,7 @@ def test_a_bundled_config_loads_by_name_and_a_wrong_name_lists_them(tmp_path, mo
     monkeypatch.chdir(tmp_path)  # by name from anywhere, not only from a clone
     assert load_config("ring_2d") == load_config(BUNDLED_CONFIGS / "ring_2d.toml")
     assert load_config("ring_2d").likelihood.sigma == 0.05
-    with pytest.raises(ConfigError, match=r"'ring_3d' does not exist; bundled configs, by name: .*ring_2d"):
+    with pytest.raises(ConfigError, match=r"'ring_3d' does not exist \(did you mean 'ring_2d'\?\); bundled configs, by name: .*ring_2d"):
         load_config("ring_3d")
     for name in TOY_CONFIGS.values():  # compare's toy settings are bundled configs
         assert (BUNDLED_CONFIGS / f"{name}.toml").is_file()
