@@ -222,7 +222,7 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
                          (["--ais-steps", "1"], "--ais-steps = 1: must be >= 2"),
                          (["--n", "1001"], "--n = 1001: the test set has 1000 points"),
                          (["--n", "0"], "--n = 0: must be >= 1"),
-                         (["--seed", "-1"], "--seed = -1: must be >= 0")):
+                         (["--seed", "-1"], "--seed = -1: allowed 0..4294967295")):
         assert main(["evaluate", run, *bad]) == 2
         assert message in capsys.readouterr().err
 
