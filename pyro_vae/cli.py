@@ -23,7 +23,6 @@ import warnings
 from pathlib import Path
 
 import matplotlib
-import torch
 
 matplotlib.use("Agg")  # the CLI only writes files: never a window
 
@@ -314,9 +313,7 @@ def cmd_evaluate(args) -> int:
         _seed_in_range(args.seed)
     if args.ais_steps is not None:
         _at_least(("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2))
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device = 'cuda' but no CUDA device is available on this machine; "
-                          "allowed here: auto, cpu")
+    resolve_device(args.device, "--device")  # refused by its flag's name before any work
     run = load_run(args.run, device=args.device)
     ds = run.dataset
     n = ds.x_test.shape[0] if args.n is None else args.n

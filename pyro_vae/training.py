@@ -60,16 +60,16 @@ class TrainResult(NamedTuple):
     run_dir: Path | None
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is refused (a
-    ``torch.device`` is taken as it is)."""
+def resolve_device(name: str | torch.device, field: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available else CPU; ``cuda`` without a GPU is refused, naming
+    ``field`` (a ``torch.device`` is taken as it is)."""
     if isinstance(name, torch.device):
         return name
     if name not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device = {name!r}; allowed: auto, cpu, cuda (or a torch.device)")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(
-            "train.device = 'cuda' but no CUDA device is available on this machine; "
+            f"{field} = 'cuda' but no CUDA device is available on this machine; "
             "allowed here: auto, cpu"
         )
     if name == "auto":
