@@ -87,6 +87,7 @@ def mcse_mean(data, var: str = "z") -> np.ndarray:
     return np.asarray(_arviz().mcse(group(data), method="mean")[var].values)
 
 
+TRACE_DIMS = 10  # plot_trace shows this many latent dims at most: matplotlib's 10 colours
 HDI_PROB = 0.94  # the interval of summary and plot_forest, under both major versions
 SUMMARY_COLUMNS = ("mean", "sd", "hdi_3%", "hdi_97%", "mcse_mean", "mcse_sd", "ess_bulk",
                    "ess_tail", "r_hat")
@@ -127,23 +128,33 @@ def load(path: str | Path):
 
 def plot_trace(data, var: str = "z", point: int = 0):
     """ArviZ's trace plot of ``var`` at data point ``point``: kernel density estimates of the
-    marginals (left) and the draws (right), one colour per latent dim, one line style per
-    chain, with legends for both; returns the matplotlib Figure."""
-    az, coords = _arviz(), {"point": [point]}
+    marginals (left) and the draws (right), one colour per latent dim (the first
+    ``TRACE_DIMS``: colours repeat beyond), one line style per chain, with legends for both;
+    returns the matplotlib Figure."""
+    sizes = group(data)[var].sizes
+    total, chains = sizes[DIMS[var][-1]], sizes["chain"]
+    shown = min(total, TRACE_DIMS)
+    az, coords = _arviz(), {"point": [point], DIMS[var][-1]: list(range(shown))}
+    size = (11, max(3, 1.0 + 0.2 * (shown + chains + 4)))  # inches: both legends fit beside
     if major_version() >= 1:
         pc = az.plot_trace_dist(data, var_names=[var], coords=coords, kind="kde",
-                                backend="matplotlib")
+                                backend="matplotlib", figure_kwargs={"figsize": size})
         pc.add_legend(["point", "latent", "__variable__"],  # colour: all but chain and draw
-                      title="point, latent")
-        pc.add_legend("chain")  # line style
+                      title="point, latent", fontsize=8)
+        pc.add_legend("chain", fontsize=8)  # line style, below the colours
         fig = pc.viz["figure"].item()
     else:
         axes = np.asarray(az.plot_trace(data, var_names=[var], coords=coords, compact=True,
-                                        legend=True)).ravel()
-        for ax in axes:
-            ax.set_title("")  # the variable's name, which the figure's title gives
+                                        legend=True, figsize=size)).ravel()
         fig = axes[0].figure
-    fig.suptitle(f"{var} at point {point}: colour per latent dim, line style per chain")
+        for ax, where in zip(axes, ("upper", "lower")):  # each panel's legend, moved beside
+            ax.set_title("")  # the variable's name, which the figure's title gives
+            inside = ax.get_legend()
+            fig.legend(inside.legend_handles, [t.get_text() for t in inside.texts], fontsize=8,
+                       title=inside.get_title().get_text(), loc=f"outside right {where}")
+            inside.remove()
+    which = f", latent dims 0-{shown - 1} of {total}" if shown < total else ""
+    fig.suptitle(f"{var} at point {point}{which}: colour per latent dim, line style per chain")
     return fig
 
 

@@ -101,3 +101,19 @@ def test_plots_return_a_figure_for_the_requested_point():
     for fig, names in ((trace, {"0", "1"}), (forest, {"NUTS", "guide"})):  # chains; models
         legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
         assert any(names <= {t.get_text() for t in lg.get_texts()} for lg in legends), fig
+
+
+def test_the_trace_plot_shows_at_most_ten_latent_dims_with_legends_beside_the_panels():
+    torch.manual_seed(0)
+    fig = arviz_bridge.plot_trace(arviz_bridge.from_draws(torch.randn(4, 30, 2, 12)), point=0)
+    lines = [line for ax in fig.axes for line in ax.get_lines() if len(line.get_xdata()) == 30]
+    assert len(lines) == 4 * arviz_bridge.TRACE_DIMS  # chains x the first ten dims
+    assert fig._suptitle.get_text().startswith("z at point 0, latent dims 0-9 of 12: ")
+    fig.canvas.draw()
+    legends = [lg.get_window_extent() for lg in fig.legends]
+    assert len(legends) == 2 and not any(ax.get_legend() for ax in fig.axes)
+    panels = [ax.get_window_extent() for ax in fig.axes if ax.get_visible() and ax.has_data()]
+    assert not any(lg.overlaps(p) for lg in legends for p in panels)  # nothing hidden
+    assert not legends[0].overlaps(legends[1])
+    width, height = fig.canvas.get_width_height()
+    assert all(lg.x1 <= width and lg.y0 >= 0 for lg in legends)  # inside the figure
