@@ -178,6 +178,20 @@ def _bounds(fld: dataclasses.Field) -> str:
     return (" " + " and ".join(parts)) if parts else ""
 
 
+def _spelling(value: Any, kind: type) -> str:
+    """A hint for a number TOML does not read (``.001``, ``05``, ``1.``), or a whole float
+    (``1e3``) given for an integer: how to write it."""
+    try:
+        number = float(value) if isinstance(value, (str, float)) else None
+    except ValueError:
+        return ""
+    if number is None or not math.isfinite(number) or (isinstance(value, float) and kind is float):
+        return ""
+    if kind is int:
+        return f" (write {int(number)})" if number.is_integer() else ""
+    return f" (TOML spells it {number!r})"
+
+
 def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
     """Coerce ``value`` to the field's type and check its range and choices."""
     kind = fld.type
@@ -186,10 +200,10 @@ def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
             raise ConfigError(f"{key} = {value!r}: expected true or false")
     elif kind in ("int", int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key} = {value!r}: expected an integer")
+            raise ConfigError(f"{key} = {value!r}: expected an integer{_spelling(value, int)}")
     elif kind in ("float", float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} = {value!r}: expected a number")
+            raise ConfigError(f"{key} = {value!r}: expected a number{_spelling(value, float)}")
         value = float(value)
         if not math.isfinite(value):
             raise ConfigError(f"{key} = {value!r}: expected a finite number{_bounds(fld)}")
@@ -297,12 +311,17 @@ def config_file(path: str | Path) -> Path:
                       f"by name: {', '.join(stems)}")
 
 
-def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Defaults <- TOML file at ``path`` (or a bundled config's name, see
-    :func:`config_file`) <- ``section.key=value`` overrides; validated."""
+def _check_overrides(overrides) -> None:
+    """Refuse overrides that are not a list of strings (one string would be read by letter)."""
     if isinstance(overrides, (str, Mapping)) or overrides is None:
         raise ConfigError(f"overrides = {overrides!r}; allowed: a list of 'section.key=value' "
                           "strings, e.g. ['train.epochs=10']")
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- TOML file at ``path`` (or a bundled config's name, see
+    :func:`config_file`) <- ``section.key=value`` overrides; validated."""
+    _check_overrides(overrides)  # before the file is read
     tree: dict = {}
     if path is not None:
         path = config_file(path)
@@ -314,6 +333,17 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
             from_dict(tree)
         except ConfigError as err:
             raise ConfigError(f"config file {str(path)!r}: {err}") from None
+    return _overridden(tree, overrides)
+
+
+def with_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """``cfg`` <- ``section.key=value`` overrides; validated (e.g. a checkpoint's config)."""
+    return _overridden(to_dict(cfg), overrides)
+
+
+def _overridden(tree: dict, overrides: Iterable[str]) -> Config:
+    """:func:`from_dict` of ``tree`` (modified in place) with the overrides set."""
+    _check_overrides(overrides)
     for text in overrides:
         section, key, value = parse_override(text)
         tree.setdefault(section, {})

@@ -195,12 +195,17 @@ class VAE(nn.Module):
 
 
 def _guide_family(cfg: Config, latent_dim: int):
-    """``GUIDES[guide.name]``, with a MADE too narrow for the latent refused by name."""
+    """``GUIDES[guide.name]``, with a MADE too narrow for the latent, or a low rank above it
+    (W W^T of rank r > D is no more than a full covariance, at r - D wasted columns), refused
+    by name."""
     g = cfg.guide
     if g.name == "iaf" and min(g.hidden) < latent_dim:
         raise ConfigError(
             f"guide.hidden = {list(g.hidden)}: each width of an IAF's MADE must be >= "
             f"model.latent_dim = {latent_dim}")
+    if g.name == "full" and g.rank > latent_dim:
+        raise ConfigError(f"guide.rank = {g.rank}: above model.latent_dim = {latent_dim}; "
+                          f"allowed: 0 (Cholesky factor) or 1..{latent_dim} (low rank)")
     return GUIDES[g.name](g, latent_dim)
 
 

@@ -53,6 +53,11 @@ def test_dump_round_trips_and_hash_tracks_content():
     ("data.binarize=yes", "allowed: none, dynamic, static"),
     ("train.device=tpu", "allowed: auto, cpu, cuda"),
     ("epochs=5", "expected section.key=value"),
+    # numbers TOML does not read arrive as strings: the error says how to write them
+    ("train.lr=.001", "train.lr = '.001': expected a number (TOML spells it 0.001)"),
+    ("train.lr=1.", "train.lr = '1.': expected a number (TOML spells it 1.0)"),
+    ("train.epochs=05", "train.epochs = '05': expected an integer (write 5)"),
+    ("train.epochs=1e3", "train.epochs = 1000.0: expected an integer (write 1000)"),
 ])
 def test_bad_values_name_key_value_and_allowed(override, expected):
     with pytest.raises(ConfigError) as err:

@@ -134,6 +134,10 @@ def test_guides_that_cannot_meet_the_chosen_objective_are_refused_by_name():
         build_vae("guide.name=iaf", "prior.name=vamp")
     with pytest.raises(ConfigError, match=r"guide.hidden = \[2\].*>= model.latent_dim = 4"):
         build_vae("guide.name=iaf", "guide.hidden=[2]")
+    with pytest.raises(ConfigError, match=r"guide.rank = 5: above model.latent_dim = 4; "
+                                          r"allowed: 0 \(Cholesky factor\) or 1..4"):
+        build_vae("guide.name=full", "guide.rank=5")
+    assert build_vae("guide.name=full", "guide.rank=4")[2].family.num_params == 2 * 4 + 16
 
 
 def test_bad_guide_values_get_one_clear_error_each():
