@@ -289,6 +289,8 @@ class Saver:
             run_dir.mkdir(parents=True, exist_ok=True)
             _remove_stale_temp_files(run_dir)
             write_metrics(run_dir, state.metrics)
+            if not (run_dir / "config.toml").is_file():  # lost from a run being resumed
+                self._write_config()
         if run_dir is not None and not (run_dir / "checkpoint.pt").is_file():
             self.save()  # keeps last_good too; a resumed run's changes are written at save()
         else:

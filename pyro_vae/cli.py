@@ -16,19 +16,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # the CLI only writes files: never a window
 
 from . import checkpoint as ckpt_io  # noqa: E402
 from . import distributed
-from .config import SEED_MAX, ConfigError, load_config
+from .config import SEED_MAX, ConfigError, from_dict, load_config, with_overrides
 from .data import DataError
 from .evaluate import NO_KL_PER_DIMENSION, evaluate_model
 from .runs import RunError, check_run_dir, load_run
@@ -145,6 +148,15 @@ def _out_folder(path: str | Path, flag: str) -> Path:
     return path
 
 
+def _writable_folder(path: str | Path, flag: str) -> Path:
+    """:func:`_out_folder`, created now and written to once (a temporary file), so that a
+    folder this user cannot write fails before the computation, not after it."""
+    path = _out_folder(path, flag)
+    path.mkdir(parents=True, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()  # PermissionError -> one line in _run
+    return path
+
+
 def _out_figure(path: str | Path, flag: str) -> Path:
     """An output figure file: ``.png`` added when it has no extension; a format matplotlib
     cannot write, or a folder that does not exist, refused by name."""
@@ -181,8 +193,8 @@ def cmd_train(args) -> int:
         raise ConfigError("--force without --resume: it accepts a changed config when continuing "
                           "a run; allowed: --resume RUN --force, or no --force for a new run")
     if args.resume:
-        run_dir = check_run_dir(args.resume)
-        cfg = load_config(args.config or run_dir / "config.toml", args.set)
+        run_dir = check_run_dir(args.resume, needs=("checkpoint.pt",))
+        cfg = _resumed_config(args, run_dir)
     else:
         cfg = load_config(args.config, args.set)
         run_dir = _run_dir(args)
@@ -194,6 +206,15 @@ def cmd_train(args) -> int:
         finally:
             distributed.dist.destroy_process_group()
     return _train_and_report(args, cfg, run_dir, distributed.Group())
+
+
+def _resumed_config(args, run_dir: Path):
+    """The config to continue ``run_dir`` with: ``--config``, else the run's config.toml, else
+    (that file lost) the config in its checkpoint; then ``--set``."""
+    if args.config or (run_dir / "config.toml").is_file():
+        return load_config(args.config or run_dir / "config.toml", args.set)
+    ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoint.pt", map_location="cpu")
+    return with_overrides(from_dict(ckpt["config"]), args.set)
 
 
 def _train_and_report(args, cfg, run_dir: Path, group) -> int:
@@ -315,6 +336,10 @@ def cmd_evaluate(args) -> int:
         _at_least(("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2))
     resolve_device(args.device, "--device")  # refused by its flag's name before any work
     run = load_run(args.run, device=args.device)
+    out = _writable_folder(run.path, "RUN") / "eval.json"  # checked before the work
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"RUN = {args.run!r}: {str(out)!r} is not a file; allowed: a run "
+                          "whose eval.json is a file or absent (evaluate writes it)")
     ds = run.dataset
     n = ds.x_test.shape[0] if args.n is None else args.n
     if n > ds.x_test.shape[0]:
@@ -334,7 +359,8 @@ def cmd_evaluate(args) -> int:
                                     batch_size=args.batch_size, seed=seed)
         rows.append((f"log p(x), AIS {args.ais_steps} steps x {args.ais_chains} chains (nats)",
                      _estimate(results[key]["log_px"])))
-    out = run.path / "eval.json"
+    width = max(len(r[0]) for r in rows)
+    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))  # before the write
     try:  # earlier settings' results stay; an unreadable or old-format file is replaced
         saved = json.loads(out.read_text()) if out.is_file() else {}
     except ValueError:
@@ -342,15 +368,13 @@ def cmd_evaluate(args) -> int:
     saved = saved if all(isinstance(v, dict) and "n" in v for v in saved.values()) else {}
     payload = json.dumps({**saved, **results}, indent=1).encode()  # other settings' numbers stay
     ckpt_io.atomic_write(out, lambda f: f.write(payload))
-    width = max(len(r[0]) for r in rows)
-    print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))
     print(f"wrote {', '.join(results)} to {out}")
     return 0
 
 
 def cmd_inspect(args) -> int:
     run = load_run(args.run)
-    out = _out_folder(args.out or run.path / "figures", "--out")
+    out = _writable_folder(args.out or run.path / "figures", "--out")
     from .inspection import write_figures
 
     written = write_figures(run, out)
@@ -381,7 +405,7 @@ def cmd_compare(args) -> int:
                               f"{run.dataset.x_test.shape[0]} points; allowed 1.."
                               f"{run.dataset.x_test.shape[0]}")
         setting = run_setting(run, args.points)
-        out = _out_folder(args.out or run.path / "compare", "--out")
+        out = _writable_folder(args.out or run.path / "compare", "--out")
     else:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
@@ -390,6 +414,7 @@ def cmd_compare(args) -> int:
             raise ConfigError(f"--out = {str(out)!r} holds an earlier comparison, whose toy VAE "
                               f"({str(out / 'run')!r}) this one would overwrite; allowed: a new "
                               "folder, or that one removed")
+        _writable_folder(out, "--out")
         setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run",
                               overrides=args.set)
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
@@ -424,12 +449,33 @@ def _run(args) -> int:
     except NonFiniteError as err:
         print(f"pyro-vae: training failed: {err}", file=sys.stderr)
         return 1
+    except RuntimeError as err:  # an allocator's failure, e.g. model.latent_dim = 10**8
+        if not _out_of_memory(err):
+            raise
+        print(f"pyro-vae: error: {_out_of_memory(err)}", file=sys.stderr)
+        return 2
     except OSError as err:  # a folder or file the command cannot create, write or read
         if err.filename is None:
             raise
         print(f"pyro-vae: error: {str(err.filename)!r}: {err.strerror or err}; allowed: paths "
               "this user can read and write (folders that are folders)", file=sys.stderr)
         return 2
+
+
+def _out_of_memory(err: RuntimeError) -> str:
+    """One line for torch's CPU or CUDA out-of-memory error ('' for any other error): how
+    much one allocation asked for, and the sizes that set it."""
+    text = str(err)
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        asked = text.split(".")[0]  # "CUDA out of memory. Tried to allocate 2.00 GiB. ..."
+    elif "can't allocate memory" in text:
+        found = re.search(r"allocate (\d+) bytes", text)
+        asked = f"tried to allocate {int(found[1]) / 2**30:.1f} GiB" if found else "CPU"
+    else:
+        return ""
+    return (f"out of memory ({asked} at once); allowed: sizes that fit this machine: the "
+            "config's model.latent_dim, model.hidden, train.batch_size, train.eval_batch_size "
+            "and data sizes, and the command's --n, --k, --batch-size, --points, --chains")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

@@ -43,20 +43,21 @@ class ConfigFileWarning(UserWarning):
     """A run's ``config.toml`` is not the config stored in its checkpoint (which is used)."""
 
 
-def check_run_dir(path: str | Path) -> Path:
-    """``path`` as a Path, after checking that it holds every file of a run."""
+def check_run_dir(path: str | Path, needs: tuple[str, ...] = RUN_FILES) -> Path:
+    """``path`` as a Path, after checking that it holds the files ``needs`` (every file of a
+    run; ``--resume`` needs only checkpoint.pt, which holds the config and the metrics)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunError(f"run directory {str(path)!r} is a file; allowed: a run's folder (the "
                        "one holding checkpoint.pt)")
     if not path.is_dir():
         raise RunError(f"run directory {str(path)!r} does not exist")
-    missing = [f for f in RUN_FILES if not (path / f).is_file()]
+    missing = [f for f in needs if not (path / f).is_file()]
     if missing:
-        raise RunError(
-            f"run directory {str(path)!r} is incomplete: missing {', '.join(missing)} "
-            f"(a run holds {', '.join(RUN_FILES)})"
-        )
+        repair = (f"; `pyro-vae train --resume {path}` writes them again from checkpoint.pt"
+                  if (path / "checkpoint.pt").is_file() else "")
+        raise RunError(f"run directory {str(path)!r} is incomplete: missing {', '.join(missing)} "
+                       f"(a run holds {', '.join(RUN_FILES)}){repair}")
     return path
 
 

@@ -181,6 +181,10 @@ BAD_INPUTS = {
     "damaged metrics.jsonl": (_damaged_metrics, "metrics.jsonl', line 1, is not valid JSON"),
     "resume of a missing run": (lambda run, d: ["train", "--resume", str(d / "nope")],
                                 "run directory '{d}/nope' does not exist"),
+    "an eval.json that is a folder": (lambda run, d: (run / "eval.json").mkdir() or
+                                      ["evaluate", str(run)],
+                                      "eval.json' is not a file; allowed: a run whose eval.json "
+                                      "is a file or absent"),
     "sample n = 0": (lambda run, d: ["sample", str(run), "--n", "0"], "--n = 0: must be >= 1"),
     "evaluate batch size 0": (lambda run, d: ["evaluate", str(run), "--batch-size", "0"],
                               "--batch-size = 0: must be >= 1"),
@@ -287,6 +291,91 @@ def test_a_damaged_metrics_file_is_written_again_by_resume(run, capsys):
     assert main(["train", "--quiet", "--resume", str(run)]) == 0
     assert (run / "metrics.jsonl").read_text() == good
     assert main(["evaluate", str(run), "--k", "5"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["evaluate", "{run}", "--k", "5"], ["inspect", "{run}"],
+                                  ["compare", "--setting", "run", "--run", "{run}"],
+                                  ["compare", "--setting", "ring", "--out", "{run}/../c"]])
+def test_a_folder_that_cannot_be_written_fails_before_the_work(run, capsys, monkeypatch, argv):
+    import pyro_vae.cli
+    import pyro_vae.comparison
+    import pyro_vae.inspection
+
+    def refused(dir):
+        raise PermissionError(13, "Permission denied", f"{dir}/tmpfile")
+
+    def work(*args, **kwargs):
+        raise AssertionError("the work started before the folder was checked")
+
+    monkeypatch.setattr(pyro_vae.cli.tempfile, "TemporaryFile", refused)
+    for module, name in [(pyro_vae.cli, "evaluate_model"), (pyro_vae.inspection, "write_figures"),
+                         (pyro_vae.comparison, "compare")]:
+        monkeypatch.setattr(module, name, work)
+    assert main([a.format(run=run) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1, err
+    assert "tmpfile': Permission denied; allowed: paths this user can read and write" in err
+
+
+def test_evaluate_prints_its_results_before_it_writes_them(run, capsys, monkeypatch):
+    import pyro_vae.cli
+
+    def full_disk(path, write):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(pyro_vae.cli.ckpt_io, "atomic_write", full_disk)
+    assert main(["evaluate", str(run), "--k", "5"]) == 2
+    captured = capsys.readouterr()
+    assert "ELBO, K=5 draws (nats)" in captured.out  # the numbers are not lost with the file
+    assert "eval.json': No space left on device" in captured.err
+
+
+def test_a_run_that_lost_its_config_and_metrics_is_restored_by_resume(run, capsys):
+    files = {f: (run / f).read_text() for f in ("config.toml", "metrics.jsonl")}
+    for f in files:
+        (run / f).unlink()
+    assert main(["evaluate", str(run), "--k", "5"]) == 2
+    assert (f"missing config.toml, metrics.jsonl (a run holds config.toml, metrics.jsonl, "
+            f"checkpoint.pt); `pyro-vae train --resume {run}` writes them again") in capsys.readouterr().err
+    assert main(["train", "--quiet", "--resume", str(run)]) == 0  # the checkpoint holds both
+    assert {f: (run / f).read_text() for f in files} == files
+    (run / "config.toml").unlink()
+    assert main(["train", "--quiet", "--resume", str(run), "--set", "train.epochs=2"]) == 2
+    assert "train.epochs = 2, the run has 1" in capsys.readouterr().err  # checkpoint's config
+    (run / "checkpoint.pt").unlink()
+    assert main(["train", "--quiet", "--resume", str(run)]) == 2
+    assert "is incomplete: missing checkpoint.pt" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                  "allocate memory: you tried to allocate 800000000000 bytes. Error code 12"),
+     "out of memory (tried to allocate 745.1 GiB at once); allowed: sizes that fit"),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has"),
+     "out of memory (CUDA out of memory at once); allowed: sizes that fit"),
+])
+def test_a_size_beyond_the_memory_gives_one_line(run, capsys, monkeypatch, error, expected):
+    import pyro_vae.inspection
+
+    def allocate(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pyro_vae.inspection, "prior_samples_figure", allocate)
+    assert main(["sample", str(run), "--n", "10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1, err
+    assert expected in err and "--n" in err
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(run, monkeypatch):
+    import pyro_vae.inspection
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    monkeypatch.setattr(pyro_vae.inspection, "prior_samples_figure", broken)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):  # a bug stays loud
+        main(["sample", str(run), "--n", "10"])
 
 
 def test_an_unknown_device_is_refused_by_name(run, capsys):
