@@ -128,9 +128,9 @@ def load(path: str | Path):
 
 def plot_trace(data, var: str = "z", point: int = 0):
     """ArviZ's trace plot of ``var`` at data point ``point``: kernel density estimates of the
-    marginals (left) and the draws (right), one colour per latent dim (the first
-    ``TRACE_DIMS``: colours repeat beyond), one line style per chain, with legends for both;
-    returns the matplotlib Figure."""
+    marginals (left) and the draws (right) of the first ``TRACE_DIMS`` latent dims (the
+    title says when there are more), one colour per dim, one line style per chain, with
+    legends for both; returns the matplotlib Figure."""
     sizes = group(data)[var].sizes
     total, chains = sizes[DIMS[var][-1]], sizes["chain"]
     shown = min(total, TRACE_DIMS)

@@ -242,8 +242,11 @@ def check_mid_epoch_batch_size(ckpt: dict, cfg: Config) -> None:
 
 def load_state(module: torch.nn.Module, state: dict, source: str) -> None:
     """``module.load_state_dict(state)`` with an error that lists every tensor that does
-    not fit (missing, unexpected, or of another shape)."""
+    not fit (missing, unexpected, or of another shape). Buffers the module builds from its
+    config (``persistent=False``), which checkpoints of earlier versions hold, are ignored."""
     own = module.state_dict()
+    built = {name for name, _ in module.named_buffers()} - set(own)
+    state = {k: v for k, v in state.items() if k not in built}
     problems = [f"missing {k}" for k in own if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in own]
     problems += [

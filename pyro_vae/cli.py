@@ -3,9 +3,14 @@
     pyro-vae train [--config F] [--set section.key=value ...] [--name N] [--runs-dir D]
                    [--quiet] [--resume RUN [--force]]
     pyro-vae sample RUN [--n 64] [--label L] [--out FILE]
-    pyro-vae evaluate RUN [--k 1000] [--batch-size 100]
+    pyro-vae evaluate RUN [--k 1000] [--batch-size 100] [--n N] [--seed S] [--device D]
+                      [--ais-steps T [--ais-chains C]]
     pyro-vae inspect RUN [--out DIR]
     pyro-vae compare --setting linear-gaussian|ring|run [--run RUN] [--points N] [--out DIR]
+                     [--chains --warmup --draws --no-jit --iw-k --ais-steps --ais-chains
+                      --fit-steps --seed --set ...]
+
+(``pyro-vae CMD --help`` says what each option does.)
 
 The only place that prints. Bad input exits with status 2 and one line naming the field,
 the value and what is allowed; SIGINT/SIGTERM during training write a checkpoint and
@@ -255,18 +260,11 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
 def cmd_sample(args) -> int:
     _at_least(("--n", args.n, 1))
     run = load_run(args.run)
-    if args.label is not None and not run.vae.num_classes:
-        raise ConfigError(f"--label = {args.label}: run {args.run!r} is not conditional "
-                          "(model.conditional = false); drop --label")
-    if args.label is not None and not 0 <= args.label < run.vae.num_classes:
-        raise ConfigError(
-            f"--label = {args.label}: out of range; allowed 0..{run.vae.num_classes - 1}"
-        )
+    labels = run.prior_labels(args.n, args.label, "--label")  # (n,) or None; checked first
     suffix = "" if args.label is None else f"_label{args.label}"
     out = _out_figure(args.out or run.path / f"prior_samples{suffix}.png", "--out")
     from .inspection import prior_samples_figure, save_figure
 
-    labels = run.prior_labels(args.n, args.label)  # (n,) or None
     figure = prior_samples_figure(run.vae, run.dataset, args.n, labels,
                                   "" if args.label is None else f", class {args.label}")
     save_figure(figure, out)
@@ -375,11 +373,13 @@ def cmd_evaluate(args) -> int:
 def cmd_inspect(args) -> int:
     run = load_run(args.run)
     out = _writable_folder(args.out or run.path / "figures", "--out")
-    from .inspection import write_figures
+    from .inspection import skipped_figures, write_figures
 
-    written = write_figures(run, out)
-    print(f"wrote {len(written)} figures to {out}/: {', '.join(p.name for p in written)}")
-    if not any(p.name == "kl_per_dimension.png" for p in written):
+    written = [p.name for p in write_figures(run, out)]
+    print(f"wrote {len(written)} figures to {out}/: {', '.join(written)}")
+    for name, reason in skipped_figures(run).items():
+        print(f"{name} {reason}")  # "not available: needs ..."
+    if "kl_per_dimension.png" not in written:
         print(f"kl_per_dimension.png {NO_KL_PER_DIMENSION}")  # "not available: needs ..."
     return 0
 
@@ -466,8 +466,9 @@ def _out_of_memory(err: RuntimeError) -> str:
     """One line for torch's CPU or CUDA out-of-memory error ('' for any other error): how
     much one allocation asked for, and the sizes that set it."""
     text = str(err)
-    if isinstance(err, torch.cuda.OutOfMemoryError):
-        asked = text.split(".")[0]  # "CUDA out of memory. Tried to allocate 2.00 GiB. ..."
+    if isinstance(err, torch.cuda.OutOfMemoryError):  # "... Tried to allocate 2.00 GiB. ..."
+        found = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
+        asked = f"CUDA: tried to allocate {found[1]}" if found else "CUDA"
     elif "can't allocate memory" in text:
         found = re.search(r"allocate (\d+) bytes", text)
         asked = f"tried to allocate {int(found[1]) / 2**30:.1f} GiB" if found else "CPU"

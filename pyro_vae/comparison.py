@@ -168,6 +168,7 @@ def _diff(a: tuple, b: tuple) -> tuple[list, list]:
 
 FIT_OF_GUIDE = {"gaussian": "gaussian-diag", "full": "gaussian-full"}  # same family, per point
 FULL_FIT_MAX_DIM = 10  # full-covariance Gaussians are fitted per point up to this latent size
+ELBO_DRAWS = 2000  # draws per point of each approximation's ELBO (and its Monte Carlo SE)
 
 
 def gaps(log_px: tuple, elbos: dict, source: str, guide: str = "gaussian") -> dict:
@@ -264,7 +265,8 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         raise ValueError(f"ais_chains = {ais_chains}: must be >= 2 (one chain per point has "
                          "no spread, so AIS would carry no Monte Carlo SE)")
     n_points = setting.x.shape[0]
-    qs, seconds = _approximations(setting, fit_steps)
+    with seeded(seed, setting.x.device):  # the per-point fits' particles
+        qs, seconds = _approximations(setting, fit_steps)
     nuts = run_nuts(setting, chains, warmup, draws, jit, seed, progress)
     nuts_draws = nuts.samples.flatten(0, 1)  # (C*S, N, D)
     if setting.exact is not None:
@@ -273,14 +275,15 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         ref = (nuts_draws.mean(0), nuts_draws.std(0))
     with seeded(seed, setting.x.device):
         log_px, source, checks = _log_px(setting, qs, iw_k, (ais_steps, ais_chains))
-        elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, 2000, q=q))
+        elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, ELBO_DRAWS,
+                                                q=q))
                  for k, q in qs.items()}
         methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k], setting.exact),
                        "seconds_per_point": seconds[k]} for k, q in qs.items()}
         floor = energy_noise_floor(nuts.samples)
     summary = {
         "setting": setting.name, "points": n_points, "latent_dim": setting.vae.latent_dim,
-        "guide": setting.vae.guide_name, "fit_steps": fit_steps,
+        "guide": setting.vae.guide_name, "fit_steps": fit_steps, "elbo_draws": ELBO_DRAWS,
         "reference": "exact posterior" if setting.exact is not None else "NUTS",
         "nuts": {"chains": chains, "warmup": warmup, "draws": draws, "jit": jit,
                  **nuts_health(nuts, n_points, max_rhat, min_ess),

@@ -359,7 +359,8 @@ def dumps(cfg: Config) -> str:
 
 
 def config_hash(cfg: Config) -> str:
-    """sha256 of the canonical TOML text; equal configs have equal hashes."""
+    """The first 16 hex digits of the sha256 of the canonical TOML text; equal configs have
+    equal hashes."""
     return hashlib.sha256(dumps(cfg).encode()).hexdigest()[:16]
 
 

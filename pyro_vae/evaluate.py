@@ -46,13 +46,16 @@ def rng_untouched(device: torch.device | str = "cpu"):
 
 @contextlib.contextmanager
 def seeded(seed: int | None, device: torch.device | str = "cpu"):
-    """Run the block with torch's RNG seeded, leaving the caller's RNG stream untouched
-    (every GPU's too: ``torch.manual_seed`` reseeds them all)."""
+    """Run the block with torch's RNG seeded, the CPU's stream and (for a CUDA ``device``)
+    every GPU's, leaving the caller's streams untouched (``torch.manual_seed`` would reseed
+    the GPUs also for a CPU ``device``, outside the fork)."""
     if seed is None:
         yield
         return
     with rng_untouched(device):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU stream torch.manual_seed sets
+        if torch.device(device).type == "cuda":
+            torch.cuda.manual_seed_all(seed)
         yield
 
 
@@ -210,7 +213,8 @@ def iw_log_likelihood(vae: VAE, x, y=None, k: int = 1000, chunk: int = 100,
 
 @torch.no_grad()
 def posterior_means(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor:
-    """E_q[z | x] for every data point ``[N, D]`` (estimated from draws for a flow guide)."""
+    """E_q[z | x] for every data point ``[N, D]`` of ``x [N, X]``, ``batch_size`` points at a
+    time (estimated from draws for a flow guide: ``guides.moments``)."""
     return torch.cat([moments(vae.q_z(xb, yb))[0] for xb, yb in batches(x, y, batch_size)])
 
 
@@ -358,7 +362,7 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     check_counts(x, k=k, batch_size=batch_size, chunk=chunk)
     with seeded(seed, x.device):  # a flow guide's posterior means are drawn too
         p = _per_point(vae, x, y, k, batch_size, chunk)
-        means = posterior_means(vae, x, y)  # (N, D)
+        means = posterior_means(vae, x, y, batch_size)  # (N, D)
     p["elbo"] = p["rec"] - p["kl"]
     one_draw = "n/a: one draw per point (K=1) has no spread" if k == 1 else None
     est = {name: with_errors(p[key], p[f"{key}_se"], one_draw) for name, key in (

@@ -4,7 +4,8 @@
 many encoder outputs it needs per data point (``num_params`` = P), holds any parameters of
 its own (flows), and maps the encoder output ``h [..., P]`` to q(z | x) with
 ``batch_shape == [...]`` and ``event_shape == [D]``. Every guide starts from the diagonal
-Gaussian of the first 2D outputs, ``loc = h[:D]``, ``scale = softplus(h[D:2D]) + 1e-4``:
+Gaussian of the first 2D outputs, ``loc = h[..., :D]``,
+``scale = softplus(h[..., D:2D]) + 1e-4``:
 
 - ``gaussian``: q = N(loc, diag(scale^2)), P = 2D (the default; Kingma & Welling 2014).
 - ``full``: q = N(loc, L L^T) with L lower-triangular, diagonal ``scale`` and the strictly
@@ -85,7 +86,6 @@ def full(cfg: GuideConfig, latent_dim: int) -> Guide:
     """q(z|x) = N(loc, L L^T) (Cholesky factor L: D(D-1)/2 more outputs), or with
     ``cfg.rank = r > 0`` N(loc, W W^T + diag(scale^2)) (W ``[D, r]``: rD more outputs)."""
     d, r = latent_dim, cfg.rank
-    rows, cols = torch.tril_indices(d, d, offset=-1)
 
     def make(h, flows):
         loc, scale = gaussian_params(h, d)  # (..., D) each
@@ -93,7 +93,8 @@ def full(cfg: GuideConfig, latent_dim: int) -> Guide:
         if r:
             return dist.LowRankMultivariateNormal(loc, rest.unflatten(-1, (d, r)), scale**2)
         tril = torch.diag_embed(scale)  # (..., D, D)
-        tril[..., rows.to(h.device), cols.to(h.device)] = rest
+        rows, cols = torch.tril_indices(d, d, offset=-1, device=h.device)  # made there: no copy
+        tril[..., rows, cols] = rest
         return dist.MultivariateNormal(loc, scale_tril=tril)
 
     # the correlations start at zero: random ones over D(D-1)/2 entries start far from any

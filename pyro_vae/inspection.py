@@ -19,8 +19,8 @@ from .model import VAE
 
 def tile(images: torch.Tensor, image_shape: tuple[int, ...], nrow: int) -> torch.Tensor:
     """Images ``[N, X]`` (X = C*H*W) -> one mosaic, blank-padded: ``[rows*H, nrow*W]`` for
-    grey images (C = 1; other C but 3: the channel mean), ``[rows*H, nrow*W, 3]`` in [0, 1]
-    for colour (C = 3)."""
+    grey images (C = 1; any other C except 3: the mean over channels), ``[rows*H, nrow*W,
+    3]`` in [0, 1] for colour (C = 3)."""
     c, h, w = image_shape
     n = images.shape[0]
     rows = -(-n // nrow)
@@ -102,8 +102,9 @@ def samples_figure(samples, image_shape=None, reference=None, title="samples: me
 
 
 def write_basic_figures(vae: VAE, ds, out, n: int = 16) -> list[Path]:
-    """``reconstructions.png`` (n test points) and ``samples.png`` (64 prior samples; for
-    vector data draws x ~ p(x|z) over the test data) of a trained model into ``out``."""
+    """``reconstructions.png`` (n test points) and ``samples.png`` (images: 64 prior
+    samples; vectors: 2000 draws x ~ p(x|z), z ~ p(z), over the test data) of a trained
+    model into ``out``."""
     out = Path(out)
     y = ds.y_test[:n] if vae.num_classes else None
     recon = save_figure(reconstructions_figure(ds.x_test[:n], vae.reconstruct(ds.x_test[:n], y),
@@ -249,13 +250,16 @@ def traversal_data(vae: VAE, x0, dims, steps: int = 9, span: float = 3.0, scale=
 
 
 @torch.no_grad()
-def interpolation_data(vae: VAE, xa, xb, steps: int = 10, ya=None):
-    """Decoded means along the straight line between E_q[z | xa] and E_q[z | xb]: ``[steps, X]``."""
-    y1h = vae.onehot(ya)
-    za = moments(vae.q_z_onehot(xa[None], y1h))[0]
-    zb = moments(vae.q_z_onehot(xb[None], y1h))[0]
-    t = torch.linspace(0, 1, steps, device=za.device)[:, None]
-    return vae.likelihood_dist(za + t * (zb - za), None if y1h is None else y1h.expand(steps, -1)).mean
+def interpolation_data(vae: VAE, xa, xb, steps: int = 10, ya=None, yb=None):
+    """Decoded means along the straight line between E_q[z | xa] and E_q[z | xb]: ``[steps, X]``
+    for points ``xa``, ``xb`` ``[X]``. A conditional VAE encodes each with its own label
+    (``ya``, ``yb`` ``[1]``) and decodes with the one-hot labels interpolated alike."""
+    ya1h, yb1h = vae.onehot(ya), vae.onehot(yb)
+    za = moments(vae.q_z_onehot(xa[None], ya1h))[0]  # (1, D)
+    zb = moments(vae.q_z_onehot(xb[None], yb1h))[0]
+    t = torch.linspace(0, 1, steps, device=za.device)[:, None]  # (steps, 1)
+    labels = None if ya1h is None else ya1h + t * (yb1h - ya1h)  # (steps, C)
+    return vae.likelihood_dist(za + t * (zb - za), labels).mean
 
 
 # --------------------------------------------------------------------------- drawing
@@ -427,6 +431,19 @@ def _uncertainty_figure(vae: VAE, x: torch.Tensor, y, dims: list[int], out: Path
     return save_figure(ax.figure, out / "posterior_uncertainty.png")
 
 
+ONE_TEST_POINT = "not available: needs two test points (the run's test set has one)"
+
+
+def skipped_figures(run) -> dict[str, str]:
+    """The figures :func:`write_figures` leaves out for ``run``, each with the reason (the
+    PCA and the interpolation need two test points)."""
+    if len(run.dataset.x_test) > 1:
+        return {}
+    names = (["latent_pca.png"] if run.vae.latent_dim > 2 else []) + (
+        ["interpolation.png"] if run.dataset.image_shape is not None else [])
+    return {name: ONE_TEST_POINT for name in names}
+
+
 @torch.no_grad()
 def write_figures(run, out, n: int = 16) -> list[Path]:
     """Every figure of ``pyro-vae inspect`` for a loaded run (``runs.Run``) into ``out``."""
@@ -437,18 +454,27 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
     written = [save_figure(training_curves(run.metrics), out / "training_curves.png"),
                *write_basic_figures(vae, ds, out, n)]
     means = posterior_means(vae, ds.x_test, y)  # (N, D)
-    variances = means.var(0)
-    active = variances.argsort(descending=True)  # most active dims first
-    written += _latent_space_figures(vae, ds, means, out)
+    if len(means) > 1:
+        spread = means.std(0)  # (D,)
+        active = spread.argsort(descending=True)  # most active dims first
+    else:  # one test point: dims in order, unit steps
+        spread, active = None, torch.arange(vae.latent_dim)
+    skipped = skipped_figures(run)
+    if "latent_pca.png" not in skipped:
+        written += _latent_space_figures(vae, ds, means, out)
     if shape is not None:
         dims = active[: min(8, vae.latent_dim)].tolist()
         y0 = None if y is None else y[:1]
-        ax = image_grid(traversal_data(vae, ds.x_test[0], dims, scale=variances.sqrt(), y0=y0),
-                        shape, nrow=9, title=f"traversals of dims {dims} (+-3 std of the means)")
+        steps = "+-3 std of the means" if spread is not None else "+-3, one test point"
+        ax = image_grid(traversal_data(vae, ds.x_test[0], dims, scale=spread, y0=y0),
+                        shape, nrow=9, title=f"traversals of dims {dims} ({steps})")
         written.append(save_figure(ax.figure, out / "traversals.png"))
-        ax = image_grid(interpolation_data(vae, ds.x_test[0], ds.x_test[1], ya=y0), shape,
-                        nrow=10, title="latent interpolation between two test images")
-        written.append(save_figure(ax.figure, out / "interpolation.png"))
+        if "interpolation.png" not in skipped:
+            data = interpolation_data(vae, ds.x_test[0], ds.x_test[1], ya=y0,
+                                      yb=None if y is None else y[1:2])
+            ax = image_grid(data, shape, nrow=10,
+                            title="latent interpolation between two test images")
+            written.append(save_figure(ax.figure, out / "interpolation.png"))
     written.append(_uncertainty_figure(vae, ds.x_test[:8], None if y is None else y[:8],
                                        active[:2].tolist(), out))
     kl = kl_per_dimension(vae, ds.x_test, y)

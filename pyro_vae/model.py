@@ -51,8 +51,9 @@ def kl_scaled(weight: float):
 
 
 def check_conv_shape(image_shape: tuple[int, ...] | None, x_dim: int) -> tuple[int, ...]:
-    """The image shape ``(C, H, W)`` the conv networks take: ``image_shape`` (784 values
-    without one: 28x28, as before image shapes were passed). H and W must be divisible by 4."""
+    """The image shape ``(C, H, W)`` the conv networks take: ``image_shape``, or, given none,
+    ``(1, 28, 28)`` for 784 values (an MNIST image; ``VAE(cfg, 784)`` from Python). H and W
+    must be divisible by 4."""
     if image_shape is None and x_dim == 28 * 28:
         image_shape = (1, 28, 28)
     if image_shape is None:
@@ -199,10 +200,10 @@ def _guide_family(cfg: Config, latent_dim: int):
     (W W^T of rank r > D is no more than a full covariance, at r - D wasted columns), refused
     by name."""
     g = cfg.guide
-    if g.name == "iaf" and min(g.hidden) < latent_dim:
+    if g.name == "iaf" and (not g.hidden or min(g.hidden) < latent_dim):
         raise ConfigError(
-            f"guide.hidden = {list(g.hidden)}: each width of an IAF's MADE must be >= "
-            f"model.latent_dim = {latent_dim}")
+            f"guide.hidden = {list(g.hidden)}: an IAF's MADE needs at least one hidden layer, "
+            f"each of width >= model.latent_dim = {latent_dim}")
     if g.name == "full" and g.rank > latent_dim:
         raise ConfigError(f"guide.rank = {g.rank}: above model.latent_dim = {latent_dim}; "
                           f"allowed: 0 (Cholesky factor) or 1..{latent_dim} (low rank)")

@@ -92,8 +92,12 @@ def mlp(sizes: list[int], activation: str) -> nn.Sequential:
 
 
 def _with_label(h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-    """Append the one-hot label ``[B, C]``, broadcast over leading sample dims of ``h``."""
-    return h if y is None else torch.cat([h, y.expand(*h.shape[:-1], y.shape[-1])], dim=-1)
+    """Append the one-hot label ``[..., B, C]`` to ``h [..., X]``, the leading dims of the two
+    broadcast (sample dims of h; a grid of z ``[G, 1, D]`` against B labels)."""
+    if y is None:
+        return h
+    lead = torch.broadcast_shapes(h.shape[:-1], y.shape[:-1])
+    return torch.cat([h.expand(*lead, h.shape[-1]), y.expand(*lead, y.shape[-1])], dim=-1)
 
 
 def conv_features(image_shape) -> tuple[int, int, int]:

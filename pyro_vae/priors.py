@@ -2,13 +2,14 @@
 
 ``PRIORS[name](cfg, latent_dim, x_dim) -> Prior``. A :class:`Prior` is an ``nn.Module``
 holding the prior's learnable parameters (so they live on the model and move with it);
-calling it with the encoder returns a distribution over z with ``batch_shape == ()`` and
-``event_shape == [D]``; the model expands it over the data plate.
+calling it with ``encode`` (the model's ``VAE.encode_gaussian``: points ``[K, X]`` -> the
+guide's Gaussian ``(loc, scale)``, each ``[K, D]``) returns a distribution over z with
+``batch_shape == ()`` and ``event_shape == [D]``; the model expands it over the data plate.
 
 Add an entry from user code with :func:`register_prior`::
 
     def my_prior(cfg, latent_dim, x_dim):
-        return Prior(lambda p, encoder: dist.Normal(p["loc"], 2.0).to_event(1),
+        return Prior(lambda p, encode: dist.Normal(p["loc"], 2.0).to_event(1),
                      fixed={"loc": torch.zeros(latent_dim)})
     register_prior("wide-normal", my_prior)
 """
@@ -25,20 +26,20 @@ from .config import PriorConfig, register_choices
 
 
 class Prior(nn.Module):
-    """p(z) = ``make(params, encoder)``; ``learnable`` tensors become ``nn.Parameter``s,
-    ``fixed`` ones buffers. ``params`` is a dict name -> tensor passed to ``make``."""
+    """p(z) = ``make(params, encode)`` (``encode``: see the module's docstring); ``learnable`` tensors become ``nn.Parameter``s,
+    ``fixed`` ones buffers that follow ``.to(device)`` but are not saved. ``params`` is a dict name -> tensor passed to ``make``."""
 
     def __init__(self, make: Callable, learnable: dict | None = None, fixed: dict | None = None):
         super().__init__()
         self.make = make
         self.learnable = nn.ParameterDict({k: nn.Parameter(v) for k, v in (learnable or {}).items()})
-        for k, v in (fixed or {}).items():
-            self.register_buffer(k, v)
+        for k, v in (fixed or {}).items():  # from the config: a forced resume's new prior.df
+            self.register_buffer(k, v, persistent=False)  # holds, not the checkpoint's
         self._fixed = list(fixed or {})
 
-    def forward(self, encoder: nn.Module | None = None) -> dist.Distribution:
+    def forward(self, encode: Callable | None = None) -> dist.Distribution:
         params = {**self.learnable, **{k: getattr(self, k) for k in self._fixed}}
-        return self.make(params, encoder)
+        return self.make(params, encode)
 
 
 def normal(cfg: PriorConfig, latent_dim: int, x_dim: int) -> Prior:
@@ -105,8 +106,8 @@ def vamp(cfg: PriorConfig, latent_dim: int, x_dim: int) -> Prior:
     k = cfg.components
     g = torch.Generator().manual_seed(0)
 
-    def make(p, encoder):
-        loc, scale = encoder(p["pseudo_inputs"])  # (K, D) each
+    def make(p, encode):
+        loc, scale = encode(p["pseudo_inputs"])  # (K, D) each
         return _gaussian_mixture(torch.zeros(k, device=loc.device), loc, scale)
 
     return Prior(make, learnable={"pseudo_inputs": 0.5 + 0.1 * torch.randn(k, x_dim, generator=g)})

@@ -110,11 +110,11 @@ def _diagnostic(n: dict, key: str, fmt: str) -> str:
     return "n/a" if n[key] is None else format(n[key], fmt)
 
 
-def report_markdown(r: dict) -> str:
-    """The report: NUTS gates first, then accuracy, gaps and cost tables."""
+def _nuts_markdown(r: dict) -> list[str]:
+    """The title, the NUTS health gates and what the tables below measure."""
     n = r["nuts"]
     status = "PASSED" if n["passed"] else "FAILED"
-    lines = [
+    return [
         f"# VI versus MCMC: {r['setting']}",
         "",
         f"**NUTS health gates {status}**: max R-hat {_diagnostic(n, 'max_rhat', '.4f')} "
@@ -129,13 +129,18 @@ def report_markdown(r: dict) -> str:
         f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}"
         + (f", per-point Gaussians fitted in {r['fit_steps']} SVI steps" if "fit_steps" in r else "")
         + ". Means over points; errors in units of the reference posterior std; ELBO +- its "
-        "Monte Carlo SE (2,000 draws per point).",
+        f"Monte Carlo SE ({r.get('elbo_draws', 2000):,} draws per point).",
+    ]
+
+
+def _methods_markdown(r: dict) -> list[str]:
+    """The accuracy and cost table: one row per approximation, then NUTS."""
+    n, exact = r["nuts"], "kl_to_exact" in r["methods"]["amortized"]
+    lines = [
         "",
         "| approximation | mean error | std ratio | energy dist. to NUTS | 90% coverage of NUTS |"
-        + (" KL to exact |" if "kl_to_exact" in r["methods"]["amortized"] else "")
-        + " ELBO | s / point | cost vs NUTS |",
-        "| --- | --- | --- | --- | --- |" + (" --- |" if "kl_to_exact" in r["methods"]["amortized"] else "")
-        + " --- | --- | --- |",
+        + (" KL to exact |" if exact else "") + " ELBO | s / point | cost vs NUTS |",
+        "| --- | --- | --- | --- | --- |" + (" --- |" if exact else "") + " --- | --- | --- |",
     ]
     for name, m in r["methods"].items():
         kl = f" {_mean(m['kl_to_exact']):.4f} |" if "kl_to_exact" in m else ""
@@ -147,10 +152,14 @@ def report_markdown(r: dict) -> str:
     lines.append(
         f"| NUTS | {_nuts_error_cell(r)} | {_mean(n['std_ratio']):.3f} | "
         f"{_mean(n['energy_distance_chain_vs_chain']):.4f} (chain vs chain: noise floor) | - |"
-        + (" - |" if "kl_to_exact" in r["methods"]["amortized"] else "")
-        + f" - | {n['seconds_per_point']:.2e} | 1x |")
+        + (" - |" if exact else "") + f" - | {n['seconds_per_point']:.2e} | 1x |")
+    return lines
+
+
+def report_markdown(r: dict) -> str:
+    """The report: NUTS gates first, then accuracy, gaps and cost tables."""
     g = r["gaps"]
-    lines += _gaps_markdown(g)
+    lines = _nuts_markdown(r) + _methods_markdown(r) + _gaps_markdown(g)
     lines += _checks_markdown(r.get("log_px_checks") or {})
     fit = g.get("amortization_fit")
     amortization = (f"amortization_gap = ELBO(per-point fit of the guide's own family: {fit}) - "
@@ -167,7 +176,8 @@ def report_markdown(r: dict) -> str:
 
 def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path]:
     """Write report.md, comparison.json, netCDF ArviZ data per approximation (NUTS with its
-    divergences) and the figures of :func:`write_figures` to ``out``; returns the paths."""
+    divergences) and the figures of :func:`write_comparison_figures` to ``out``; returns
+    the paths."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.md", out / "comparison.json"]
@@ -178,7 +188,7 @@ def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path
     for name, q in r.q.items():
         draws_q = q.sample((s,)).unsqueeze(0)  # (1, S, N, D)
         written.append(arviz_bridge.save(arviz_bridge.from_draws(draws_q), out / f"{name}.nc"))
-    return written + write_figures(r, out, dims)
+    return written + write_comparison_figures(r, out, dims)
 
 
 def _marginals(q):
@@ -191,7 +201,7 @@ def _marginals(q):
     return q.sample((4000,))[:, 0]
 
 
-def write_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
+def write_comparison_figures(r: Comparison, out: Path, dims: int = 3) -> list[Path]:
     """For point 0: marginal overlays of the first ``dims`` latent dims, the pair plot of
     Gaussian ellipses over NUTS draws (D >= 2) and ArviZ's NUTS trace plot."""
     import matplotlib.pyplot as plt

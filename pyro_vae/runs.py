@@ -85,16 +85,21 @@ class Run:
         the mean of p(x | z), or (``mean=False``) a draw x ~ p(x | z)."""
         return self.vae.sample(n, self.prior_labels(n, label), mean=mean)
 
-    def prior_labels(self, n: int, label: int | None = None) -> torch.Tensor | None:
+    def prior_labels(self, n: int, label: int | None = None,
+                     field: str = "label") -> torch.Tensor | None:
         """Labels ``[n]`` of n prior draws of a conditional run: all ``label``, or the
-        classes in turn; None for an unconditional run (which refuses a ``label``)."""
-        if not self.vae.num_classes:
-            if label is not None:
-                raise ValueError(f"label = {label}: this run is not conditional "
-                                 "(model.conditional = false)")
+        classes in turn; None for an unconditional run. A ``label`` on an unconditional run
+        or out of range is refused (ConfigError) naming ``field`` (the CLI's ``--label``)."""
+        classes = self.vae.num_classes
+        if label is not None and not classes:
+            raise ConfigError(f"{field} = {label}: run {str(self.path)!r} is not conditional "
+                              f"(model.conditional = false); drop {field}")
+        if label is not None and not 0 <= label < classes:
+            raise ConfigError(f"{field} = {label}: out of range; allowed 0..{classes - 1}")
+        if not classes:
             return None
         if label is None:
-            return torch.arange(n, device=self.device) % self.vae.num_classes
+            return torch.arange(n, device=self.device) % classes
         return torch.full((n,), int(label), device=self.device)
 
     def points(self, x, y=None) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -228,7 +228,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
 
     def loss(x, y, weight: float, validate: bool) -> torch.Tensor:
         if compiled is not None and not validate:
-            # eps as Pyro draws it: [B, D] for one particle, [K, B, D] for K vectorized ones
+            # eps [K, B, D], K = train.num_particles: for K = 1 the values of Pyro's [B, D] draw
             eps = torch.randn(tc.num_particles, x.shape[0], vae.latent_dim, device=x.device)
             value = call_compiled(compiled, vae, x, eps, vae.onehot(y),
                                   x.new_full((), weight), analytic_kl)
@@ -240,6 +240,7 @@ def make_loss(cfg: Config, vae: VAE, group: Group = Group()) -> LossFn:
             defer = not validate and tc.elbo in DEFERRABLE
             with pyro_host_reads_deferred() if defer else contextlib.nullcontext():
                 if not hasattr(elbo, "differentiable_loss"):  # RenyiELBO does its own backward
+                    # and returns a float: one host read a step, whatever train.sync_every
                     return torch.tensor(elbo.loss_and_grads(model, guide, *args, kl_weight=weight),
                                         device=x.device)
                 value = elbo.differentiable_loss(model, guide, *args, kl_weight=weight)

@@ -88,6 +88,20 @@ def test_quadrature_equals_the_exact_linear_gaussian_evidence_for_a_2d_latent():
                                     "model.latent_dim=3")[2], x[:, :2])
 
 
+def test_quadrature_of_a_conditional_vae_gives_each_point_its_own_label():
+    from pyro_vae.config import load_config
+    from pyro_vae.model import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(load_config(None, ["model.conditional=true", "model.latent_dim=2",
+                                 "model.hidden=[8]"]), 4, num_classes=3)
+    x, y = torch.rand(3, 4).round(), torch.tensor([0, 2, 1])
+    together = quadrature_log_px(vae, x, y, n=41)  # (3,)
+    alone = torch.cat([quadrature_log_px(vae, x[i:i + 1], y[i:i + 1], n=41) for i in range(3)])
+    assert torch.allclose(together, alone)
+    assert not torch.allclose(together, quadrature_log_px(vae, x, y.flip(0), n=41))
+
+
 def test_ais_matches_quadrature_on_a_non_gaussian_2d_posterior_and_iwae_climbs_towards_it():
     torch.manual_seed(0)
     cfg, ds, vae = build_vae("data.name=ring", "data.binarize=none", "model.latent_dim=2",

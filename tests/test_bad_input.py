@@ -352,7 +352,7 @@ def test_a_run_that_lost_its_config_and_metrics_is_restored_by_resume(run, capsy
                   "allocate memory: you tried to allocate 800000000000 bytes. Error code 12"),
      "out of memory (tried to allocate 745.1 GiB at once); allowed: sizes that fit"),
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has"),
-     "out of memory (CUDA out of memory at once); allowed: sizes that fit"),
+     "out of memory (CUDA: tried to allocate 20.00 GiB at once); allowed: sizes that fit"),
 ])
 def test_a_size_beyond_the_memory_gives_one_line(run, capsys, monkeypatch, error, expected):
     import pyro_vae.inspection

@@ -124,6 +124,24 @@ def test_resume_with_a_changed_config_is_refused_unless_forced(tmp_path, capsys)
     assert len(metrics_without_seconds(tmp_path / "r")) == 2
 
 
+def test_a_forced_resume_uses_the_new_prior_df_and_old_checkpoints_with_it_still_load():
+    from pyro_vae.model import VAE
+
+    def student(df):
+        return VAE(load_config(None, ["prior.name=student-t", f"prior.df={df}",
+                                      "model.latent_dim=2", "model.hidden=[8]"]), 4)
+
+    five, three = student(5), student(3)
+    assert not any(k.startswith("prior.") for k in five.state_dict())  # built from the config
+    ckpt_io.load_state(three, five.state_dict(), "checkpoint")
+    assert three.prior.df.tolist() == [3.0, 3.0]  # --force with prior.df = 3 trains with 3
+    earlier = {**five.state_dict(), "prior.df": torch.full((2,), 5.0)}  # as saved before
+    ckpt_io.load_state(three, earlier, "checkpoint")  # the saved value is ignored
+    assert three.prior.df.tolist() == [3.0, 3.0]
+    with pytest.raises(ckpt_io.CheckpointError, match="unexpected prior.nope"):
+        ckpt_io.load_state(three, {**earlier, "prior.nope": torch.zeros(1)}, "checkpoint")
+
+
 @pytest.fixture()
 def trained_run(tmp_path):
     assert main(["train", "--quiet", "--set", "data.subset=200", "--set", "model.hidden=[16]",

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from pyro_vae.cli import entry, main
+from pyro_vae.config import ConfigError
+from pyro_vae.runs import load_run
 
 from conftest import metrics_without_seconds
 
@@ -171,3 +173,5 @@ def test_sample_writes_grids_and_checks_labels(tmp_path, capsys):
     assert (tmp_path / "u.png").stat().st_size > 0
     assert main(["sample", str(tmp_path / "u"), "--label", "2"]) == 2
     assert "--label = 2: run" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"label = -1: out of range; allowed 0..9"):
+        load_run(tmp_path / "c").sample(4, label=-1)  # the same check from Python

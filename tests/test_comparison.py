@@ -294,3 +294,22 @@ def test_the_energy_noise_floor_compares_samples_of_the_methods_size(chains, dra
 def test_compare_refuses_one_ais_chain_naming_it():
     with pytest.raises(ValueError, match=r"ais_chains = 1: must be >= 2 \(one chain per point"):
         compare(toy_setting("linear-gaussian", points=1), ais_chains=1)
+
+
+def test_the_per_point_fits_draw_from_the_seed_compare_is_given(linear, monkeypatch):
+    import pyro_vae.comparison
+
+    class Stop(Exception):
+        pass
+
+    drawn = []
+
+    def fits(setting, fit_steps):  # what the fits' first particle would be, then stop
+        drawn.append(torch.randn(3))
+        raise Stop
+
+    monkeypatch.setattr(pyro_vae.comparison, "_approximations", fits)
+    for seed in (1, 1, 2):
+        with pytest.raises(Stop):
+            compare(linear[0], seed=seed)
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])

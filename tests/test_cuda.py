@@ -57,6 +57,20 @@ def test_softplus_on_a_gpu_is_the_cpus_in_value_and_gradient():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=0.0)
 
 
+def test_seeding_a_cpu_evaluation_leaves_the_gpu_streams_untouched():
+    from pyro_vae.evaluate import seeded
+
+    before = torch.cuda.get_rng_state_all()
+    with seeded(3, "cpu"):
+        a = torch.randn(4)
+    assert all(torch.equal(b, c) for b, c in zip(before, torch.cuda.get_rng_state_all()))
+    with seeded(3, "cuda"):
+        b, g = torch.randn(4), torch.randn(4, device="cuda")
+    assert torch.equal(a, b)  # the same CPU stream either way
+    with seeded(3, "cuda"):
+        assert torch.equal(torch.randn(4), b) and torch.equal(torch.randn(4, device="cuda"), g)
+
+
 def test_a_cuda_trained_run_scores_the_same_on_the_cpu(tmp_path):
     assert main(["train", *QUICK, "--runs-dir", str(tmp_path), "--name", "r"]) == 0
     gpu, cpu = load_run(tmp_path / "r", device="cuda"), load_run(tmp_path / "r", device="cpu")

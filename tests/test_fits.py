@@ -61,3 +61,12 @@ def test_a_per_point_fit_reads_the_host_a_fixed_number_of_times_whatever_its_ste
         fit_gaussian(_setting(), full=full, steps=steps, particles=4)
         counts.append(reads["n"])
     assert counts[0] == counts[1] > 0
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_a_fit_starts_exactly_at_the_amortized_guide_in_the_guide_s_family(full):
+    setting = _setting()  # a diagonal Gaussian guide: the fit's family contains it
+    q0 = setting.vae.q_z(setting.x)
+    q, _ = fit_gaussian(setting, full=full, steps=0)
+    assert torch.allclose(q.mean, q0.mean)
+    assert torch.allclose(q.variance, q0.variance, rtol=1e-5)  # the same floor on the scale

@@ -132,8 +132,10 @@ def test_guides_that_cannot_meet_the_chosen_objective_are_refused_by_name():
         train(small_config("guide.name=full", "train.compile=true"))
     with pytest.raises(ConfigError, match="prior.name = 'vamp'.*guide.name = 'iaf'"):
         build_vae("guide.name=iaf", "prior.name=vamp")
-    with pytest.raises(ConfigError, match=r"guide.hidden = \[2\].*>= model.latent_dim = 4"):
-        build_vae("guide.name=iaf", "guide.hidden=[2]")
+    for hidden in ("[2]", "[]"):
+        with pytest.raises(ConfigError, match=rf"guide.hidden = \{hidden[:-1]}\]: an IAF's MADE "
+                                              r"needs .* >= model.latent_dim = 4"):
+            build_vae("guide.name=iaf", f"guide.hidden={hidden}")
     with pytest.raises(ConfigError, match=r"guide.rank = 5: above model.latent_dim = 4; "
                                           r"allowed: 0 \(Cholesky factor\) or 1..4"):
         build_vae("guide.name=full", "guide.rank=5")

@@ -230,3 +230,34 @@ def test_run_api_gives_posterior_samples_and_inference_data(runs):
     assert idata.posterior["z"].dims == ("chain", "draw", "point", "latent")
     draws = torch.as_tensor(idata.posterior["z"].values)[0]
     assert torch.allclose(draws.mean(0), q.mean, atol=5 * q.stddev.max().item() / 10)
+
+
+def test_interpolation_encodes_each_end_with_its_own_label():
+    from pyro_vae.guides import moments
+    from pyro_vae.inspection import interpolation_data
+    from pyro_vae.model import VAE
+
+    torch.manual_seed(0)
+    vae = VAE(load_config(None, ["model.conditional=true", "model.latent_dim=2",
+                                 "model.hidden=[8]"]), 6, num_classes=3)
+    xa, xb = torch.rand(6).round(), torch.rand(6).round()
+    ya, yb = torch.tensor([0]), torch.tensor([2])
+    line = interpolation_data(vae, xa, xb, steps=5, ya=ya, yb=yb)  # (5, 6)
+    for x, y, row in ((xa, ya, line[0]), (xb, yb, line[-1])):
+        z = moments(vae.q_z(x[None], y))[0]
+        assert torch.allclose(row, vae.likelihood_dist(z, vae.onehot(y)).mean[0])
+
+
+def test_inspect_of_an_image_run_with_one_test_point_says_the_interpolation_is_missing(tmp_path,
+                                                                                        capsys):
+    import pyro_vae
+
+    x = np.random.default_rng(0).random((10, 8, 8)).astype("float32")
+    pyro_vae.fit(x, run_dir=tmp_path / "r", overrides=["train.epochs=1", "model.latent_dim=3",
+                                                       "model.hidden=[8]"])
+    assert load_run(tmp_path / "r").dataset.x_test.shape[0] == 1
+    assert main(["inspect", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "traversals.png" in out
+    for name in ("interpolation.png", "latent_pca.png"):
+        assert f"{name} not available: needs two test points" in out
