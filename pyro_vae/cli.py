@@ -275,6 +275,8 @@ def cmd_sample(args) -> int:
 def _estimate(e: dict, digits: int = 2) -> str:
     """``mean (Monte Carlo SE a, test-set SE b)`` for a :func:`evaluate.with_errors` dict; an
     SE that does not exist is named with its reason, never printed as a number."""
+    if e["mean"] is None:
+        return e["note"]  # "not available: ..."
     parts = []
     if e.get("mc_se") is not None:  # with a caveat, where one is attached
         note = f" ({e['mc_se_note']})" if e.get("mc_se_note") else ""
@@ -364,7 +366,8 @@ def cmd_evaluate(args) -> int:
     except ValueError:
         saved = {}
     saved = saved if all(isinstance(v, dict) and "n" in v for v in saved.values()) else {}
-    payload = json.dumps({**saved, **results}, indent=1).encode()  # other settings' numbers stay
+    payload = json.dumps({**saved, **results}, indent=1,  # other settings' numbers stay
+                         allow_nan=False).encode()  # strict JSON: a NaN here is a bug
     ckpt_io.atomic_write(out, lambda f: f.write(payload))
     print(f"wrote {', '.join(results)} to {out}")
     return 0

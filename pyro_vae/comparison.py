@@ -71,8 +71,9 @@ def coverage(q: dist.Distribution, draws: torch.Tensor, level: float = 0.9) -> t
 
 def kl_to_exact(q: dist.Distribution, exact: dist.Distribution, draws: int = 4000) -> torch.Tensor:
     """KL(q || p(z|x)) ``[N]`` against the exact Gaussian posterior: in closed form for a
-    Gaussian q, else E_q[log q(z) - log p(z|x)] from ``draws`` draws (a flow guide)."""
-    if isinstance(q, dist.Independent):
+    Gaussian q, else E_q[log q(z) - log p(z|x)] from ``draws`` draws (a flow guide, or a
+    registered non-Gaussian one such as a Student-t)."""
+    if isinstance(q, dist.Independent) and isinstance(q.base_dist, torch.distributions.Normal):
         q = dist.MultivariateNormal(q.mean, scale_tril=torch.diag_embed(q.stddev))
     if is_gaussian(q):
         return torch.distributions.kl_divergence(q, exact)
@@ -219,7 +220,8 @@ def _approximations(setting: Setting, fit_steps: int) -> tuple[dict, dict]:
     return qs, seconds
 
 
-def _ais_checks(setting: Setting, qs: dict, ais_run: tuple, iw_k: int) -> tuple[tuple, dict]:
+def _ais_checks(setting: Setting, qs: dict, ais_run: tuple, iw_k: int,
+                seed: int) -> tuple[tuple, dict]:
     """What vouches for an AIS reference: the IW estimate with the best per-point fit as
     proposal (a lower bound too), BDMC on as many points simulated from the model, and, for a
     2-D latent, numerical quadrature. Returns AIS's (log p(x), MC SE) ``[N]`` and the checks
@@ -232,7 +234,7 @@ def _ais_checks(setting: Setting, qs: dict, ais_run: tuple, iw_k: int) -> tuple[
     checks = {"ais_acceptance": r.acceptance.mean().item(), "iw_source": f"K={iw_k}, proposal {best}",
               "iw_log_px": iw[0].tolist(), "iw_log_px_se": iw[1].tolist()}
     checks["iw_minus_ais"], checks["iw_minus_ais_se"] = _diff(iw, (r.log_px, r.mc_se))
-    checks["bdmc"] = bdmc(vae, x.shape[0], steps, chains)
+    checks["bdmc"] = bdmc(vae, x.shape[0], steps, chains, seed=seed)  # compare's seed
     if vae.latent_dim == 2:
         quad = quadrature_log_px(vae, x, y)
         checks["quadrature_log_px"] = quad.tolist()
@@ -241,13 +243,14 @@ def _ais_checks(setting: Setting, qs: dict, ais_run: tuple, iw_k: int) -> tuple[
     return (r.log_px, r.mc_se), checks
 
 
-def _log_px(setting: Setting, qs: dict, iw_k: int, ais_run: tuple) -> tuple[tuple, str, dict]:
+def _log_px(setting: Setting, qs: dict, iw_k: int, ais_run: tuple,
+            seed: int) -> tuple[tuple, str, dict]:
     """(log p(x), its Monte Carlo SE), each ``[N]``, its source and its checks: exact (SE 0)
     where known; else AIS from the guide with ``ais_run`` = (steps, chains), checked as
     :func:`_ais_checks` says."""
     if setting.log_px is not None:
         return (setting.log_px, torch.zeros_like(setting.log_px)), "exact", {}
-    log_px, checks = _ais_checks(setting, qs, ais_run, iw_k)
+    log_px, checks = _ais_checks(setting, qs, ais_run, iw_k, seed)
     steps, chains = ais_run
     return log_px, f"AIS from the guide, {steps} steps x {chains} chains (HMC)", checks
 
@@ -274,7 +277,7 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
     else:
         ref = (nuts_draws.mean(0), nuts_draws.std(0))
     with seeded(seed, setting.x.device):
-        log_px, source, checks = _log_px(setting, qs, iw_k, (ais_steps, ais_chains))
+        log_px, source, checks = _log_px(setting, qs, iw_k, (ais_steps, ais_chains), seed)
         elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, ELBO_DRAWS,
                                                 q=q))
                  for k, q in qs.items()}

@@ -153,8 +153,15 @@ def with_errors(values: torch.Tensor, mc_se: torch.Tensor | None = None,
     apart: ``mc_se``, the Monte Carlo SE of the estimator (per-point SEs combined,
     sqrt(sum se^2) / N), and ``test_set_se``, the spread over data points / sqrt(N).
     ``mc_se_unavailable`` (a reason) replaces ``mc_se`` by None and ``mc_se_note``; one
-    data point has no ``test_set_se`` (None, and ``test_set_se_note`` says why)."""
+    data point has no ``test_set_se`` (None, and ``test_set_se_note`` says why). A
+    non-finite per-point value (a NaN, or a point of zero density) leaves the mean and both
+    SEs None, with ``note`` naming the points: never a NaN or inf in the results."""
     n = values.shape[0]
+    bad = (~values.isfinite()).nonzero().flatten().tolist()
+    if bad:
+        return {"mean": None, "test_set_se": None, "mc_se": None,
+                "note": f"not available: {len(bad)} of {n} points have a non-finite estimate "
+                        f"(first: point {bad[0]}, {values[bad[0]].item()})"}
     out = {"mean": values.mean().item(),
            "test_set_se": (values.std() / math.sqrt(n)).item() if n > 1 else None}
     if n == 1:
@@ -234,7 +241,9 @@ NO_KL_PER_DIMENSION = ("not available: needs a Gaussian guide (not a flow) and a
 def kl_per_dimension(vae: VAE, x, y=None, batch_size: int = 1000) -> torch.Tensor | None:
     """Mean over data of KL(q(z_d | x) || p(z_d)) per dimension ``[D]``, in closed form
     (a Gaussian guide's marginals q(z_d | x) are Normal); None when the prior does not
-    factorise over dimensions with a known KL, or the guide is a flow."""
+    factorise over dimensions with a known KL, or the guide is a flow. For a diagonal guide
+    the bars sum to the KL; for a full or low-rank one to the KL less q's total correlation
+    -1/2 log det(corr of q) >= 0 (KL(q || prod_d q_d)), which no single dimension carries."""
     prior = vae.prior_dist()
     base = getattr(prior, "base_dist", None)
     if base is None:
@@ -278,24 +287,29 @@ def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
     (M+1)-th, are fitted by a generalized Pareto distribution (Zhang & Stephens 2009, Pyro's
     ``fit_generalized_pareto``); k-hat is its shape xi. The weights then have about
     1/xi finite moments: k-hat > 0.7 says q(z|x) is an unreliable proposal for that x.
-    NaN (not available) where M < ``PSIS_MIN_TAIL`` (see :func:`psis_khat_unavailable`), or
-    where fewer than ``PSIS_MIN_TAIL`` tail weights exceed the cutoff (ties)."""
+    NaN (not available) where M < ``PSIS_MIN_TAIL`` (see :func:`psis_khat_unavailable`),
+    where fewer than ``PSIS_MIN_TAIL`` tail weights exceed the cutoff (ties), where fewer than
+    M+1 weights are non-zero, or where a log-weight is NaN or +inf."""
     from pyro.ops.stats import fit_generalized_pareto
 
     k = log_w.shape[0]
     m = psis_tail_size(k)
     if psis_khat_unavailable(k):
         return log_w.new_full(log_w.shape[1:], float("nan"))
-    top = log_w.detach().double().topk(m + 1, dim=0).values  # (M+1, B), descending
-    # exceedances over the cutoff weight, divided by it (xi is scale-free): no underflow
-    excess = torch.expm1((top[:-1] - top[-1]).clamp(max=700.0)).cpu()  # (M, B)
+    lw = log_w.detach().double()
+    top = lw.topk(m + 1, dim=0).values  # (M+1, B), descending
+    # a NaN or +inf log-weight, or fewer than M+1 non-zero weights: no tail to fit
+    broken = (lw.isnan() | lw.isposinf()).any(0) | top[-1].isneginf()  # (B,)
+    # exceedances over the cutoff, divided by the largest weight (xi is scale-free): exp of
+    # numbers <= 0, so nothing overflows at any spread of the log-weights
+    excess = ((top[:-1] - top[0]).exp() - (top[-1] - top[0]).exp()).cpu()  # (M, B)
 
     def fit(tail: torch.Tensor) -> float:
         tail = tail[tail > 0]  # weights tied with the cutoff are not in the tail
         return fit_generalized_pareto(tail)[0] if len(tail) >= PSIS_MIN_TAIL else float("nan")
 
-    return torch.tensor([fit(excess[:, b]) for b in range(excess.shape[1])],
-                        dtype=log_w.dtype, device=log_w.device)
+    return torch.tensor([float("nan") if broken[b] else fit(excess[:, b])
+                         for b in range(excess.shape[1])], dtype=log_w.dtype, device=log_w.device)
 
 
 def _khat_summary(khat: torch.Tensor, k: int) -> dict:
@@ -309,7 +323,8 @@ def _khat_summary(khat: torch.Tensor, k: int) -> dict:
                 "khat_share_interval_95": None, "khat_mean": None, "khat_note": reason}
     missing, n = khat.numel() - fitted.numel(), fitted.numel()
     note = (f"{missing} of {khat.numel()} points have fewer than {PSIS_MIN_TAIL} distinct "
-            "tail weights: k-hat not available there, share over the rest") if missing else None
+            "non-zero tail weights, or a NaN or infinite log-weight: k-hat not available "
+            "there, share over the rest") if missing else None
     above = int((fitted > 0.7).sum())
     return {"khat_share_above_0.7": above / n, "khat_above_0.7": above, "khat_points": n,
             "khat_share_interval_95": wilson_interval(above, n), "khat_mean": fitted.mean().item(),

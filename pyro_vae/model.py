@@ -107,7 +107,8 @@ class VAE(nn.Module):
         conv = m.network == "conv"
         shape = image_shape or (1, 28, 28)  # used by the conv networks only
         self.family = _guide_family(cfg, m.latent_dim)  # encoder outputs [B, P] -> q(z|x)
-        self.guide_name = cfg.guide.name
+        g = cfg.guide  # the family's name, a low rank named (no per-point fit of that family)
+        self.guide_name = f"full (rank {g.rank})" if g.name == "full" and g.rank else g.name
         self.encoder = Encoder(x_dim, self.family.num_params, m.hidden, m.activation,
                                self.num_classes, conv, shape)
         self.family.init_encoder(self.encoder.net[-1])

@@ -198,6 +198,11 @@ def test_amortization_gap_is_taken_against_the_guide_s_own_family_or_not_split()
     assert big["amortization_fit"] is None and big["approximation_fit"] == "gaussian-diag"
     assert big["amortization_note"] == "not split: gaussian-full is fitted per point only for D <= 10"
     assert big["approximation_gap"] == [2.5]  # against the diagonal fit, and named so
+    from conftest import build_vae
+
+    low_rank = build_vae("guide.name=full", "guide.rank=2")[2].guide_name  # not the full family
+    assert gaps(one, elbos, "exact", guide=low_rank)["amortization_note"] == (
+        "not split: guide 'full (rank 2)' has no per-point fit of its family here")
 
 
 def test_gap_table_flags_a_gap_below_zero_beyond_noise_and_names_an_exact_log_px():
@@ -313,3 +318,20 @@ def test_the_per_point_fits_draw_from_the_seed_compare_is_given(linear, monkeypa
         with pytest.raises(Stop):
             compare(linear[0], seed=seed)
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+
+
+def test_kl_to_exact_of_a_student_t_guide_is_estimated_not_taken_as_gaussian():
+    import pyro.distributions as dist
+
+    from pyro_vae.comparison import kl_to_exact
+
+    torch.manual_seed(0)
+    exact = dist.MultivariateNormal(torch.zeros(1, 2), torch.eye(2))
+    q = dist.StudentT(5.0, torch.zeros(1, 2), 0.5).to_event(1)  # df 5: a finite-variance KL
+    z = q.sample((200_000,))
+    terms = q.log_prob(z) - exact.log_prob(z)  # (S, 1)
+    kl = kl_to_exact(q, exact, draws=200_000)
+    assert (kl - terms.mean(0)).abs() < 4 * terms.std() / 200_000**0.5 * 2**0.5  # other draws
+    gaussian = torch.distributions.kl_divergence(
+        dist.MultivariateNormal(q.mean, scale_tril=torch.diag_embed(q.stddev)), exact)
+    assert (kl - gaussian).abs().min() > 0.05  # what the moment-matched Gaussian would say

@@ -280,3 +280,27 @@ def test_kl_per_dimension_says_why_it_is_not_available():
         assert (out["kl_per_dimension"] is not None) == available, overrides
         note = out["kl_per_dimension_note"]
         assert note is None if available else note.startswith("not available: needs a Gaussian")
+
+
+def test_psis_khat_is_not_available_where_a_weight_is_broken_and_survives_any_spread():
+    torch.manual_seed(0)
+    lw = torch.randn(200, 5)
+    lw[5, 0], lw[7, 1] = math.inf, math.nan  # a broken log-weight
+    lw[:190, 2] = -math.inf  # 10 non-zero weights: fewer than the tail of 42 needs
+    lw[:, 3] = lw[:, 4] * 1000  # one weight carries all: the rest are 0 to double precision
+    lw[:, 4] *= 10  # a heavy tail over tens of nats
+    khat = psis_khat(lw)
+    assert khat[:4].isnan().all()  # not available: never a fit that reads as reliable
+    assert khat[4].isfinite() and khat[4] > 0.7
+    shifted = psis_khat(lw[:, 4:].double() + 5000)  # scale-free, no overflow
+    assert torch.allclose(shifted.float(), khat[4:], atol=1e-4)
+
+
+def test_a_non_finite_estimate_makes_the_mean_not_available_with_the_point_named():
+    from pyro_vae.evaluate import with_errors
+
+    est = with_errors(torch.tensor([-1.0, -math.inf, -2.0]), torch.ones(3))
+    assert est["mean"] is None and est["mc_se"] is None and est["test_set_se"] is None
+    assert est["note"] == ("not available: 1 of 3 points have a non-finite estimate (first: "
+                           "point 1, -inf)")
+    json.dumps(est, allow_nan=False)  # strict JSON
