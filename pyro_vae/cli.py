@@ -412,12 +412,11 @@ def cmd_compare(args) -> int:
     else:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
-        out = _out_folder(args.out or f"compare-{args.setting}", "--out")
+        out = _writable_folder(args.out or f"compare-{args.setting}", "--out")
         if any((out / "run" / f).exists() for f in ckpt_io.RUN_FILES):
             raise ConfigError(f"--out = {str(out)!r} holds an earlier comparison, whose toy VAE "
                               f"({str(out / 'run')!r}) this one would overwrite; allowed: a new "
                               "folder, or that one removed")
-        _writable_folder(out, "--out")
         setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run",
                               overrides=args.set)
     result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,

@@ -299,7 +299,7 @@ def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
     lw = log_w.detach().double()
     top = lw.topk(m + 1, dim=0).values  # (M+1, B), descending
     # a NaN or +inf log-weight, or fewer than M+1 non-zero weights: no tail to fit
-    broken = (lw.isnan() | lw.isposinf()).any(0) | top[-1].isneginf()  # (B,)
+    broken = ((lw.isnan() | lw.isposinf()).any(0) | top[-1].isneginf()).tolist()  # (B,)
     # exceedances over the cutoff, divided by the largest weight (xi is scale-free): exp of
     # numbers <= 0, so nothing overflows at any spread of the log-weights
     excess = ((top[:-1] - top[0]).exp() - (top[-1] - top[0]).exp()).cpu()  # (M, B)

@@ -458,7 +458,7 @@ def write_figures(run, out, n: int = 16) -> list[Path]:
         spread = means.std(0)  # (D,)
         active = spread.argsort(descending=True)  # most active dims first
     else:  # one test point: dims in order, unit steps
-        spread, active = None, torch.arange(vae.latent_dim)
+        spread, active = None, torch.arange(vae.latent_dim, device=means.device)
     skipped = skipped_figures(run)
     if "latent_pca.png" not in skipped:
         written += _latent_space_figures(vae, ds, means, out)

@@ -26,8 +26,9 @@ from .config import PriorConfig, register_choices
 
 
 class Prior(nn.Module):
-    """p(z) = ``make(params, encode)`` (``encode``: see the module's docstring); ``learnable`` tensors become ``nn.Parameter``s,
-    ``fixed`` ones buffers that follow ``.to(device)`` but are not saved. ``params`` is a dict name -> tensor passed to ``make``."""
+    """p(z) = ``make(params, encode)`` (``encode``: see the module's docstring);
+    ``learnable`` tensors become ``nn.Parameter``s, ``fixed`` ones buffers that follow
+    ``.to(device)`` but are not saved. ``params`` is a dict name -> tensor passed to ``make``."""
 
     def __init__(self, make: Callable, learnable: dict | None = None, fixed: dict | None = None):
         super().__init__()
