@@ -8,18 +8,22 @@ the geometric path (Neal 2001; Wu, Burda, Salakhutdinov & Grosse 2017)::
 
 Forward: z_0 ~ q0; for t = 1..T: log w += (beta_t - beta_{t-1}) f(z), then an HMC move
 that leaves g_t invariant. exp(log w) is unbiased for p(x), so log mean_c exp(log w_c) over
-C chains is a stochastic *lower* bound on log p(x). (The step size is adapted from the
-chains' own acceptance as they anneal, as Wu et al. do: unbiased up to that adaptation.)
+C chains is a stochastic *lower* bound on log p(x). That needs each move's kernel fixed
+before the weighted chains start: the HMC step sizes, one per step and data point, are set
+by a short *pilot* anneal of ``PILOT_CHAINS`` chains that adapts them towards an acceptance
+rate of 0.65 (as Wu et al. adapt theirs), and are then held fixed. (Adapting them from the
+weighted chains' own acceptance would couple the chains and bias the weights.)
 
 Reverse (Grosse et al. 2015, bidirectional Monte Carlo): start at an exact posterior draw
 (available for data simulated from the model: (z, x) ~ p(z) p(x|z)), run the schedule
 backwards; exp(log w_rev) is unbiased for 1/p(x), so -log mean_c exp(log w_rev) is a
-stochastic *upper* bound. The two sandwich log p(x) on simulated data, and their gap bounds
-the error of forward AIS there. Reverse chains of one point all start at its one exact
+stochastic *upper* bound. It uses the forward run's step sizes in reverse order, so both
+runs apply the same kernels. The two sandwich log p(x) on simulated data, and their gap
+bounds the error of forward AIS there. Reverse chains of one point all start at its one exact
 draw, so they are correlated and their Monte Carlo SE understates the upper bound's error.
 
-Everything is vectorised over chains and data points: z ``[C, B, D]``. Step sizes are per
-data point and adapted during annealing towards an acceptance rate of 0.65.
+Everything is vectorised over chains and data points: z ``[C, B, D]``; step sizes
+``[T - 1, B]`` (the moves at beta_1..beta_{T-1}).
 """
 
 from __future__ import annotations
@@ -35,16 +39,20 @@ from .evaluate import batches, check_counts, log_mean_exp, log_terms, seeded, wi
 from .guides import base_gaussian
 from .model import VAE
 
+PILOT_CHAINS = 4  # chains of the pilot anneal that sets the step sizes (about 4/C extra cost)
+
 
 class AISResult(NamedTuple):
     """Per data point ``[B]``: the estimate of log p(x) (a lower bound forward, an upper
     bound in reverse), its Monte Carlo standard error over chains (delta method), and the
-    mean HMC acceptance rate. ``log_weights`` ``[C, B]`` are the chains' log weights."""
+    mean HMC acceptance rate. ``log_weights`` ``[C, B]`` are the chains' log weights,
+    ``step_sizes`` ``[T - 1, B]`` the fixed HMC step sizes at beta_1..beta_{T-1}."""
 
     log_px: torch.Tensor
     mc_se: torch.Tensor
     acceptance: torch.Tensor
     log_weights: torch.Tensor
+    step_sizes: torch.Tensor
 
 
 def sigmoid_schedule(steps: int, delta: float = 4.0, device=None) -> torch.Tensor:
@@ -93,11 +101,27 @@ def _hmc(path: _Path, z, beta, step: torch.Tensor, leapfrogs: int, log_g0, grad)
     return torch.where(accept[..., None], z1, z), accept
 
 
-def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, step: torch.Tensor,
-            leapfrogs: int, target_accept: float, reverse: bool) -> AISResult:
-    """Run the path through ``betas`` (increasing; walked backwards when ``reverse``) from
-    chains z ``[C, B, D]``: weight increments, then HMC moves, adapting ``step`` ``[B]``."""
-    betas = betas.flip(0) if reverse else betas
+def _pilot(path: _Path, z: torch.Tensor, betas: torch.Tensor, step: torch.Tensor,
+           leapfrogs: int, target_accept: float) -> torch.Tensor:
+    """Step sizes ``[T - 1, B]`` for the moves at beta_1..beta_{T-1}: anneal chains z
+    ``[C', B, D]`` forward without weights, scaling each point's step ``[B]`` by 1.02 after
+    a move whose acceptance rate over the chains beat ``target_accept``, else by 0.98."""
+    steps = []
+    for t in range(1, len(betas) - 1):
+        log_g, grad, _ = path.log_target_and_grad(z, betas[t])
+        steps.append(step)
+        z, accept = _hmc(path, z, betas[t], step, leapfrogs, log_g, grad)
+        step = step * torch.where(accept.float().mean(0) > target_accept, 1.02, 0.98)
+    return torch.stack(steps)
+
+
+def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, steps: torch.Tensor,
+            leapfrogs: int, reverse: bool) -> AISResult:
+    """Run the path through ``betas`` ``[T + 1]`` (increasing; walked backwards when
+    ``reverse``) from chains z ``[C, B, D]``: weight increments, then HMC moves with the
+    fixed step sizes ``steps`` ``[T - 1, B]`` (indexed by beta, so reverse reads them
+    backwards too)."""
+    betas, moves = (betas.flip(0), steps.flip(0)) if reverse else (betas, steps)
     log_w = z.new_zeros(z.shape[:2])  # (C, B)
     accepted = z.new_zeros(z.shape[1])  # (B,)
     for t in range(1, len(betas)):
@@ -106,22 +130,46 @@ def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, step: torch.Tenso
             break
         log_g, grad, f = path.log_target_and_grad(z, betas[t])  # f is reused by the move
         log_w = log_w + (betas[t] - betas[t - 1]) * f
-        z, accept = _hmc(path, z, betas[t], step, leapfrogs, log_g, grad)
-        rate = accept.float().mean(0)  # (B,) over chains
-        step = step * torch.where(rate > target_accept, 1.02, 0.98)
-        accepted = accepted + rate
+        z, accept = _hmc(path, z, betas[t], moves[t - 1], leapfrogs, log_g, grad)
+        accepted = accepted + accept.float().mean(0)  # (B,) over chains
     log_px, se = log_mean_exp(log_w)  # reverse: exp(log_w) estimates 1 / p(x)
-    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w)
+    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w,
+                     steps)
+
+
+def _start(vae: VAE, x: torch.Tensor, y1h, start: str):
+    """q0(z|x), batch ``[B]``, event ``[D]``: the guide (a flow guide's base Gaussian, whose
+    density needs no inverse flow) or the prior."""
+    if start == "guide":
+        return base_gaussian(vae.q_z_onehot(x, y1h))
+    if start == "prior":
+        return vae.prior_dist().expand([x.shape[0]])
+    raise ValueError(f"start = {start!r}: allowed: guide, prior")
+
+
+def _check(x: torch.Tensor, latent_dim: int, steps: int, z_exact, step_sizes) -> None:
+    """Refuse ``z_exact`` or ``step_sizes`` of the wrong shape, naming what is expected."""
+    if z_exact is not None and tuple(z_exact.shape[1:]) != (x.shape[0], latent_dim):
+        raise ValueError(f"z_exact has shape {list(z_exact.shape)}; expected [C, "
+                         f"{x.shape[0]}, {latent_dim}] (chains, points, latent dims)")
+    if step_sizes is not None and (tuple(step_sizes.shape) != (steps - 1, x.shape[0])
+                                   or not (step_sizes > 0).all()):
+        raise ValueError(f"step_sizes has shape {list(step_sizes.shape)}; expected "
+                         f"[{steps - 1}, {x.shape[0]}] (the moves at beta_1..beta_T-1, "
+                         "points), every size > 0")
 
 
 @torch.no_grad()
 def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 500,
         chains: int = 16, leapfrogs: int = 10, start: str = "guide", step_size: float = 0.05,
-        target_accept: float = 0.65, z_exact: torch.Tensor | None = None) -> AISResult:
+        target_accept: float = 0.65, z_exact: torch.Tensor | None = None,
+        step_sizes: torch.Tensor | None = None) -> AISResult:
     """AIS estimate of log p(x) for x ``[B, X]`` (labels y ``[B]`` if conditional) with
     ``chains`` chains of ``steps`` annealing steps, each an HMC move of ``leapfrogs`` leapfrog
-    steps, from q0 = the guide q(z|x) (``start="guide"``; for a flow guide its base Gaussian,
-    whose density needs no inverse flow) or the prior.
+    steps, from q0 = the guide q(z|x) (``start="guide"``) or the prior. The step sizes are
+    ``step_sizes`` ``[steps - 1, B]`` if given, else set by a pilot anneal of
+    ``PILOT_CHAINS`` chains from q0, starting at ``step_size`` and adapted towards
+    ``target_accept``; the weighted chains then run with them fixed.
 
     With ``z_exact`` ``[C, B, D]`` (exact posterior draws, e.g. the latents that simulated
     x), runs *reverse* AIS from them instead (``chains`` is then C): the stochastic upper
@@ -134,23 +182,18 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
         raise ValueError(f"step_size = {step_size}, target_accept = {target_accept}: step_size "
                          "must be > 0 (a zero step never moves the chains), target_accept in "
                          "(0, 1)")
+    _check(x, vae.latent_dim, steps, z_exact, step_sizes)
     y1h = vae.onehot(y)
-    if start == "guide":
-        q0 = base_gaussian(vae.q_z_onehot(x, y1h))  # batch [B], event [D]
-    elif start == "prior":
-        q0 = vae.prior_dist().expand([x.shape[0]])
-    else:
-        raise ValueError(f"start = {start!r}: allowed: guide, prior")
+    q0 = _start(vae, x, y1h, start)
     path = _Path(vae, x, y1h, q0)
     betas = sigmoid_schedule(steps, device=x.device)
-    step = x.new_full((x.shape[0],), step_size)
-    if z_exact is not None and tuple(z_exact.shape[1:]) != (x.shape[0], vae.latent_dim):
-        raise ValueError(f"z_exact has shape {list(z_exact.shape)}; expected [C, "
-                         f"{x.shape[0]}, {vae.latent_dim}] (chains, points, latent dims)")
-    z0 = q0.sample((chains,)) if z_exact is None else z_exact  # (C, B, D)
-    path.f(z0)  # shapes and supports checked once (when Pyro validation is on)
+    path.f(q0.sample((1,)))  # shapes and supports checked once (when Pyro validation is on)
     with pyro.validation_enabled(False):  # ... not in each of the steps * leapfrogs calls
-        return _anneal(path, z0, betas, step, leapfrogs, target_accept, z_exact is not None)
+        if step_sizes is None:
+            step_sizes = _pilot(path, q0.sample((PILOT_CHAINS,)), betas,
+                                x.new_full((x.shape[0],), step_size), leapfrogs, target_accept)
+        z0 = q0.sample((chains,)) if z_exact is None else z_exact  # (C, B, D)
+        return _anneal(path, z0, betas, step_sizes, leapfrogs, z_exact is not None)
 
 
 def ais_errors(values: torch.Tensor, mc_se: torch.Tensor, chains: int) -> dict:
@@ -186,7 +229,8 @@ def bdmc(vae: VAE, n: int, steps: int = 500, chains: int = 16, leapfrogs: int = 
         y = (torch.arange(n, device=vae.device) % vae.num_classes) if vae.num_classes else None
         x, z = simulate(vae, n, chains, y)
         lower = ais(vae, x, y, steps, chains, leapfrogs)
-        upper = ais(vae, x, y, steps, chains, leapfrogs, z_exact=z)
+        upper = ais(vae, x, y, steps, chains, leapfrogs, z_exact=z,
+                    step_sizes=lower.step_sizes)  # the same kernels, run backwards
     gap_se = (lower.mc_se**2 + upper.mc_se**2).sqrt()  # (n,): independent runs
     return {"points": n, "steps": steps, "chains": chains, "leapfrogs": leapfrogs, "seed": seed,
             "lower": ais_errors(lower.log_px, lower.mc_se, chains),

@@ -295,20 +295,28 @@ def _khat_row(r: dict) -> str:
     if r["khat_mean"] is None:
         return r["khat_note"]
     lo, hi = r["khat_share_interval_95"]
-    notes = [f"{r['khat_above_0.7']} of {r['khat_points']} points, test-set 95% interval "
-             f"{lo:.3f}-{hi:.3f}"]
+    notes = [f"{r['khat_above_threshold']} of {r['khat_points']} points, test-set 95% "
+             f"interval {lo:.3f}-{hi:.3f}"]
     if r["khat_note"]:
         notes.append(r["khat_note"])
-    return f"{r['khat_share_above_0.7']:.3f}  ({'; '.join(notes)})"
+    return f"{r['khat_share_above_threshold']:.3f}  ({'; '.join(notes)})"
 
 
 def _khat_caveat(r: dict) -> str:
     """What the k-hat share says of the IW estimate's Monte Carlo SE (``evaluate.log_mean_exp``:
     a delta-method SE cannot show the weights' missing tail), or nothing."""
-    above = r.get("khat_above_0.7")
+    above = r["khat_above_threshold"]
     if not above or r["iw_log_likelihood"].get("mc_se") is None:
         return ""
-    return f"; its Monte Carlo SE is optimistic: k-hat > 0.7 on {above} of {r['khat_points']} points"
+    return (f"; its Monte Carlo SE is optimistic: k-hat > {r['khat_threshold']:.2f} on {above} "
+            f"of {r['khat_points']} points")
+
+
+def _khat_label(r: dict) -> str:
+    """The k-hat row's name, with the threshold K draws set (``evaluate.psis_khat_threshold``)."""
+    if r["khat_threshold"] is None:
+        return "PSIS k-hat (share above threshold)"
+    return f"PSIS k-hat > {r['khat_threshold']:.2f} (share; threshold for K={r['k']})"
 
 
 def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
@@ -322,7 +330,7 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
         ("-log p(x) (bits/dim)", _estimate(r["iw_bits_per_dim"], 4)),
         ("active units (Cov > 0.01)", r.get("active_units_note") or
          f"{r['active_units']} / {r['latent_dim']}"),
-        ("PSIS k-hat > 0.7 (share)", _khat_row(r)),
+        (_khat_label(r), _khat_row(r)),
     ]
 
 

@@ -138,8 +138,8 @@ def log_mean_exp(log_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     The SE of the *estimator* at this K, not its bias (it is a stochastic lower bound).
     It equals sqrt((K / ESS - 1) / (K - 1)) with ESS = (sum w)^2 / sum w^2, so it never
     exceeds 1 nat: where a few weights carry the sum it understates the error (lognormal
-    log-weights of sd 2, K = 16: by 2x), and the draws cannot show it. PSIS k-hat > 0.7
-    (:func:`psis_khat`, K >= 46) flags such points for IW; for AIS's few chains, BDMC
+    log-weights of sd 2, K = 16: by 2x), and the draws cannot show it. PSIS k-hat above its
+    threshold (:func:`psis_khat`, K >= 46) flags such points for IW; for AIS's few chains, BDMC
     (``ais.bdmc``) bounds the error on simulated data."""
     k = log_w.shape[0]
     w = (log_w - log_w.max(0).values).exp()  # (K, B), largest 1
@@ -280,13 +280,22 @@ def psis_khat_unavailable(k: int) -> str | None:
             f"the Pareto fit (needs K >= {least})")
 
 
+def psis_khat_threshold(k: int) -> float:
+    """The k-hat above which K draws cannot give a reliable importance-sampling estimate,
+    min(1 - 1/log10 K, 0.7) (Vehtari et al. 2024, "Pareto Smoothed Importance Sampling"):
+    0.67 at K = 1000, 0.7 from K = 2154 on. Below it the error falls as the draws grow;
+    above it, the draws needed for a given accuracy grow faster than K can."""
+    return min(1 - 1 / math.log10(k), 0.7)
+
+
 def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
     """PSIS k-hat per data point from log importance weights ``[K, B]`` -> ``[B]``.
 
     The M = :func:`psis_tail_size` (K) largest weights of each point, in excess of the
     (M+1)-th, are fitted by a generalized Pareto distribution (Zhang & Stephens 2009, Pyro's
     ``fit_generalized_pareto``); k-hat is its shape xi. The weights then have about
-    1/xi finite moments: k-hat > 0.7 says q(z|x) is an unreliable proposal for that x.
+    1/xi finite moments: k-hat above :func:`psis_khat_threshold` (K) says q(z|x) is an
+    unreliable proposal for that x.
     NaN (not available) where M < ``PSIS_MIN_TAIL`` (see :func:`psis_khat_unavailable`),
     where fewer than ``PSIS_MIN_TAIL`` tail weights exceed the cutoff (ties), where fewer than
     M+1 weights are non-zero, or where a log-weight is NaN or +inf."""
@@ -313,20 +322,24 @@ def psis_khat(log_w: torch.Tensor) -> torch.Tensor:
 
 
 def _khat_summary(khat: torch.Tensor, k: int) -> dict:
-    """k-hat share above 0.7 and mean over the data points where it was fitted, or None
-    and the reason; ``khat_note`` says what is missing."""
+    """The share of the data points where k-hat was fitted whose k-hat exceeds
+    ``khat_threshold`` (:func:`psis_khat_threshold` of K), with its count, Wilson interval
+    and the mean k-hat; or None and the reason. ``khat_note`` says what is missing."""
     reason = psis_khat_unavailable(k)
     fitted = khat[khat.isfinite()]
     if reason or fitted.numel() == 0:
         reason = reason or "not available: no data point has a tail of distinct weights"
-        return {"khat_share_above_0.7": None, "khat_above_0.7": None, "khat_points": None,
+        return {"khat_threshold": None, "khat_share_above_threshold": None,
+                "khat_above_threshold": None, "khat_points": None,
                 "khat_share_interval_95": None, "khat_mean": None, "khat_note": reason}
     missing, n = khat.numel() - fitted.numel(), fitted.numel()
     note = (f"{missing} of {khat.numel()} points have fewer than {PSIS_MIN_TAIL} distinct "
             "non-zero tail weights, or a NaN or infinite log-weight: k-hat not available "
             "there, share over the rest") if missing else None
-    above = int((fitted > 0.7).sum())
-    return {"khat_share_above_0.7": above / n, "khat_above_0.7": above, "khat_points": n,
+    threshold = psis_khat_threshold(k)
+    above = int((fitted > threshold).sum())
+    return {"khat_threshold": threshold, "khat_share_above_threshold": above / n,
+            "khat_above_threshold": above, "khat_points": n,
             "khat_share_interval_95": wilson_interval(above, n), "khat_mean": fitted.mean().item(),
             "khat_note": note}
 
@@ -371,7 +384,8 @@ def evaluate_model(vae: VAE, x, y=None, k: int = 1000, batch_size: int = 100, ch
     importance-weighted log p(x) (a stochastic lower bound; its SE says nothing of its bias),
     both also in bits per dimension (SEs scaled alike), KL per dimension, active units (None,
     with ``active_units_note``, for one point) and the
-    share of points with PSIS k-hat > 0.7 with its count and Wilson 95% interval (None, with
+    share of points with PSIS k-hat above :func:`psis_khat_threshold` (K), with its count
+    and Wilson 95% interval (None, with
     ``khat_note`` saying why, when K is too small for a Pareto fit). With K = 1 no Monte Carlo
     SE exists: each is None with ``mc_se_note`` saying so."""
     check_counts(x, k=k, batch_size=batch_size, chunk=chunk)

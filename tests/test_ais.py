@@ -52,6 +52,39 @@ def test_ais_reaches_the_exact_linear_gaussian_evidence_within_its_monte_carlo_e
     assert (exact - q_elbo).mean() > 10 * r.mc_se.mean() / math.sqrt(8)
 
 
+def test_the_weighted_chains_run_with_fixed_step_sizes_set_by_the_pilot():
+    vae, ds, _ = linear_setup()
+    vae.requires_grad_(False)
+    x = ds.x_test[:3]
+    torch.manual_seed(0)
+    r = ais(vae, x, steps=300, chains=8, leapfrogs=1)
+    assert r.step_sizes.shape == (299, 3) and (r.step_sizes > 0).all()
+    assert not torch.equal(r.step_sizes[0], r.step_sizes[-1])  # the pilot adapted them
+    # given sizes are used as they are: no adaptation rescues a step far too small or large
+    # (adapting by 0.98 per step would bring 50 down to 0.12 within these 300 steps)
+    for size, accepted in ((1e-4, lambda a: a > 0.99), (50.0, lambda a: a < 0.05)):
+        given = torch.full((299, 3), size)
+        fixed = ais(vae, x, steps=300, chains=8, leapfrogs=1, step_sizes=given)
+        assert fixed.step_sizes is given and accepted(fixed.acceptance).all(), fixed.acceptance
+    with pytest.raises(ValueError, match=r"step_sizes has shape \[10, 3\]; expected \[299, 3\]"):
+        ais(vae, x, steps=300, step_sizes=torch.ones(10, 3))
+    with pytest.raises(ValueError, match="every size > 0"):
+        ais(vae, x, steps=3, step_sizes=torch.zeros(2, 3))
+
+
+def test_ais_weights_are_unbiased_for_p_x_given_the_pilots_step_sizes():
+    vae, ds, params = linear_setup()
+    vae = _overdispersed_guide(vae, params, widen=3.0)  # a poor start: AIS must do the work
+    x = ds.x_test[:2]
+    exact = linear_gaussian_evidence(params).log_prob(x)  # (2,)
+    torch.manual_seed(1)
+    r = ais(vae, x, steps=20, chains=4000, leapfrogs=2)
+    ratio = (r.log_weights - exact).exp()  # (C, 2): w / p(x), mean 1 if unbiased
+    se = ratio.std(0) / math.sqrt(ratio.shape[0])
+    assert ((ratio.mean(0) - 1).abs() < 4 * se).all(), (ratio.mean(0), se)
+    assert (se < 0.05).all()  # a test that can tell a bias of a few percent
+
+
 def test_bdmc_sandwiches_the_exact_evidence_and_tightens_with_more_steps():
     vae, _, params = linear_setup()  # untrained encoder: a poor start, so the gap is wide
     vae.requires_grad_(False)

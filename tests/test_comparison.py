@@ -335,3 +335,21 @@ def test_kl_to_exact_of_a_student_t_guide_is_estimated_not_taken_as_gaussian():
     gaussian = torch.distributions.kl_divergence(
         dist.MultivariateNormal(q.mean, scale_tril=torch.diag_embed(q.stddev)), exact)
     assert (kl - gaussian).abs().min() > 0.05  # what the moment-matched Gaussian would say
+
+
+def test_nuts_is_reproducible_by_seed_and_leaves_the_callers_random_streams_alone():
+    import random
+
+    import numpy as np
+
+    from pyro_vae.mcmc import run_nuts
+
+    setting = toy_setting("ring", points=1)
+    np.random.seed(7), random.seed(7), torch.manual_seed(7)
+    expected = (np.random.rand(), random.random(), torch.rand(()))
+    np.random.seed(7), random.seed(7), torch.manual_seed(7)
+    runs = [run_nuts(setting, chains=2, warmup=10, draws=10, jit=False, seed=s) for s in (3, 3, 4)]
+    assert (np.random.rand(), random.random(), torch.rand(())) == expected  # untouched
+    assert torch.equal(runs[0].samples, runs[1].samples)
+    assert not torch.equal(runs[0].samples, runs[2].samples)
+    assert not torch.equal(runs[0].samples[0], runs[0].samples[1])  # chains seeded apart

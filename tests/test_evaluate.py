@@ -7,7 +7,7 @@ import torch
 from pyro_vae.evaluate import (active_units, all_log_weights, elbo, elbo_terms, evaluate_model,
                                in_bits_per_dim, iw_bound, iw_log_likelihood, kl_per_dimension,
                                log_mean_exp, log_weights, mean_se, posterior_means, psis_khat,
-                               psis_khat_unavailable, wilson_interval)
+                               psis_khat_threshold, psis_khat_unavailable, wilson_interval)
 from pyro_vae.toys import linear_gaussian_evidence, linear_gaussian_posterior
 
 from conftest import build_vae, linear_setup
@@ -104,6 +104,21 @@ def test_psis_khat_recovers_the_tail_shape_of_pareto_weights(xi):
     assert khat.mean().item() == pytest.approx(xi, abs=0.06)
 
 
+def test_khat_threshold_follows_the_draws_up_to_0_7():
+    from pyro_vae.evaluate import _khat_summary
+
+    assert psis_khat_threshold(1000) == pytest.approx(2 / 3)
+    assert psis_khat_threshold(100) == pytest.approx(0.5)
+    assert psis_khat_threshold(2154) < 0.7 and psis_khat_threshold(2155) == 0.7
+    assert psis_khat_threshold(10**6) == 0.7
+    # the share counts points above the threshold of *its* K: k-hat 0.6 is fine at K = 10^4
+    # draws but not at K = 100 (where 0.5 is the limit)
+    summaries = {k: _khat_summary(torch.tensor([0.2, 0.6, 0.68, float("nan")]), k)
+                 for k in (100, 10_000)}
+    assert [summaries[k]["khat_above_threshold"] for k in (100, 10_000)] == [2, 0]
+    assert summaries[100]["khat_points"] == 3 and "1 of 4 points" in summaries[100]["khat_note"]
+
+
 def test_psis_khat_is_not_available_from_too_few_draws():
     assert psis_khat(torch.randn(10, 3)).isnan().all()
     assert "not available" in psis_khat_unavailable(10) and "K >= 46" in psis_khat_unavailable(45)
@@ -150,8 +165,9 @@ def test_every_estimate_carries_its_errors_in_nats_and_bits_and_none_is_nan():
         assert r[bits]["mc_se"] == pytest.approx(r[nats]["mc_se"] / c)
         assert r[bits]["test_set_se"] == pytest.approx(r[nats]["test_set_se"] / c)
     lo, hi = r["khat_share_interval_95"]
-    assert r["khat_points"] == 60 and lo <= r["khat_share_above_0.7"] <= hi and hi > lo
-    assert r["khat_share_above_0.7"] == r["khat_above_0.7"] / 60
+    assert r["khat_points"] == 60 and lo <= r["khat_share_above_threshold"] <= hi and hi > lo
+    assert r["khat_share_above_threshold"] == r["khat_above_threshold"] / 60
+    assert r["khat_threshold"] == pytest.approx(1 - 1 / math.log10(50))  # 0.41 at K = 50
     one = evaluate_model(vae, x, k=1, batch_size=25)  # no spread from one draw: named, not NaN
     for key in ("elbo", "reconstruction", "kl", "iw_log_likelihood", "iw_bits_per_dim"):
         assert one[key]["mc_se"] is None and "K=1" in one[key]["mc_se_note"], key
@@ -185,20 +201,21 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     assert 0 < iw["mc_se"] < iw["test_set_se"] and 0 < elbo["mc_se"]
     assert elbo["mean"] == pytest.approx(out["reconstruction"]["mean"] - out["kl"]["mean"], abs=1e-3)
     assert 0 <= out["active_units"] <= 50 and len(out["kl_per_dimension"]) == 50
-    assert out["khat_share_above_0.7"] is not None and out["khat_note"] is None
+    assert out["khat_share_above_threshold"] is not None and out["khat_note"] is None
     text = capsys.readouterr().out
     assert "log p(x), IW K=50" in text and "Monte Carlo SE" in text and "test-set SE" in text
     iw_line = next(line for line in text.splitlines() if line.startswith("log p(x), IW"))
     bits = next(line for line in text.splitlines() if line.startswith("-log p(x) (bits/dim)"))
     assert float(bits.split()[3]) == pytest.approx(-iw["mean"] / (784 * math.log(2)), abs=1e-4)
-    flagged = out["khat_above_0.7"]  # the row says when k-hat makes its SE optimistic
-    assert ("optimistic: k-hat > 0.7 on" in iw_line) == (flagged > 0), (iw_line, flagged)
+    flagged = out["khat_above_threshold"]  # the row says when k-hat makes its SE optimistic
+    assert ("optimistic: k-hat > 0.41 on" in iw_line) == (flagged > 0), (iw_line, flagged)
+    assert "PSIS k-hat > 0.41 (share; threshold for K=50)" in text
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--ais-steps", "5",
                  "--ais-chains", "4"]) == 0
     saved = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert set(saved) == {"iw k=50 n=1000 seed=0 batch=250 cpu", "iw k=10 n=20 seed=0 batch=100 cpu",
                           "ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"}  # nothing overwritten
-    assert saved["iw k=10 n=20 seed=0 batch=100 cpu"]["khat_share_above_0.7"] is None
+    assert saved["iw k=10 n=20 seed=0 batch=100 cpu"]["khat_share_above_threshold"] is None
     ais_px = saved["ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"]["log_px"]
     assert ais_px["mc_se"] > 0 and "4 chains per point: a lower estimate" in ais_px["mc_se_note"]
     text = capsys.readouterr().out
