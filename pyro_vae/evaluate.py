@@ -283,7 +283,7 @@ def psis_khat_unavailable(k: int) -> str | None:
 def psis_khat_threshold(k: int) -> float:
     """The k-hat above which K draws cannot give a reliable importance-sampling estimate,
     min(1 - 1/log10 K, 0.7) (Vehtari et al. 2024, "Pareto Smoothed Importance Sampling"):
-    0.67 at K = 1000, 0.7 from K = 2154 on. Below it the error falls as the draws grow;
+    0.67 at K = 1000, 0.7 from K = 2155 on. Below it the error falls as the draws grow;
     above it, the draws needed for a given accuracy grow faster than K can."""
     return min(1 - 1 / math.log10(k), 0.7)
 
