@@ -39,7 +39,7 @@ from .evaluate import batches, check_counts, log_mean_exp, log_terms, seeded, wi
 from .guides import base_gaussian
 from .model import VAE
 
-PILOT_CHAINS = 4  # chains of the pilot anneal that sets the step sizes (about 4/C extra cost)
+PILOT_CHAINS = 4  # chains of the pilot anneal that sets the step sizes
 
 
 class AISResult(NamedTuple):
@@ -148,7 +148,8 @@ def _start(vae: VAE, x: torch.Tensor, y1h, start: str):
 
 
 def _check(x: torch.Tensor, latent_dim: int, steps: int, z_exact, step_sizes) -> None:
-    """Refuse ``z_exact`` or ``step_sizes`` of the wrong shape, naming what is expected."""
+    """Refuse ``z_exact`` (expected ``[C, B, D]`` for x ``[B, X]``) or ``step_sizes``
+    (expected ``[steps - 1, B]``, all > 0) of the wrong shape, naming what is expected."""
     if z_exact is not None and tuple(z_exact.shape[1:]) != (x.shape[0], latent_dim):
         raise ValueError(f"z_exact has shape {list(z_exact.shape)}; expected [C, "
                          f"{x.shape[0]}, {latent_dim}] (chains, points, latent dims)")
@@ -189,7 +190,9 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
     betas = sigmoid_schedule(steps, device=x.device)
     path.f(q0.sample((1,)))  # shapes and supports checked once (when Pyro validation is on)
     with pyro.validation_enabled(False):  # ... not in each of the steps * leapfrogs calls
-        if step_sizes is None:
+        if step_sizes is not None:
+            step_sizes = step_sizes.to(x)  # x's device and dtype
+        else:
             step_sizes = _pilot(path, q0.sample((PILOT_CHAINS,)), betas,
                                 x.new_full((x.shape[0],), step_size), leapfrogs, target_accept)
         z0 = q0.sample((chains,)) if z_exact is None else z_exact  # (C, B, D)

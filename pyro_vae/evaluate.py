@@ -285,6 +285,8 @@ def psis_khat_threshold(k: int) -> float:
     min(1 - 1/log10 K, 0.7) (Vehtari et al. 2024, "Pareto Smoothed Importance Sampling"):
     0.67 at K = 1000, 0.7 from K = 2155 on. Below it the error falls as the draws grow;
     above it, the draws needed for a given accuracy grow faster than K can."""
+    if k < 2:
+        raise ValueError(f"k = {k}: the k-hat threshold needs K >= 2 draws")
     return min(1 - 1 / math.log10(k), 0.7)
 
 

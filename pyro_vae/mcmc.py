@@ -48,11 +48,12 @@ def run_nuts(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 
              jit: bool = True, seed: int = 0, progress: bool = False) -> NutsResult:
     """(c) NUTS on ``VAE.model`` conditioned on the points, chains run one after another,
     each started at its own draw from the amortized guide with doubled scale (dispersed
-    starts make R-hat meaningful). Chain c is seeded with ``seed + c`` on torch's streams
-    alone: the caller's torch, numpy and Python streams are left as they were."""
+    starts make R-hat meaningful). The guide's moments (drawn for a flow guide) are seeded
+    with ``seed``, chain c with ``seed + c``, on torch's streams alone: the caller's torch,
+    numpy and Python streams are left as they were."""
     vae, x = setting.vae, setting.x
     args = (x,) if setting.y is None else (x, setting.y)
-    with torch.no_grad():
+    with torch.no_grad(), seeded(seed, x.device):  # a flow guide's moments are drawn
         mean, std = moments(vae.q_z(x, setting.y))  # (N, D) each
     samples, diverging = [], []
     t0 = time.perf_counter()

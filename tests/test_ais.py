@@ -72,6 +72,29 @@ def test_the_weighted_chains_run_with_fixed_step_sizes_set_by_the_pilot():
         ais(vae, x, steps=3, step_sizes=torch.zeros(2, 3))
 
 
+def test_forward_and_reverse_runs_apply_each_step_size_at_the_same_beta(monkeypatch):
+    import pyro_vae.ais as ais_module
+
+    vae, ds, _ = linear_setup()
+    vae.requires_grad_(False)
+    x, z = simulate(vae, 2, chains=3)
+    moves, hmc = [], ais_module._hmc
+
+    def recording(path, z, beta, step, *args):
+        moves.append((round(float(beta), 6), [round(s, 6) for s in step.tolist()]))
+        return hmc(path, z, beta, step, *args)
+
+    monkeypatch.setattr(ais_module, "_hmc", recording)
+    schedule = torch.arange(1, 6, dtype=torch.float32)[:, None] * torch.tensor([0.01, 0.02])
+    forward = ais(vae, x, steps=6, chains=3, leapfrogs=1, step_sizes=schedule)
+    betas = sigmoid_schedule(6)
+    assert moves == [(round(float(betas[t]), 6), [round(0.01 * t, 6), round(0.02 * t, 6)])
+                     for t in range(1, 6)]  # the move at beta_t uses row t - 1
+    fwd, moves[:] = list(moves), []
+    ais(vae, x, steps=6, chains=3, leapfrogs=1, z_exact=z, step_sizes=forward.step_sizes)
+    assert moves == fwd[::-1]  # BDMC's reverse run: the same kernels, in reverse order
+
+
 def test_ais_weights_are_unbiased_for_p_x_given_the_pilots_step_sizes():
     vae, ds, params = linear_setup()
     vae = _overdispersed_guide(vae, params, widen=3.0)  # a poor start: AIS must do the work

@@ -337,14 +337,14 @@ def test_kl_to_exact_of_a_student_t_guide_is_estimated_not_taken_as_gaussian():
     assert (kl - gaussian).abs().min() > 0.05  # what the moment-matched Gaussian would say
 
 
-def test_nuts_is_reproducible_by_seed_and_leaves_the_callers_random_streams_alone():
+def test_nuts_is_reproducible_by_seed_and_leaves_the_callers_random_streams_alone(ring):
     import random
 
     import numpy as np
 
     from pyro_vae.mcmc import run_nuts
 
-    setting = toy_setting("ring", points=1)
+    setting = ring[0]
     np.random.seed(7), random.seed(7), torch.manual_seed(7)
     expected = (np.random.rand(), random.random(), torch.rand(()))
     np.random.seed(7), random.seed(7), torch.manual_seed(7)

@@ -111,6 +111,8 @@ def test_khat_threshold_follows_the_draws_up_to_0_7():
     assert psis_khat_threshold(100) == pytest.approx(0.5)
     assert psis_khat_threshold(2154) < 0.7 and psis_khat_threshold(2155) == 0.7
     assert psis_khat_threshold(10**6) == 0.7
+    with pytest.raises(ValueError, match="k = 1: the k-hat threshold needs K >= 2 draws"):
+        psis_khat_threshold(1)
     # the share counts points above the threshold of *its* K: k-hat 0.6 is fine at K = 10^4
     # draws but not at K = 100 (where 0.5 is the limit)
     summaries = {k: _khat_summary(torch.tensor([0.2, 0.6, 0.68, float("nan")]), k)
