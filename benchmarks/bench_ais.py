@@ -1,11 +1,14 @@
-"""AIS cost: seconds per test point and peak memory as the number of points grows.
+"""AIS cost: seconds per test point and peak memory as the number of points grows, and
+what the pilot chains that set the step sizes add.
 
     python benchmarks/bench_ais.py [--run RUN] [--n 25 100] [--steps 1000] [--chains 16]
                                    [--device cpu|cuda]
 
 Trains the default VAE first when no --run is given (about 30 s on 2 CPU cores). Each N
 runs in its own process, so its peak resident memory (and peak CUDA memory on a GPU) is its
-own: with points processed ``--batch-size`` at a time, the peak must not grow with N.
+own: with points processed ``--batch-size`` at a time, the peak must not grow with N. Last,
+on one batch, side by side: AIS with its pilot chains against the same AIS given the step
+sizes those set (no pilot chains), and the ratio of their seconds.
 """
 
 from __future__ import annotations
@@ -33,6 +36,36 @@ def one(run: str, n: int, steps: int, chains: int, device: str, batch_size: int)
     if torch.cuda.is_available() and device != "cpu":
         out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return out
+
+
+def pilot_overhead(run: str, steps: int, chains: int, device: str, batch_size: int) -> str:
+    """One markdown line: seconds of AIS on the first ``batch_size`` test points with its
+    pilot chains, and given the step sizes they set (no pilot), alternated over 2 rounds
+    after a short warm-up (the median of each), with their ratio."""
+    import statistics
+    import time
+
+    import torch
+
+    from pyro_vae.ais import PILOT_CHAINS, ais
+    from pyro_vae.runs import load_run
+
+    r = load_run(run, device=device)
+    x = r.dataset.x_test[:batch_size]
+    ais(r.vae, x, steps=10, chains=chains)  # warm-up
+    times, sizes = {"pilot": [], "given": []}, None
+    for _ in range(2):
+        for kind in times:  # the pilot's run first: the given run reuses its step sizes
+            t0 = time.perf_counter()
+            sizes = ais(r.vae, x, steps=steps, chains=chains,
+                        step_sizes=None if kind == "pilot" else sizes).step_sizes
+            if device != "cpu":
+                torch.cuda.synchronize()
+            times[kind].append(time.perf_counter() - t0)
+    with_pilot, given = (statistics.median(times[k]) for k in ("pilot", "given"))
+    return (f"{steps} steps x {chains} chains on {batch_size} points ({device}): with "
+            f"{PILOT_CHAINS} pilot chains {with_pilot:.3f} s, given the step sizes "
+            f"{given:.3f} s: the pilot adds {with_pilot / given - 1:.2f}x")
 
 
 def main():
@@ -68,6 +101,7 @@ def main():
         print(f"| {n} | {args.steps} x {args.chains} | {r['seconds_per_point']:.2f} | "
               f"{r['peak_rss_mib']:.0f} | {gpu} | {lp['mean']:.2f} ({lp['mc_se']:.3f}) | "
               f"{r['acceptance']:.2f} |", flush=True)
+    print(pilot_overhead(run, args.steps, args.chains, args.device, args.batch_size))
 
 
 if __name__ == "__main__":

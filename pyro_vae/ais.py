@@ -8,11 +8,12 @@ the geometric path (Neal 2001; Wu, Burda, Salakhutdinov & Grosse 2017)::
 
 Forward: z_0 ~ q0; for t = 1..T: log w += (beta_t - beta_{t-1}) f(z), then an HMC move
 that leaves g_t invariant. exp(log w) is unbiased for p(x), so log mean_c exp(log w_c) over
-C chains is a stochastic *lower* bound on log p(x). That needs each move's kernel fixed
-before the weighted chains start: the HMC step sizes, one per step and data point, are set
-by a short *pilot* anneal of ``PILOT_CHAINS`` chains that adapts them towards an acceptance
-rate of 0.65 (as Wu et al. adapt theirs), and are then held fixed. (Adapting them from the
-weighted chains' own acceptance would couple the chains and bias the weights.)
+C chains is a stochastic *lower* bound on log p(x). That needs each move's kernel to be
+independent of the weighted chains: the HMC step sizes, one per step and data point, are
+adapted towards an acceptance rate of 0.65 (as Wu et al. adapt theirs) from the acceptance
+of ``PILOT_CHAINS`` unweighted *pilot* chains that anneal beside the weighted ones.
+(Adapting them from the weighted chains' own acceptance would couple the chains and bias
+the weights.)
 
 Reverse (Grosse et al. 2015, bidirectional Monte Carlo): start at an exact posterior draw
 (available for data simulated from the model: (z, x) ~ p(z) p(x|z)), run the schedule
@@ -101,40 +102,37 @@ def _hmc(path: _Path, z, beta, step: torch.Tensor, leapfrogs: int, log_g0, grad)
     return torch.where(accept[..., None], z1, z), accept
 
 
-def _pilot(path: _Path, z: torch.Tensor, betas: torch.Tensor, step: torch.Tensor,
-           leapfrogs: int, target_accept: float) -> torch.Tensor:
-    """Step sizes ``[T - 1, B]`` for the moves at beta_1..beta_{T-1}: anneal chains z
-    ``[C', B, D]`` forward without weights, scaling each point's step ``[B]`` by 1.02 after
-    a move whose acceptance rate over the chains beat ``target_accept``, else by 0.98."""
-    steps = []
-    for t in range(1, len(betas) - 1):
-        log_g, grad, _ = path.log_target_and_grad(z, betas[t])
-        steps.append(step)
-        z, accept = _hmc(path, z, betas[t], step, leapfrogs, log_g, grad)
-        step = step * torch.where(accept.float().mean(0) > target_accept, 1.02, 0.98)
-    return torch.stack(steps)
-
-
 def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, steps: torch.Tensor,
-            leapfrogs: int, reverse: bool) -> AISResult:
+            leapfrogs: int, reverse: bool, pilot: int = 0,
+            target_accept: float = 0.65) -> AISResult:
     """Run the path through ``betas`` ``[T + 1]`` (increasing; walked backwards when
-    ``reverse``) from chains z ``[C, B, D]``: weight increments, then HMC moves with the
-    fixed step sizes ``steps`` ``[T - 1, B]`` (indexed by beta, so reverse reads them
-    backwards too)."""
-    betas, moves = (betas.flip(0), steps.flip(0)) if reverse else (betas, steps)
-    log_w = z.new_zeros(z.shape[:2])  # (C, B)
+    ``reverse``) from chains z ``[P + C, B, D]``: weight increments, then HMC moves.
+
+    ``pilot = 0``: ``steps`` ``[T - 1, B]`` are fixed step sizes, indexed by beta (reverse
+    reads them backwards too). ``pilot = P > 0``: ``steps`` ``[B]`` is the first move's step
+    size and z's first P chains are unweighted *pilot* chains: after each move each point's
+    step is scaled by 1.02 if the pilot chains' acceptance rate beat ``target_accept``, else
+    by 0.98. All chains make each move with the same step, which depends on the pilot chains'
+    past alone: given the pilot, the C weighted chains' kernels are fixed, so exp(log w)
+    stays unbiased, at the cost of P more chains rather than a separate pilot run."""
+    betas = betas.flip(0) if reverse else betas
+    log_w = z.new_zeros(z.shape[:2])  # (P + C, B)
     accepted = z.new_zeros(z.shape[1])  # (B,)
-    for t in range(1, len(betas)):
-        if t == len(betas) - 1:  # the weights are complete: a last move would change nothing
-            log_w = log_w + (betas[t] - betas[t - 1]) * path.f(z)
-            break
+    used = []  # the pilot's step sizes, in the order of the moves
+    for t in range(1, len(betas) - 1):
+        step = steps if pilot else steps[len(betas) - 2 - t if reverse else t - 1]
         log_g, grad, f = path.log_target_and_grad(z, betas[t])  # f is reused by the move
         log_w = log_w + (betas[t] - betas[t - 1]) * f
-        z, accept = _hmc(path, z, betas[t], moves[t - 1], leapfrogs, log_g, grad)
-        accepted = accepted + accept.float().mean(0)  # (B,) over chains
+        z, accept = _hmc(path, z, betas[t], step, leapfrogs, log_g, grad)
+        accepted = accepted + accept[pilot:].float().mean(0)  # (B,) over weighted chains
+        used.append(step)
+        if pilot:
+            steps = step * torch.where(accept[:pilot].float().mean(0) > target_accept, 1.02, 0.98)
+    z, log_w = z[pilot:], log_w[pilot:]  # the weights are complete after a last increment:
+    log_w = log_w + (betas[-1] - betas[-2]) * path.f(z)  # a last move would change nothing
     log_px, se = log_mean_exp(log_w)  # reverse: exp(log_w) estimates 1 / p(x)
-    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w,
-                     steps)
+    used = torch.stack(used) if pilot else steps  # (T - 1, B)
+    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w, used)
 
 
 def _start(vae: VAE, x: torch.Tensor, y1h, start: str):
@@ -148,11 +146,16 @@ def _start(vae: VAE, x: torch.Tensor, y1h, start: str):
 
 
 def _check(x: torch.Tensor, latent_dim: int, steps: int, z_exact, step_sizes) -> None:
-    """Refuse ``z_exact`` (expected ``[C, B, D]`` for x ``[B, X]``) or ``step_sizes``
-    (expected ``[steps - 1, B]``, all > 0) of the wrong shape, naming what is expected."""
+    """Refuse ``z_exact`` (expected ``[C, B, D]`` for x ``[B, X]``, with step sizes) or
+    ``step_sizes`` (expected ``[steps - 1, B]``, all > 0) of the wrong shape, naming what is
+    expected."""
     if z_exact is not None and tuple(z_exact.shape[1:]) != (x.shape[0], latent_dim):
         raise ValueError(f"z_exact has shape {list(z_exact.shape)}; expected [C, "
                          f"{x.shape[0]}, {latent_dim}] (chains, points, latent dims)")
+    if z_exact is not None and step_sizes is None:
+        raise ValueError("z_exact given without step_sizes: reverse AIS runs the forward run's "
+                         "step sizes backwards (pass ais(...).step_sizes of the forward run, "
+                         "as bdmc does)")
     if step_sizes is not None and (tuple(step_sizes.shape) != (steps - 1, x.shape[0])
                                    or not (step_sizes > 0).all()):
         raise ValueError(f"step_sizes has shape {list(step_sizes.shape)}; expected "
@@ -168,13 +171,13 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
     """AIS estimate of log p(x) for x ``[B, X]`` (labels y ``[B]`` if conditional) with
     ``chains`` chains of ``steps`` annealing steps, each an HMC move of ``leapfrogs`` leapfrog
     steps, from q0 = the guide q(z|x) (``start="guide"``) or the prior. The step sizes are
-    ``step_sizes`` ``[steps - 1, B]`` if given, else set by a pilot anneal of
-    ``PILOT_CHAINS`` chains from q0, starting at ``step_size`` and adapted towards
-    ``target_accept``; the weighted chains then run with them fixed.
+    ``step_sizes`` ``[steps - 1, B]`` if given, else set along the way by ``PILOT_CHAINS``
+    unweighted pilot chains from q0 that run beside the weighted ones, starting at
+    ``step_size`` and adapted towards ``target_accept`` (see :func:`_anneal`).
 
     With ``z_exact`` ``[C, B, D]`` (exact posterior draws, e.g. the latents that simulated
-    x), runs *reverse* AIS from them instead (``chains`` is then C): the stochastic upper
-    bound of BDMC."""
+    x) and the forward run's ``step_sizes``, runs *reverse* AIS from them instead
+    (``chains`` is then C): the stochastic upper bound of BDMC."""
     if steps < 2 or leapfrogs < 1 or chains < 1:
         raise ValueError(f"steps = {steps}, leapfrogs = {leapfrogs}, chains = {chains}: "
                          "steps must be >= 2 (one step makes no HMC move: plain importance "
@@ -190,13 +193,13 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
     betas = sigmoid_schedule(steps, device=x.device)
     path.f(q0.sample((1,)))  # shapes and supports checked once (when Pyro validation is on)
     with pyro.validation_enabled(False):  # ... not in each of the steps * leapfrogs calls
-        if step_sizes is not None:
-            step_sizes = step_sizes.to(x)  # x's device and dtype
-        else:
-            step_sizes = _pilot(path, q0.sample((PILOT_CHAINS,)), betas,
-                                x.new_full((x.shape[0],), step_size), leapfrogs, target_accept)
+        if step_sizes is None:  # set on the way by pilot chains, placed first in z
+            z0 = q0.sample((PILOT_CHAINS + chains,))  # (P + C, B, D)
+            return _anneal(path, z0, betas, x.new_full((x.shape[0],), step_size), leapfrogs,
+                           reverse=False, pilot=PILOT_CHAINS, target_accept=target_accept)
         z0 = q0.sample((chains,)) if z_exact is None else z_exact  # (C, B, D)
-        return _anneal(path, z0, betas, step_sizes, leapfrogs, z_exact is not None)
+        return _anneal(path, z0, betas, step_sizes.to(x), leapfrogs,  # x's device and dtype
+                       reverse=z_exact is not None)
 
 
 def ais_errors(values: torch.Tensor, mc_se: torch.Tensor, chains: int) -> dict:

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -253,3 +254,31 @@ def test_bench_ais_se_reads_an_se_half_the_spread_as_ratio_2_and_counts_coverage
     assert float(bias) == pytest.approx(0.0, abs=0.005)
     honest = bench.row(16, est - 0.05, torch.full_like(est, 0.1), exact).split("|")
     assert float(honest[1]) == pytest.approx(1.0, abs=0.02) and float(honest[3]) == pytest.approx(-0.05, abs=0.005)
+
+
+def test_bench_ais_times_the_pilot_against_the_same_run_given_its_step_sizes(tmp_path,
+                                                                            monkeypatch):
+    import pyro_vae.ais as ais_module
+    from pyro_vae import train
+
+    from conftest import small_config
+
+    bench, calls, real = benchmark("bench_ais"), [], ais_module.ais
+    train(small_config(), tmp_path / "run")
+
+    def recording(vae, x, **kwargs):
+        out = real(vae, x, **kwargs)
+        calls.append((kwargs["steps"], kwargs.get("step_sizes"), out.step_sizes))
+        return out
+
+    monkeypatch.setattr(ais_module, "ais", recording)
+    line = bench.pilot_overhead(str(tmp_path / "run"), steps=6, chains=2, device="cpu",
+                                batch_size=3)
+    assert [(steps, given is None) for steps, given, _ in calls] == [
+        (10, True), (6, True), (6, False), (6, True), (6, False)]  # warm-up, 2 rounds
+    for (_, _, pilots), (_, given, _) in (calls[1:3], calls[3:5]):
+        assert given is pilots  # the given run reuses the pilot's step sizes
+    assert "6 steps x 2 chains on 3 points (cpu): with 4 pilot chains" in line
+    with_pilot, given = (float(v) for v in re.findall(r"([\d.]+) s\b", line))
+    adds = float(re.search(r"the pilot adds (-?[\d.]+)x$", line).group(1))
+    assert adds == pytest.approx(with_pilot / given - 1, abs=0.03)  # of the rounded seconds
