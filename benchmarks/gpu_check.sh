@@ -4,7 +4,7 @@
 #     bash benchmarks/gpu_check.sh correctness   # the whole suite, every CLI command (<= ~5.5 min)
 #     bash benchmarks/gpu_check.sh speed         # bench_train, bench_command, bench_host (<= ~8 min;
 #                                                # what matters most runs first)
-# (no argument: both). Needs the project installed (README) and pytest-xdist. For a machine
+# (no argument: both). Needs the project installed (README, with its dev extra). For a machine
 # with Python and torch but no package index, run `python benchmarks/gpu_wheels.py` where pip
 # reaches one and carry the .whl/ it fills: finding it, this script installs those wheels
 # (pip --target /tmp/site, on PYTHONPATH) and pyro_vae (without build isolation: offline, pip

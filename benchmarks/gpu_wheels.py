@@ -5,8 +5,8 @@
 
 The GPU machine of ``gpu_check.sh`` has Python and torch but no package index. Run this where
 pip reaches one: it downloads into DEST every distribution that pyro_vae's install
-(pyproject.toml: its dependencies and the ``dev`` extra) and ``gpu_check.sh`` (pytest-xdist)
-need beyond those the machine holds (``--have``, one name per line; the default lists the
+(pyproject.toml: its dependencies and the ``dev`` extra, which holds the pytest-xdist that
+``gpu_check.sh`` runs the suite with) need beyond those the machine holds (``--have``, one name per line; the default lists the
 lent H200's image), as wheels for CPython ``--python-version`` on manylinux x86_64. Each is
 fetched alone (``pip download --no-deps``); then the requirements in its metadata, with
 their environment markers and extras evaluated for that target, join the queue, until every
@@ -33,17 +33,15 @@ from packaging.tags import compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRA_ROOTS = ["pytest-xdist"]  # gpu_check.sh runs the suite with -n 12
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in range(5, 40)] + [
     "manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64"]  # glibc 2.5 to 2.39
 
 
 def roots(pyproject: Path, env: dict) -> list[Requirement]:
-    """pyproject's ``dependencies`` and ``dev`` extra, and :data:`EXTRA_ROOTS`, those whose
-    marker holds in ``env``."""
+    """pyproject's ``dependencies`` and ``dev`` extra, those whose marker holds in ``env``."""
     project = tomllib.loads(pyproject.read_text())["project"]
     lines = project["dependencies"] + project.get("optional-dependencies", {}).get("dev", [])
-    reqs = [Requirement(line) for line in lines + EXTRA_ROOTS]
+    reqs = [Requirement(line) for line in lines]
     return [r for r in reqs if r.marker is None or r.marker.evaluate({**env, "extra": ""})]
 
 

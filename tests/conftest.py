@@ -3,6 +3,7 @@
 import contextlib
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from pyro_vae.config import load_config
 from pyro_vae.data import linear_gaussian_params, load_dataset
 from pyro_vae.model import VAE
 
-torch.set_num_threads(2)
+MAX_WORKERS = 4  # pytest-xdist processes for `-n auto` (pyproject): each holds ~1 GiB
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+# Two threads per process, or a fair share of the cores per worker: two workers with two
+# threads each on two cores would contend.
+torch.set_num_threads(max(1, min(2, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core this process may run on, at most ``MAX_WORKERS``."""
+    return min(CORES, MAX_WORKERS)
 
 
 def pytest_collection_modifyitems(config, items):

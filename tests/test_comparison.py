@@ -15,7 +15,7 @@ from pyro_vae.settings import toy_setting
 
 pytestmark = pytest.mark.slow
 
-SMALL = dict(chains=4, warmup=300, draws=600, iw_k=2000, ais_steps=200, ais_chains=16)
+SMALL = dict(chains=4, warmup=200, draws=400, iw_k=2000, ais_steps=200, ais_chains=16)
 
 
 @pytest.fixture(scope="module")
