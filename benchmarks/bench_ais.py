@@ -41,7 +41,7 @@ def one(run: str, n: int, steps: int, chains: int, device: str, batch_size: int)
 def pilot_overhead(run: str, steps: int, chains: int, device: str, batch_size: int) -> str:
     """One markdown line: seconds of AIS on the first ``batch_size`` test points with its
     pilot chains, and given the step sizes they set (no pilot), alternated over 2 rounds
-    after a short warm-up (the median of each), with their ratio."""
+    after a short warm-up (the mean of each), with their ratio."""
     import statistics
     import time
 
@@ -62,7 +62,7 @@ def pilot_overhead(run: str, steps: int, chains: int, device: str, batch_size: i
             if device != "cpu":
                 torch.cuda.synchronize()
             times[kind].append(time.perf_counter() - t0)
-    with_pilot, given = (statistics.median(times[k]) for k in ("pilot", "given"))
+    with_pilot, given = (statistics.mean(times[k]) for k in ("pilot", "given"))
     return (f"{steps} steps x {chains} chains on {batch_size} points ({device}): with "
             f"{PILOT_CHAINS} pilot chains {with_pilot:.3f} s, given the step sizes "
             f"{given:.3f} s: the pilot adds {with_pilot / given - 1:.2f}x")

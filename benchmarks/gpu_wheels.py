@@ -5,15 +5,15 @@
 
 The GPU machine of ``gpu_check.sh`` has Python and torch but no package index. Run this where
 pip reaches one: it downloads into DEST every distribution that pyro_vae's install
-(pyproject.toml: its dependencies and the ``dev`` extra, which holds the pytest-xdist that
-``gpu_check.sh`` runs the suite with) need beyond those the machine holds (``--have``, one name per line; the default lists the
-lent H200's image), as wheels for CPython ``--python-version`` on manylinux x86_64. Each is
-fetched alone (``pip download --no-deps``); then the requirements in its metadata, with
-their environment markers and extras evaluated for that target, join the queue, until every
-requirement is in DEST or on the machine (a name on the machine is taken as it is: neither
-its version nor the extras asked of it can be checked here). Wheels already in DEST are
-reused. It prints the kit; carried to the machine as ``.whl/`` in the repository,
-``gpu_check.sh`` installs it and pyro_vae there before it starts.
+(pyproject.toml: its dependencies and the ``dev`` extra, which brings the pytest-xdist that
+``gpu_check.sh`` runs the suite with) needs beyond those the machine holds (``--have``, one
+name per line; the default lists the lent H200's image), as wheels for CPython
+``--python-version`` on manylinux x86_64. Each is fetched alone (``pip download --no-deps``);
+then the requirements in its metadata, with their environment markers and extras evaluated for
+that target, join the queue, until every requirement is in DEST or on the machine (a name on
+the machine is taken as it is: neither its version nor the extras asked of it can be checked
+here). Wheels already in DEST are reused. It prints the kit; carried to the machine as
+``.whl/`` in the repository, ``gpu_check.sh`` installs it and pyro_vae there before it starts.
 
 rc 1, naming them, where a download fails, where DEST holds two versions of one
 distribution (pip would refuse the whole install) or a wheel that the target cannot install

@@ -40,14 +40,15 @@ from .evaluate import batches, check_counts, log_mean_exp, log_terms, seeded, wi
 from .guides import base_gaussian
 from .model import VAE
 
-PILOT_CHAINS = 4  # chains of the pilot anneal that sets the step sizes
+PILOT_CHAINS = 4  # unweighted chains that anneal beside the weighted ones, setting step sizes
 
 
 class AISResult(NamedTuple):
     """Per data point ``[B]``: the estimate of log p(x) (a lower bound forward, an upper
     bound in reverse), its Monte Carlo standard error over chains (delta method), and the
-    mean HMC acceptance rate. ``log_weights`` ``[C, B]`` are the chains' log weights,
-    ``step_sizes`` ``[T - 1, B]`` the fixed HMC step sizes at beta_1..beta_{T-1}."""
+    mean HMC acceptance rate of the weighted chains over the run. ``log_weights`` ``[C, B]``
+    are the weighted chains' log weights, ``step_sizes`` ``[T - 1, B]`` the HMC step sizes
+    of the moves at beta_1..beta_{T-1} (set by the pilot chains, or given)."""
 
     log_px: torch.Tensor
     mc_se: torch.Tensor
@@ -102,37 +103,43 @@ def _hmc(path: _Path, z, beta, step: torch.Tensor, leapfrogs: int, log_g0, grad)
     return torch.where(accept[..., None], z1, z), accept
 
 
-def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, steps: torch.Tensor,
-            leapfrogs: int, reverse: bool, pilot: int = 0,
-            target_accept: float = 0.65) -> AISResult:
+def _anneal(path: _Path, z: torch.Tensor, betas: torch.Tensor, leapfrogs: int,
+            step_sizes: torch.Tensor | None = None, reverse: bool = False, pilot: int = 0,
+            first_step: torch.Tensor | None = None, target_accept: float = 0.65) -> AISResult:
     """Run the path through ``betas`` ``[T + 1]`` (increasing; walked backwards when
-    ``reverse``) from chains z ``[P + C, B, D]``: weight increments, then HMC moves.
+    ``reverse``) from chains z ``[P + C, B, D]``: weight increments, then HMC moves, with
 
-    ``pilot = 0``: ``steps`` ``[T - 1, B]`` are fixed step sizes, indexed by beta (reverse
-    reads them backwards too). ``pilot = P > 0``: ``steps`` ``[B]`` is the first move's step
-    size and z's first P chains are unweighted *pilot* chains: after each move each point's
-    step is scaled by 1.02 if the pilot chains' acceptance rate beat ``target_accept``, else
-    by 0.98. All chains make each move with the same step, which depends on the pilot chains'
-    past alone: given the pilot, the C weighted chains' kernels are fixed, so exp(log w)
-    stays unbiased, at the cost of P more chains rather than a separate pilot run."""
+    - fixed ``step_sizes`` ``[T - 1, B]``, indexed by beta (reverse reads them backwards), or
+    - (forward only) ``pilot = P > 0``: z's first P chains are unweighted *pilot* chains.
+      The first move's step is ``first_step`` ``[B]``; after each move each point's step is
+      scaled by 1.02 if the pilot chains' acceptance rate beat ``target_accept``, else by
+      0.98. (With 4 pilot chains the rate moves in quarters: any target in [0.5, 0.75)
+      grows the step when 3 or 4 accept, which balances near 0.61 acceptance per move.)
+
+    All chains make each move with the same step, which depends on the pilot chains' past
+    alone: given the pilot, the C weighted chains' kernels are fixed, so exp(log w) stays
+    unbiased. The pilot chains are dropped from the result (log weights ``[C, B]``)."""
+    assert (step_sizes is None) == (pilot > 0) and not (reverse and pilot)
     betas = betas.flip(0) if reverse else betas
     log_w = z.new_zeros(z.shape[:2])  # (P + C, B)
     accepted = z.new_zeros(z.shape[1])  # (B,)
-    used = []  # the pilot's step sizes, in the order of the moves
+    step, used = first_step, []  # the pilot's step sizes, in the order of the moves
     for t in range(1, len(betas) - 1):
-        step = steps if pilot else steps[len(betas) - 2 - t if reverse else t - 1]
+        if not pilot:
+            step = step_sizes[len(betas) - 2 - t if reverse else t - 1]
         log_g, grad, f = path.log_target_and_grad(z, betas[t])  # f is reused by the move
         log_w = log_w + (betas[t] - betas[t - 1]) * f
         z, accept = _hmc(path, z, betas[t], step, leapfrogs, log_g, grad)
         accepted = accepted + accept[pilot:].float().mean(0)  # (B,) over weighted chains
-        used.append(step)
         if pilot:
-            steps = step * torch.where(accept[:pilot].float().mean(0) > target_accept, 1.02, 0.98)
+            used.append(step)
+            step = step * torch.where(accept[:pilot].float().mean(0) > target_accept, 1.02, 0.98)
     z, log_w = z[pilot:], log_w[pilot:]  # the weights are complete after a last increment:
     log_w = log_w + (betas[-1] - betas[-2]) * path.f(z)  # a last move would change nothing
     log_px, se = log_mean_exp(log_w)  # reverse: exp(log_w) estimates 1 / p(x)
-    used = torch.stack(used) if pilot else steps  # (T - 1, B)
-    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w, used)
+    step_sizes = torch.stack(used) if pilot else step_sizes  # (T - 1, B)
+    return AISResult(-log_px if reverse else log_px, se, accepted / (len(betas) - 2), log_w,
+                     step_sizes)
 
 
 def _start(vae: VAE, x: torch.Tensor, y1h, start: str):
@@ -173,7 +180,8 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
     steps, from q0 = the guide q(z|x) (``start="guide"``) or the prior. The step sizes are
     ``step_sizes`` ``[steps - 1, B]`` if given, else set along the way by ``PILOT_CHAINS``
     unweighted pilot chains from q0 that run beside the weighted ones, starting at
-    ``step_size`` and adapted towards ``target_accept`` (see :func:`_anneal`).
+    ``step_size``, each move's step grown when the pilot chains' acceptance rate beats
+    ``target_accept`` and shrunk otherwise (:func:`_anneal` says where that settles).
 
     With ``z_exact`` ``[C, B, D]`` (exact posterior draws, e.g. the latents that simulated
     x) and the forward run's ``step_sizes``, runs *reverse* AIS from them instead
@@ -195,10 +203,11 @@ def ais(vae: VAE, x: torch.Tensor, y: torch.Tensor | None = None, steps: int = 5
     with pyro.validation_enabled(False):  # ... not in each of the steps * leapfrogs calls
         if step_sizes is None:  # set on the way by pilot chains, placed first in z
             z0 = q0.sample((PILOT_CHAINS + chains,))  # (P + C, B, D)
-            return _anneal(path, z0, betas, x.new_full((x.shape[0],), step_size), leapfrogs,
-                           reverse=False, pilot=PILOT_CHAINS, target_accept=target_accept)
+            return _anneal(path, z0, betas, leapfrogs, pilot=PILOT_CHAINS,
+                           first_step=x.new_full((x.shape[0],), step_size),
+                           target_accept=target_accept)
         z0 = q0.sample((chains,)) if z_exact is None else z_exact  # (C, B, D)
-        return _anneal(path, z0, betas, step_sizes.to(x), leapfrogs,  # x's device and dtype
+        return _anneal(path, z0, betas, leapfrogs, step_sizes.to(x),  # x's device and dtype
                        reverse=z_exact is not None)
 
 

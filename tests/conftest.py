@@ -27,6 +27,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os
 torch.set_num_threads(max(1, min(2, CORES // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: unknown where it is not loaded
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per core this process may run on, at most ``MAX_WORKERS``."""
     return min(CORES, MAX_WORKERS)

@@ -91,6 +91,7 @@ def test_the_step_sizes_depend_on_the_pilot_chains_alone(monkeypatch):
     torch.manual_seed(0)
     stuck = ais(vae, x, steps=60, chains=6, leapfrogs=1)
     assert (free.acceptance > 0.3).all() and (stuck.acceptance == 0).all()  # weighted only
+    assert stuck.log_weights.shape == free.log_weights.shape == (6, 3)
     assert torch.equal(stuck.step_sizes, free.step_sizes)  # the pilot chains set them alone
     assert not torch.equal(free.step_sizes[0], free.step_sizes[-1])
 
@@ -125,6 +126,7 @@ def test_ais_weights_are_unbiased_for_p_x_given_the_pilots_step_sizes():
     exact = linear_gaussian_evidence(params).log_prob(x)  # (2,)
     torch.manual_seed(1)
     r = ais(vae, x, steps=20, chains=4000, leapfrogs=2)
+    assert r.log_weights.shape == (4000, 2)  # the pilot chains' (biased) weights left out
     ratio = (r.log_weights - exact).exp()  # (C, 2): w / p(x), mean 1 if unbiased
     se = ratio.std(0) / math.sqrt(ratio.shape[0])
     assert ((ratio.mean(0) - 1).abs() < 4 * se).all(), (ratio.mean(0), se)

@@ -156,7 +156,12 @@ def test_bench_host_measures_both_paths_and_leaves_softplus_and_threads_as_they_
     from pyro_vae import networks
 
     bench, threads = benchmark("bench_host"), torch.get_num_threads()
-    bench.main(["--rounds", "1", "--steps", "2"])
+    torch.set_num_threads(3)  # not 1, which main sets: a missing restore must show
+    try:
+        bench.main(["--rounds", "1", "--steps", "2"])
+        assert torch.get_num_threads() == 3  # main measures on one thread, then restores
+    finally:
+        torch.set_num_threads(threads)
     rows = [line.split("|") for line in capsys.readouterr().out.splitlines()[2:]]
     cpu_ops = {r[1].strip(): int(r[3]) for r in rows}
     gpu_ops = {r[1].strip(): int(r[6].split()[0]) for r in rows}
@@ -167,7 +172,6 @@ def test_bench_host_measures_both_paths_and_leaves_softplus_and_threads_as_they_
     calls = {"floor": 3, "floor-same-kernels": 4, "trace": 4, "meanfield": 4}
     assert {name: cpu_ops[name] - gpu_ops[name] for name in calls} == {
         name: 11 * n for name, n in calls.items()}
-    assert torch.get_num_threads() == threads  # main measures on one thread, then restores
     assert "apply" not in vars(networks._Softplus)  # the CPU node is back
 
 
@@ -280,4 +284,6 @@ def test_bench_ais_times_the_pilot_against_the_same_run_given_its_step_sizes(tmp
     assert "6 steps x 2 chains on 3 points (cpu): with 4 pilot chains" in line
     with_pilot, given = (float(v) for v in re.findall(r"([\d.]+) s\b", line))
     adds = float(re.search(r"the pilot adds (-?[\d.]+)x$", line).group(1))
-    assert adds == pytest.approx(with_pilot / given - 1, abs=0.03)  # of the rounded seconds
+    r = 0.0005  # the seconds are printed to 3 decimals, the ratio to 2
+    low, high = (with_pilot - r) / (given + r) - 1, (with_pilot + r) / (given - r) - 1
+    assert low - 0.005 <= adds <= high + 0.005
