@@ -228,7 +228,7 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
     def report(m: dict) -> None:
         if not args.quiet and group.is_main:
             se = m.get("test_elbo_se")  # None for one test point: nothing to spread
-            error = " +- n/a (one test point)" if se is None else f" +- {se:.2f}"
+            error = " (SE n/a: one test point)" if se is None else f" (SE {se:.2f}, test points)"
             print(f"epoch {m['epoch']:3d}  train objective {m['train_elbo']:9.2f}  "
                   f"test ELBO {m['test_elbo']:9.2f}{error}  ({m['seconds']:.1f} s)", flush=True)
 
@@ -365,8 +365,12 @@ def cmd_evaluate(args) -> int:
         key = f"ais steps={args.ais_steps} chains={args.ais_chains} n={n} {draws}"
         results[key] = evaluate_ais(run.vae, x, y, args.ais_steps, args.ais_chains,
                                     batch_size=args.batch_size, seed=seed)
+        a = results[key]
         rows.append((f"log p(x), AIS {args.ais_steps} steps x {args.ais_chains} chains (nats)",
-                     _estimate(results[key]["log_px"])))
+                     _estimate(a["log_px"])))
+        rows.append(("  HMC acceptance, weighted chains",  # a whole-run mean, not an estimate
+                     f"{a['acceptance']:.2f} (mean over moves, chains and points; "
+                     f"{a['seconds_per_point']:.2g} s per point)"))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))  # before the write
     try:  # earlier settings' results stay; an unreadable or old-format file is replaced

@@ -86,13 +86,17 @@ def nuts_health(nuts: NutsResult, n_points: int, max_rhat: float = 1.01,
     """NUTS' gates: max R-hat, min bulk ESS (and per second), divergences, passed or not.
     Where no chain moved at all (zero within-chain variance in some z element, a sampler
     stuck at its start), R-hat is undefined (chains at one value) or unbounded (at several):
-    R-hat and ESS are then None with ``diagnostics_note`` saying why, and the gates fail."""
+    R-hat and ESS are then None with ``diagnostics_note`` saying why, and the gates fail.
+    Where only some chains are stuck, R-hat is defined (and large): the note names them."""
     rhat = arviz_bridge.rhat(nuts.idata)  # (N, D)
     ess = arviz_bridge.ess_bulk(nuts.idata)
-    frozen = int((nuts.samples.var(1) == 0).all(0).sum())  # (C, S, N, D) -> elements
-    note = None if not frozen else (
+    still = nuts.samples.var(1) == 0  # (C, N, D): a chain that never left its start there
+    frozen, stuck = int(still.all(0).sum()), int(still.any(0).sum())  # elements
+    note = None if not stuck else (
         f"not available: in {frozen} of the {rhat.size} (point, latent) elements no chain "
-        "moved (zero within-chain variance: R-hat undefined or unbounded)")
+        "moved (zero within-chain variance: R-hat undefined or unbounded)" if frozen else
+        f"stuck chains: in {stuck} of the {rhat.size} (point, latent) elements chains "
+        f"{sorted(set(still.nonzero()[:, 0].tolist()))} never moved (R-hat flags it)")
     return {
         "max_rhat": None if frozen else float(rhat.max()),
         "min_ess_bulk": None if frozen else float(ess.min()),

@@ -41,6 +41,15 @@ def _with_noise(value: float, se: float, is_gap: bool, key: str = "", exact: boo
     return text
 
 
+def _diagnostics_note(note: str | None) -> str:
+    """NUTS health's ``diagnostics_note`` as a sentence: why R-hat and ESS are missing, or
+    which chains were stuck."""
+    if not note:
+        return ""
+    return f" R-hat and bulk ESS {note}." if note.startswith("not available") else \
+        f" {note[0].upper()}{note[1:]}."
+
+
 def _mean_and_se(values: list, ses: list) -> tuple[float, float]:
     """Mean over points and its Monte Carlo SE (per-point SEs combined)."""
     return _mean(values), sum(se**2 for se in ses) ** 0.5 / len(ses)
@@ -123,7 +132,7 @@ def _nuts_markdown(r: dict) -> list[str]:
         f"{n['divergences']} divergences; {n['chains']} chains x {n['draws']} draws "
         f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s "
         f"{_diagnostic(n, 'min_ess_bulk_per_second', '.0f')}."
-        + (f" R-hat and bulk ESS {n['diagnostics_note']}." if n.get("diagnostics_note") else ""),
+        + _diagnostics_note(n.get("diagnostics_note")),
         "",
         f"{r['points']} data points, latent dimension {r['latent_dim']}, amortized guide "
         f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}"
@@ -182,7 +191,7 @@ def write_comparison(r: Comparison, out: str | Path, dims: int = 3) -> list[Path
     out.mkdir(parents=True, exist_ok=True)
     written = [out / "report.md", out / "comparison.json"]
     written[0].write_text(report_markdown(r.summary))
-    written[1].write_text(json.dumps(r.summary, indent=1))
+    written[1].write_text(json.dumps(r.summary, indent=1, allow_nan=False))  # strict JSON
     written.append(arviz_bridge.save(r.nuts.idata, out / "nuts.nc"))
     s = r.nuts.samples.shape[1]
     for name, q in r.q.items():

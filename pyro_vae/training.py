@@ -360,16 +360,17 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     ``iwae`` (the IWAE bound); ``test_elbo`` is the ELBO at the epoch's end, weight 1.
     ``test_elbo_se``: sd / sqrt(N) of the N test points'
     one-draw ELBOs, the error of ``test_elbo`` from the draws and the test points together
-    (``pyro-vae evaluate`` names the two apart); None for one test point. A non-finite test
+    (``pyro-vae evaluate`` names the two apart); None for one test point. Likewise
+    ``test_reconstruction_se`` and ``test_kl_se`` for its two terms. A non-finite test
     ELBO (an update that overflowed the model) raises :class:`NonFiniteError`."""
     tc, ds = state.cfg.train, state.dataset
     with pyro.validation_enabled(False):  # a non-finite model is named below, not by a check
         rec, kl = elbo_terms(state.vae, ds.x_test, ds.y_test if state.vae.num_classes else None,
                              batch_size=tc.eval_batch_size, seed=tc.seed)  # (N,) each
-    per_point = rec - kl
-    spread = mean_se(per_point[:, None])[0]  # sd / sqrt(N) over the points; NaN for N = 1
-    test_elbo, se, test_rec, test_kl = torch.stack(
-        [per_point.mean(), spread, rec.mean(), kl.mean()]).tolist()  # one host read
+    per_point = torch.stack([rec - kl, rec, kl], 1)  # (N, 3)
+    spread = mean_se(per_point)  # (3,) sd / sqrt(N) over the points; NaN for N = 1
+    test_elbo, test_rec, test_kl, se, rec_se, kl_se = torch.cat(
+        [per_point.mean(0), spread]).tolist()  # one host read
     if not math.isfinite(test_elbo):
         labels = ds.y_test if state.vae.num_classes else None
         raise NonFiniteError(
@@ -382,7 +383,9 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
         "test_elbo": test_elbo,
         "test_elbo_se": None if math.isnan(se) else se,
         "test_reconstruction": test_rec,
+        "test_reconstruction_se": None if math.isnan(rec_se) else rec_se,
         "test_kl": test_kl,
+        "test_kl_se": None if math.isnan(kl_se) else kl_se,
         "kl_weight": weight,
         "seconds": seconds,
     })

@@ -42,7 +42,7 @@ def test_each_epoch_line_prints_the_test_elbo_with_its_se(tmp_path, capsys):
     metrics = [json.loads(ln) for ln in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == len(metrics) == 2
     for line, m in zip(lines, metrics):
-        assert f"test ELBO {m['test_elbo']:9.2f} +- {m['test_elbo_se']:.2f}" in line, line
+        assert f"test ELBO {m['test_elbo']:9.2f} (SE {m['test_elbo_se']:.2f}, test points)" in line, line
         assert f"train objective {m['train_elbo']:9.2f}" in line, line  # not called an ELBO
 
 
@@ -54,7 +54,7 @@ def test_one_test_point_prints_its_missing_se_as_not_available(tmp_path, capsys)
                  "--set", "data.test_fraction=0.025", "--set", "train.epochs=1",
                  "--runs-dir", str(tmp_path), "--name", "a"]) == 0
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch"))
-    assert "+- n/a (one test point)" in line and "nan" not in line.lower(), line
+    assert "(SE n/a: one test point)" in line and "nan" not in line.lower(), line
 
 
 def test_existing_run_name_is_refused(tmp_path, capsys):

@@ -247,7 +247,12 @@ def test_nuts_health_says_why_r_hat_is_not_available_where_no_chain_moved(ring):
     one_stuck = samples.normal_().clone()
     one_stuck[1, :, 0, 0] = 0.25  # one chain of two stuck: R-hat is defined, and fails
     mixed = nuts_health(NutsResult(one_stuck, arviz_bridge.from_draws(one_stuck), 0, 0.1), 2)
-    assert mixed["max_rhat"] > 1.5 and not mixed["passed"] and mixed["diagnostics_note"] is None
+    assert mixed["max_rhat"] > 1.5 and not mixed["passed"]
+    assert mixed["diagnostics_note"] == ("stuck chains: in 1 of the 6 (point, latent) "
+                                         "elements chains [1] never moved (R-hat flags it)")
+    text = report_markdown({**ring[1].summary, "nuts": {**ring[1].summary["nuts"], **mixed}})
+    assert "**NUTS health gates FAILED**" in text
+    assert "max R-hat n/a" not in text and ". Stuck chains: in 1 of the 6" in text
     text = report_markdown({**ring[1].summary, "nuts": {**ring[1].summary["nuts"], **health}})
     assert "max R-hat n/a (<= 1.01), min bulk ESS n/a (>= 400)" in text
     assert "R-hat and bulk ESS not available: in 2 of the 6" in text

@@ -223,6 +223,9 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     text = capsys.readouterr().out
     ais_line = next(line for line in text.splitlines() if "AIS" in line)
     assert "(delta method over 4 chains per point: a lower estimate)" in ais_line
+    acc = saved["ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"]["acceptance"]
+    acc_line = next(line for line in text.splitlines() if "HMC acceptance" in line)
+    assert acc_line.split()[4:6] == [f"{acc:.2f}", "(mean"], acc_line
     assert "not available: K=10" in text
     assert main(["evaluate", run, "--k", "1", "--n", "20"]) == 0
     text = capsys.readouterr().out
