@@ -14,10 +14,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.infer import Trace_ELBO
-from torch.nn import functional as F
 
-from .guides import moments
-from .networks import MIN_ENCODER_SCALE
+from .guides import moments, raw_from_scale, scale_from_raw
 from .model import LATENT, PLATE
 from .objectives import pyro_host_reads_deferred
 from .settings import Setting
@@ -44,14 +42,13 @@ def fit_gaussian(setting: Setting, full: bool = False, steps: int = 1500, lr: fl
         q0 = vae.q_z(x, setting.y)
     mean, std = moments(q0)  # (N, D) each
     loc = mean.clone().requires_grad_()
-    # softplus^-1(std - floor): the scale below is then the guide's own at the start
-    raw = (std - MIN_ENCODER_SCALE).clamp_min(1e-6).expm1().log().clone().requires_grad_()
+    raw = raw_from_scale(std).requires_grad_()  # the scale below is the guide's at the start
     n, d = loc.shape
     off = loc.new_zeros(n, d, d).requires_grad_()  # (N, D, D) strictly lower part
     params = [loc, raw, off] if full else [loc, raw]
 
     def q():
-        scale = F.softplus(raw) + MIN_ENCODER_SCALE  # the guide's floor: the same family
+        scale = scale_from_raw(raw)  # the guide's map and floor: the same family
         if not full:
             return dist.Normal(loc, scale).to_event(1)
         tril = torch.tril(off, diagonal=-1) + torch.diag_embed(scale)

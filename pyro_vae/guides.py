@@ -69,7 +69,19 @@ class Guide(nn.Module):
 
 def gaussian_params(h: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(loc, scale) ``[..., D]`` each from the first 2D encoder outputs ``h [..., P]``."""
-    return h[..., :d], softplus(h[..., d : 2 * d]) + MIN_ENCODER_SCALE
+    return h[..., :d], scale_from_raw(h[..., d : 2 * d])
+
+
+def scale_from_raw(raw: torch.Tensor) -> torch.Tensor:
+    """The Gaussian guide's scale map, any shape: softplus(raw) + MIN_ENCODER_SCALE (a floor
+    that keeps log q finite). Per-point fits (``fits.py``) use it too: the same family."""
+    return softplus(raw) + MIN_ENCODER_SCALE
+
+
+def raw_from_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`scale_from_raw`: log(expm1(scale - floor)), for scales above the
+    floor (within 1e-6 of it, the raw value of floor + 1e-6)."""
+    return (scale - MIN_ENCODER_SCALE).clamp_min(1e-6).expm1().log()
 
 
 def _diagonal(h: torch.Tensor, d: int) -> dist.Distribution:

@@ -231,3 +231,16 @@ def test_one_chain_has_no_monte_carlo_se_and_several_carry_their_caveat():
     for key in ("lower", "upper", "gap"):
         assert b[key]["mc_se"] > 0
         assert b[key]["mc_se_note"] == "delta method over 3 chains per point: a lower estimate"
+
+
+def test_ais_errors_combines_per_point_ses_and_says_when_there_are_none():
+    from pyro_vae.ais import ais_errors
+
+    values, se = torch.tensor([-1.0, -3.0, -5.0, -7.0]), torch.tensor([0.3, 0.4, 0.0, 0.0])
+    out = ais_errors(values, se, chains=8)
+    assert out["mean"] == pytest.approx(-4.0)
+    assert out["mc_se"] == pytest.approx(0.5 / 4)  # sqrt(0.09 + 0.16) / N, not their mean
+    assert out["test_set_se"] == pytest.approx(values.std().item() / 2)
+    assert "over 8 chains per point: a lower estimate" in out["mc_se_note"]
+    one = ais_errors(values, se, chains=1)
+    assert one["mc_se"] is None and one["mc_se_note"].startswith("not available: one chain")

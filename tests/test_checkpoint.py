@@ -412,3 +412,13 @@ def test_a_forced_batch_size_change_mid_epoch_is_refused(tmp_path):
     finish = small_config("train.batch_size=16", subset=300, epochs=1)
     train(finish, resume=tmp_path / "cut", force=True)  # the epoch finished: now it may change
     assert train(bigger, resume=tmp_path / "cut", force=True).metrics[-1]["epoch"] == 2
+
+
+def test_write_metrics_writes_one_json_line_per_epoch_replacing_the_file_whole(tmp_path):
+    import json
+
+    ckpt_io.write_metrics(tmp_path, [{"epoch": e, "test_elbo": -100.0 - e} for e in (1, 2, 3)])
+    ckpt_io.write_metrics(tmp_path, [{"epoch": 1, "test_elbo": -101.0}])  # a rollback's rewrite
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln) for ln in lines] == [{"epoch": 1, "test_elbo": -101.0}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left

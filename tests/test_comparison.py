@@ -358,3 +358,22 @@ def test_nuts_is_reproducible_by_seed_and_leaves_the_callers_random_streams_alon
     assert torch.equal(runs[0].samples, runs[1].samples)
     assert not torch.equal(runs[0].samples, runs[2].samples)
     assert not torch.equal(runs[0].samples[0], runs[0].samples[1])  # chains seeded apart
+
+
+def test_ppca_params_read_the_linear_decoder_and_its_noise_and_refuse_other_models():
+    from conftest import linear_setup
+    from pyro_vae.config import load_config
+    from pyro_vae.model import VAE
+    from pyro_vae.settings import ppca_params
+
+    vae, ds, params = linear_setup(noise=0.3)
+    base = ["data.name=linear-gaussian", "data.binarize=none", "model.latent_dim=2",
+            "model.hidden=[]", "likelihood.name=gaussian", "likelihood.sigma=0.3"]
+    cfg = load_config(None, base)  # linear_setup's config
+    W, b, s = ppca_params(cfg, vae)
+    assert torch.equal(W, params.W) and torch.equal(b, params.b) and float(s) == pytest.approx(0.3)
+    z = torch.randn(4, 2)
+    assert torch.allclose(vae.likelihood_dist(z).mean, z @ W.T + b, atol=1e-5)  # x | z mean
+    for extra in ("model.hidden=[8]", "prior.learnable=true", "likelihood.scale=per-pixel"):
+        other = load_config(None, [*base, extra])
+        assert ppca_params(other, VAE(other, ds.x_dim)) is None, extra

@@ -92,3 +92,18 @@ def test_truncated_idx_is_refused(tmp_path):
     (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
     with pytest.raises(DataError, match="bad magic number"):
         read_idx(tmp_path / "bad")
+
+
+def test_train_test_split_is_a_seeded_partition_with_labels_kept_beside_their_rows():
+    from pyro_vae.arrays import train_test_split
+
+    x = torch.arange(20.0).repeat_interleave(3).reshape(20, 3)  # row i holds i
+    y = torch.arange(20) * 10
+    x_tr, y_tr, x_te, y_te = train_test_split(x, y, n_test=6, seed=3)
+    assert x_te.shape == (6, 3) and x_tr.shape == (14, 3)
+    rows = torch.cat([x_te[:, 0], x_tr[:, 0]]).long()
+    assert sorted(rows.tolist()) == list(range(20))  # every row once, none twice
+    assert torch.equal(torch.cat([y_te, y_tr]), rows * 10)  # labels moved with their rows
+    again = train_test_split(x, y, n_test=6, seed=3)
+    assert torch.equal(again[2], x_te) and not torch.equal(train_test_split(x, y, 6, 4)[2], x_te)
+    assert train_test_split(x, None, 6, 3)[1] is None

@@ -326,3 +326,11 @@ def test_a_non_finite_estimate_makes_the_mean_not_available_with_the_point_named
     assert est["note"] == ("not available: 1 of 3 points have a non-finite estimate (first: "
                            "point 1, -inf)")
     json.dumps(est, allow_nan=False)  # strict JSON
+
+
+def test_psis_tail_size_is_the_smaller_of_a_fifth_and_three_root_k():
+    from pyro_vae.evaluate import psis_tail_size
+
+    assert [psis_tail_size(k) for k in (1, 25, 46, 225, 5000)] == [1, 5, 10, 45, 213]
+    sizes = [psis_tail_size(k) for k in range(1, 3000)]
+    assert all(a <= b for a, b in zip(sizes, sizes[1:]))  # never shrinks as K grows

@@ -258,3 +258,27 @@ def test_full_guide_starts_as_the_diagonal_one():
     cov = vae.q_z(ds.x_test[:3]).covariance_matrix  # (3, 4, 4)
     assert torch.equal(cov, torch.diag_embed(cov.diagonal(dim1=-2, dim2=-1)))
     assert (cov.diagonal(dim1=-2, dim2=-1) > 0).all()
+
+
+def test_the_scale_map_and_its_inverse_round_trip_above_the_floor():
+    from pyro_vae.guides import gaussian_params, raw_from_scale, scale_from_raw
+    from pyro_vae.networks import MIN_ENCODER_SCALE
+
+    scale = torch.logspace(-3, 1, 50)
+    assert torch.allclose(scale_from_raw(raw_from_scale(scale)), scale, rtol=1e-4)
+    assert (scale_from_raw(torch.tensor([-200.0, 0.0, 50.0])) >= MIN_ENCODER_SCALE).all()
+    near = scale_from_raw(raw_from_scale(torch.tensor([MIN_ENCODER_SCALE])))  # clamped
+    assert near.item() == pytest.approx(MIN_ENCODER_SCALE + 1e-6, rel=1e-3)
+    h = torch.randn(3, 8)
+    loc, s = gaussian_params(h, 4)  # the guide's own map is this one
+    assert torch.equal(loc, h[:, :4]) and torch.equal(s, scale_from_raw(h[:, 4:]))
+
+
+def test_base_gaussian_is_the_guide_itself_or_a_flows_starting_gaussian():
+    from pyro_vae.guides import base_gaussian
+
+    q = dist.Normal(torch.zeros(2, 3), torch.ones(2, 3)).to_event(1)
+    assert base_gaussian(q) is q
+    flow = dist.TransformedDistribution(q, [dist.transforms.AffineTransform(1.0, 2.0)])
+    assert base_gaussian(flow) is q and base_gaussian(flow).mean.abs().max() == 0
+    assert flow.sample((500,)).mean().item() == pytest.approx(1.0, abs=0.3)  # moved; base not

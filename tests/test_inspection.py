@@ -261,3 +261,39 @@ def test_inspect_of_an_image_run_with_one_test_point_says_the_interpolation_is_m
     assert "traversals.png" in out
     for name in ("interpolation.png", "latent_pca.png"):
         assert f"{name} not available: needs two test points" in out
+
+
+def _latents_of(vae, means: torch.Tensor) -> torch.Tensor:
+    """z ``[M, 2]`` from decoded means W z + b ``[M, X]`` of a linear decoder (least squares)."""
+    layer = vae.decoder.net[0]
+    return torch.linalg.lstsq(layer.weight, (means - layer.bias).T).solution.T
+
+
+def test_manifold_grid_runs_over_prior_quantiles_z0_across_z1_down():
+    from conftest import linear_setup
+    from pyro_vae.inspection import manifold_data
+
+    vae, _, _ = linear_setup()
+    z = _latents_of(vae, manifold_data(vae, n=5, quantiles=(0.1, 0.9))).reshape(5, 5, 2)
+    assert torch.allclose(z[:, :, 0], z[:1, :, 0].expand(5, 5), atol=1e-4)  # columns: z[0]
+    assert torch.allclose(z[:, :, 1], z[:, :1, 1].expand(5, 5), atol=1e-4)  # rows: z[1]
+    assert (z[0, :, 0].diff() > 0).all() and (z[:, 0, 1].diff() < 0).all()
+    q = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor([0.1, 0.9]))  # N(0, I) prior
+    assert torch.allclose(z[0, [0, -1], 0], q, atol=0.05) and torch.allclose(
+        z[[-1, 0], 0, 1], q, atol=0.05)
+
+
+def test_traversals_move_one_latent_at_a_time_from_the_posterior_mean():
+    from conftest import linear_setup
+    from pyro_vae.guides import moments
+    from pyro_vae.inspection import traversal_data
+
+    vae, ds, _ = linear_setup()
+    x0, scale = ds.x_test[0], torch.tensor([0.5, 2.0])
+    z = _latents_of(vae, traversal_data(vae, x0, [1, 0], steps=5, span=2.0, scale=scale))
+    z0 = moments(vae.q_z(x0[None]))[0][0]  # (2,)
+    offsets = torch.linspace(-2, 2, 5)
+    assert torch.allclose(z[:5, 0], z0[0].expand(5), atol=1e-4)  # dim 1 moves first ...
+    assert torch.allclose(z[:5, 1], z0[1] + offsets * 2.0, atol=1e-4)
+    assert torch.allclose(z[5:, 1], z0[1].expand(5), atol=1e-4)  # ... then dim 0
+    assert torch.allclose(z[5:, 0], z0[0] + offsets * 0.5, atol=1e-4)

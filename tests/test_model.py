@@ -107,3 +107,20 @@ def test_conditional_vae_requires_labels_in_range():
     assert torch.equal(vae.onehot(y), torch.nn.functional.one_hot(y, 10).float())
     with pyro.validation_enabled(False):  # a training step after the first: no host read
         assert vae.onehot(torch.tensor([0, 1, 2, 9])).argmax(-1).tolist() == [0, 1, 2, 9]
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0])
+def test_kl_weight_scales_only_the_latent_terms_of_the_elbo(weight):
+    """model.kl_scaled, as the model and guide apply it around their latent site."""
+    _, _, vae = build_vae()
+    x = torch.rand(6, 784).round()
+    guide_tr = poutine.trace(vae.guide).get_trace(x)
+    model_tr = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x)
+    g = poutine.trace(poutine.replay(vae.guide, trace=guide_tr)).get_trace(x, kl_weight=weight)
+    m = poutine.trace(poutine.replay(vae.model, trace=guide_tr)).get_trace(x, kl_weight=weight)
+    for tr in (guide_tr, model_tr, g, m):  # the same draws, scored with and without the weight
+        tr.compute_log_prob()
+    kl = model_tr.nodes[LATENT]["log_prob_sum"] - guide_tr.nodes[LATENT]["log_prob_sum"]
+    rec = model_tr.nodes[OBS]["log_prob_sum"]
+    weighted = m.log_prob_sum() - g.log_prob_sum()  # the ELBO's single-draw estimate
+    assert weighted.item() == pytest.approx((rec + weight * kl).item(), rel=1e-5)

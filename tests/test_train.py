@@ -342,3 +342,15 @@ def test_on_the_cpu_pyros_reads_are_deferred_after_the_checked_first_step(monkey
     monkeypatch.setattr(trace_elbo, "warn_if_nan", lambda v, *a, **k: calls.append("nan") or v)
     train_step(state, loss, x, None, 1.0)
     assert calls == [] and state.step == 2 and math.isfinite(state.epoch_loss)
+
+
+@pytest.mark.parametrize("overrides, analytic", [
+    (["train.elbo=meanfield"], True),  # Gaussian guide, N(0, I) prior: torch knows the KL
+    (["train.elbo=trace"], False),  # a Monte Carlo KL however the families look
+    (["train.elbo=meanfield", "prior.name=mixture"], False),  # no closed form: estimated
+])
+def test_uses_analytic_kl_only_for_meanfield_where_the_kl_has_a_closed_form(overrides, analytic):
+    from pyro_vae.objectives import uses_analytic_kl
+
+    cfg, _, vae = build_vae(*overrides)
+    assert uses_analytic_kl(cfg, vae) is analytic
