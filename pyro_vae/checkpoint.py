@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import json
 import os
 import random
@@ -102,8 +103,10 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write(path: str | Path, write) -> None:
+def atomic_write(path: str | Path, write, replace: bool = True) -> None:
     """Call ``write(file)`` on a temp file next to ``path``; fsync; rename over ``path``.
+    With ``replace = False`` the temp file is linked to ``path`` instead, which fails with
+    FileExistsError where ``path`` exists: two processes cannot both create it.
     Every file is closed here, not left to the exit: ``distributed.exit_process`` freezes
     the heap, so an object kept alive by a reference cycle is not finalised there."""
     path = Path(path)
@@ -114,7 +117,11 @@ def atomic_write(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            _link_new(tmp, path)
+            Path(tmp).unlink(missing_ok=True)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -125,9 +132,23 @@ def atomic_write(path: str | Path, write) -> None:
         os.close(dir_fd)
 
 
-def save_checkpoint(path: str | Path, payload: dict) -> None:
-    """Atomically ``torch.save`` ``payload`` (with ``format`` added) to ``path``."""
-    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f))
+def _link_new(tmp: str, path: Path) -> None:
+    """Link ``tmp`` to ``path``: atomic, and never over an existing file (FileExistsError).
+    On a file system without hard links, the nearest thing: a check, then a rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:  # EPERM, ENOTSUP: no hard links here
+        if path.exists():
+            raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
+        os.replace(tmp, path)
+
+
+def save_checkpoint(path: str | Path, payload: dict, replace: bool = True) -> None:
+    """Atomically ``torch.save`` ``payload`` (with ``format`` added) to ``path`` (a new
+    file only, with ``replace = False``: :func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save({"format": FORMAT, **payload}, f), replace)
 
 
 def load_checkpoint(path: str | Path, map_location: torch.device | str = "cpu") -> dict:
@@ -180,10 +201,11 @@ def resume_checkpoint(run_dir: str | Path, cfg: Config, force: bool = False) -> 
         was, now = to_dict(old), to_dict(cfg)
         values = [f"{key} = {now[s][k]!r}, the run has {was[s][k]!r}"
                   for key in changed for s, k in [key.split(".", 1)]]
+        edited = str(Path(run_dir) / "config.toml")
         raise ConfigError(
-            f"resuming {str(run_dir)!r} with a changed config ({'; '.join(values)}); "
-            "drop those overrides, or pass --force (force=True) to accept them"
-        )
+            f"resuming {str(run_dir)!r} with a changed config ({'; '.join(values)}); undo the "
+            f"change (a --set, --config, or an edit of {edited!r}), or pass --force "
+            "(force=True) to accept it")
     return ckpt
 
 
@@ -283,21 +305,34 @@ def _remove_stale_temp_files(run_dir: Path) -> None:
 class Saver:
     """Writes a run's files (``config.toml``, ``metrics.jsonl``, ``checkpoint.pt``) for a
     ``training.TrainState`` and keeps the last checkpoint payload, what a rollback returns to.
-    A new run directory gets its step-0 checkpoint at once, so a run that fails or is killed
-    in its first epoch can be resumed (``--resume``) like any other."""
+    A ``new`` run gets its step-0 checkpoint at once, so a run that fails or is killed in its
+    first epoch can be resumed (``--resume``) like any other."""
 
-    def __init__(self, state, run_dir: Path | None):
+    def __init__(self, state, run_dir: Path | None, new: bool = True):
         self.state, self.run_dir = state, run_dir
-        if run_dir is not None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale_temp_files(run_dir)
-            write_metrics(run_dir, state.metrics)
-            if not (run_dir / "config.toml").is_file():  # lost from a run being resumed
-                self._write_config()
-        if run_dir is not None and not (run_dir / "checkpoint.pt").is_file():
-            self.save()  # keeps last_good too; a resumed run's changes are written at save()
-        else:
-            self.last_good = copy.deepcopy(state.state_dict())
+        self.last_good = copy.deepcopy(state.state_dict())
+        if run_dir is None:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temp_files(run_dir)
+        if new:  # claimed before any other write
+            self._claim()
+        elif not (run_dir / "checkpoint.pt").is_file():  # resumed from a payload
+            save_checkpoint(run_dir / "checkpoint.pt", self.last_good)
+        write_metrics(run_dir, state.metrics)
+        if new or not (run_dir / "config.toml").is_file():  # lost from a run being resumed
+            self._write_config()
+
+    def _claim(self) -> None:
+        """Write the step-0 checkpoint as a new file: where another process created one
+        since the directory was checked (two runs started at once with one name), refuse
+        by name rather than mix the two runs' files."""
+        try:
+            save_checkpoint(self.run_dir / "checkpoint.pt", self.last_good, replace=False)
+        except FileExistsError:
+            raise RunError(f"run directory {str(self.run_dir)!r}: another process started a run "
+                           "there at the same time (its checkpoint.pt appeared); allowed: one "
+                           "run per folder: choose another --name") from None
 
     def _write_config(self) -> None:
         text = dumps(self.state.cfg)

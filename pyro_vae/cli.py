@@ -20,7 +20,10 @@ exit with 130/143.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import os
 import re
 import signal
 import sys
@@ -55,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     t.add_argument("--name", help="run name (default: a timestamp)")
-    t.add_argument("--runs-dir", default="runs", help="parent folder of run directories")
+    t.add_argument("--runs-dir", help="parent folder of run directories (default: runs)")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.add_argument("--resume", metavar="RUN", help="continue the run in this directory")
     t.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
@@ -75,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--n", type=int, help="evaluate the first N test points (default: all)")
     e.add_argument("--seed", type=int, help="seed of the draws (default: the run's train.seed)")
     e.add_argument("--ais-steps", type=int, help="also estimate log p(x) by AIS with this many steps")
-    e.add_argument("--ais-chains", type=int, default=16, help="AIS chains per point")
+    e.add_argument("--ais-chains", type=int, help="AIS chains per point (default 16; with "
+                   "--ais-steps)")
 
     i = sub.add_parser("inspect", help="write every figure of a run to RUN/figures/")
     i.add_argument("run")
@@ -185,12 +189,31 @@ def _run_dir(args) -> Path:
     if args.name is not None and (args.name in ("", ".", "..") or Path(args.name).name != args.name):
         raise ConfigError(f"--name = {args.name!r}: allowed: a plain folder name (no path "
                           "separators; the folder goes in --runs-dir)")
-    name = args.name or time.strftime("%Y%m%d-%H%M%S")
-    path = _out_folder(args.runs_dir, "--runs-dir") / name
+    runs = _out_folder(args.runs_dir or "runs", "--runs-dir")
+    if args.name is None:
+        return _new_timestamped(runs)
+    path = runs / args.name
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"--name = {name!r}: {str(path)!r} is a file; allowed: a new name")
+        raise ConfigError(f"--name = {args.name!r}: {str(path)!r} is a file; allowed: a new name")
     ckpt_io.check_new_run_dir(path, empty=True)  # figures are written beside the run
     return path
+
+
+def _new_timestamped(runs: Path) -> Path:
+    """A folder ``runs/<YYYYmmdd-HHMMSS>`` created now, ``-2``, ``-3``, ... appended where
+    that name is taken, so runs started in the same second (a shell loop) each get their
+    own. Under torchrun only rank 0 creates it; the others receive its name."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+        return runs / stamp  # replaced by rank 0's folder (distributed.broadcast)
+    runs.mkdir(parents=True, exist_ok=True)
+    for i in itertools.count(1):
+        path = runs / (stamp if i == 1 else f"{stamp}-{i}")
+        try:
+            path.mkdir()  # atomic: of two processes, one creates it
+            return path
+        except FileExistsError:
+            continue
 
 
 def cmd_train(args) -> int:
@@ -198,12 +221,37 @@ def cmd_train(args) -> int:
         raise ConfigError("--force without --resume: it accepts a changed config when continuing "
                           "a run; allowed: --resume RUN --force, or no --force for a new run")
     if args.resume:
+        given = [f for f, v in (("--name", args.name), ("--runs-dir", args.runs_dir))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} with --resume: a resumed run stays in its "
+                              f"folder, {args.resume!r}; allowed: {' and '.join(given)} for a "
+                              "new run only")
         run_dir = check_run_dir(args.resume, needs=("checkpoint.pt",))
         cfg = _resumed_config(args, run_dir)
     else:
         cfg = load_config(args.config, args.set)
         run_dir = _run_dir(args)
-    if distributed.launched():  # under torchrun: join the group; rank 0 names the run
+    ours = not args.resume and args.name is None and os.environ.get("RANK", "0") == "0"
+    with _no_empty_folder_left(run_dir if ours else None):  # made by _new_timestamped
+        return _launch_and_train(args, cfg, run_dir)
+
+
+@contextlib.contextmanager
+def _no_empty_folder_left(path: Path | None):
+    """Within: an exception removes ``path`` (a folder this command made) where it is still
+    empty: a command that fails before writing leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        if path is not None and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+        raise
+
+
+def _launch_and_train(args, cfg, run_dir: Path) -> int:
+    """Train alone, or under torchrun in its group (rank 0 names the run)."""
+    if distributed.launched():
         group = distributed.init_from_env(resolve_device(cfg.train.device))
         run_dir = distributed.broadcast(run_dir, group)
         try:
@@ -334,20 +382,44 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
+def _saved_results(out: Path, run: str) -> dict:
+    """What ``eval.json`` holds already, every entry kept (earlier settings' results, a
+    user's own keys): {} when absent; refused by name when it is not a JSON object, which
+    evaluate could not add to without losing it."""
+    allowed = "allowed: a run whose eval.json is a JSON object, as evaluate writes it, or absent"
+    if out.exists() and not out.is_file():
+        raise ConfigError(f"RUN = {run!r}: {str(out)!r} is not a file; {allowed}")
+    if not out.is_file():
+        return {}
+    try:
+        saved = json.loads(out.read_text(errors="replace"))
+    except ValueError as err:
+        raise ConfigError(f"RUN = {run!r}: {str(out)!r} is not valid JSON ({err}); {allowed} "
+                          "(move the file away to start a new one)") from None
+    if not isinstance(saved, dict):
+        kind = {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+            type(saved), "number")
+        raise ConfigError(f"RUN = {run!r}: {str(out)!r} holds a JSON {kind}, "
+                          f"not an object; {allowed} (move the file away to start a new one)")
+    return saved
+
+
 def cmd_evaluate(args) -> int:
     _at_least(("--k", args.k, 1), ("--batch-size", args.batch_size, 1))
     if args.n is not None:
         _at_least(("--n", args.n, 1))
     if args.seed is not None:
         _seed_in_range(args.seed)
+    if args.ais_steps is None and args.ais_chains is not None:
+        raise ConfigError(f"--ais-chains = {args.ais_chains} without --ais-steps: AIS runs only "
+                          "with --ais-steps T; allowed: --ais-steps T --ais-chains C")
+    chains = 16 if args.ais_chains is None else args.ais_chains
     if args.ais_steps is not None:
-        _at_least(("--ais-steps", args.ais_steps, 2), ("--ais-chains", args.ais_chains, 2))
+        _at_least(("--ais-steps", args.ais_steps, 2), ("--ais-chains", chains, 2))
     resolve_device(args.device, "--device")  # refused by its flag's name before any work
     run = load_run(args.run, device=args.device)
     out = _writable_folder(run.path, "RUN") / "eval.json"  # checked before the work
-    if out.exists() and not out.is_file():
-        raise ConfigError(f"RUN = {args.run!r}: {str(out)!r} is not a file; allowed: a run "
-                          "whose eval.json is a file or absent (evaluate writes it)")
+    saved = _saved_results(out, args.run)  # checked before the work, kept whole after it
     ds = run.dataset
     n = ds.x_test.shape[0] if args.n is None else args.n
     if n > ds.x_test.shape[0]:
@@ -362,22 +434,17 @@ def cmd_evaluate(args) -> int:
     if args.ais_steps is not None:
         from .ais import evaluate_ais
 
-        key = f"ais steps={args.ais_steps} chains={args.ais_chains} n={n} {draws}"
-        results[key] = evaluate_ais(run.vae, x, y, args.ais_steps, args.ais_chains,
+        key = f"ais steps={args.ais_steps} chains={chains} n={n} {draws}"
+        results[key] = evaluate_ais(run.vae, x, y, args.ais_steps, chains,
                                     batch_size=args.batch_size, seed=seed)
         a = results[key]
-        rows.append((f"log p(x), AIS {args.ais_steps} steps x {args.ais_chains} chains (nats)",
+        rows.append((f"log p(x), AIS {args.ais_steps} steps x {chains} chains (nats)",
                      _estimate(a["log_px"])))
         rows.append(("  HMC acceptance, weighted chains",  # a whole-run mean, not an estimate
                      f"{a['acceptance']:.2f} (mean over moves, chains and points; "
                      f"{a['seconds_per_point']:.2g} s per point)"))
     width = max(len(r[0]) for r in rows)
     print("\n".join(f"{name:<{width}}  {value}" for name, value in rows))  # before the write
-    try:  # earlier settings' results stay; an unreadable or old-format file is replaced
-        saved = json.loads(out.read_text()) if out.is_file() else {}
-    except ValueError:
-        saved = {}
-    saved = saved if all(isinstance(v, dict) and "n" in v for v in saved.values()) else {}
     payload = json.dumps({**saved, **results}, indent=1,  # other settings' numbers stay
                          allow_nan=False).encode()  # strict JSON: a NaN here is a bug
     ckpt_io.atomic_write(out, lambda f: f.write(payload))
@@ -420,22 +487,26 @@ def cmd_compare(args) -> int:
                               f"{run.dataset.x_test.shape[0]} points; allowed 1.."
                               f"{run.dataset.x_test.shape[0]}")
         setting = run_setting(run, args.points)
-        out = _writable_folder(args.out or run.path / "compare", "--out")
+        target = Path(args.out or run.path / "compare")
     else:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
-        out = _writable_folder(args.out or f"compare-{args.setting}", "--out")
-        if any((out / "run" / f).exists() for f in ckpt_io.RUN_FILES):
-            raise ConfigError(f"--out = {str(out)!r} holds an earlier comparison, whose toy VAE "
-                              f"({str(out / 'run')!r}) this one would overwrite; allowed: a new "
-                              "folder, or that one removed")
-        setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run",
-                              overrides=args.set)
-    result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
-                     iw_k=args.iw_k, seed=args.seed, progress=not args.quiet,
-                     ais_steps=args.ais_steps, ais_chains=args.ais_chains,
-                     fit_steps=args.fit_steps)
-    written = write_comparison(result, out)
+        target = Path(args.out or f"compare-{args.setting}")
+    made = None if target.exists() else target
+    out = _writable_folder(target, "--out")
+    with _no_empty_folder_left(made):  # a bad --set, say, leaves no empty --out behind
+        if args.setting != "run":
+            if any((out / "run" / f).exists() for f in ckpt_io.RUN_FILES):
+                raise ConfigError(f"--out = {str(out)!r} holds an earlier comparison, whose toy "
+                                  f"VAE ({str(out / 'run')!r}) this one would overwrite; allowed: "
+                                  "a new folder, or that one removed")
+            setting = toy_setting(args.setting, args.points, args.seed, run_dir=out / "run",
+                                  overrides=args.set)
+        result = compare(setting, args.chains, args.warmup, args.draws, jit=not args.no_jit,
+                         iw_k=args.iw_k, seed=args.seed, progress=not args.quiet,
+                         ais_steps=args.ais_steps, ais_chains=args.ais_chains,
+                         fit_steps=args.fit_steps)
+        written = write_comparison(result, out)
     print((out / "report.md").read_text())
     print(f"wrote {', '.join(p.name for p in written)} to {out}/")
     return 0
@@ -463,7 +534,7 @@ def _run(args) -> int:
     except NonFiniteError as err:
         print(f"pyro-vae: training failed: {err}", file=sys.stderr)
         return 1
-    except RuntimeError as err:  # an allocator's failure, e.g. model.latent_dim = 10**8
+    except (RuntimeError, MemoryError) as err:  # an allocator's failure: latent_dim = 10**8
         if not _out_of_memory(err):
             raise
         print(f"pyro-vae: error: {_out_of_memory(err)}", file=sys.stderr)
@@ -476,11 +547,13 @@ def _run(args) -> int:
         return 2
 
 
-def _out_of_memory(err: RuntimeError) -> str:
-    """One line for torch's CPU or CUDA out-of-memory error ('' for any other error): how
-    much one allocation asked for, and the sizes that set it."""
+def _out_of_memory(err: RuntimeError | MemoryError) -> str:
+    """One line for torch's CPU or CUDA out-of-memory error, or Python's (numpy, PIL), ''
+    for any other error: how much one allocation asked for, and the sizes that set it."""
     text = str(err)
-    if isinstance(err, torch.cuda.OutOfMemoryError):  # "... Tried to allocate 2.00 GiB. ..."
+    if isinstance(err, MemoryError):
+        asked = "CPU"
+    elif isinstance(err, torch.cuda.OutOfMemoryError):  # "... Tried to allocate 2.00 GiB. ..."
         found = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", text)
         asked = f"CUDA: tried to allocate {found[1]}" if found else "CUDA"
     elif "can't allocate memory" in text:
@@ -490,7 +563,8 @@ def _out_of_memory(err: RuntimeError) -> str:
         return ""
     return (f"out of memory ({asked} at once); allowed: sizes that fit this machine: the "
             "config's model.latent_dim, model.hidden, train.batch_size, train.eval_batch_size "
-            "and data sizes, and the command's --n, --k, --batch-size, --points, --chains")
+            "and data sizes (data.image_size), and the command's --n, --k, --batch-size, "
+            "--points, --chains")
 
 
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:

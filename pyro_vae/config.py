@@ -42,6 +42,9 @@ def register_choices(key: str, registry: Mapping[str, Any]) -> None:
 SEED_MAX = 2**32 - 1  # numpy's seeds (pyro.set_rng_seed seeds numpy too)
 
 
+FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # torch.finfo
+
+
 def _spec(default, *, choices=None, low=None, low_open=False, high=None, high_open=False,
           doc=""):
     """A dataclass field with validation metadata.
@@ -75,7 +78,8 @@ class DataConfig:
                       "(relative to the current folder; stored absolute)")
     test_fraction: float = _spec(0.1, low=0.0, low_open=True, high=1.0, high_open=True,
                                  doc="file: share of the points held out for test (seeded)")
-    image_size: int = _spec(0, low=0, doc="file, image folders: resize to SxS (0 = keep)")
+    image_size: int = _spec(0, low=0, high=4096,
+                            doc="file, image folders: resize to SxS (0 = keep)")
     channels: str = _spec("grayscale", choices=("grayscale", "rgb"),
                           doc="file, image folders: convert to 1 channel or keep 3")
 
@@ -207,6 +211,14 @@ def _check_value(key: str, fld: dataclasses.Field, value: Any) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise ConfigError(f"{key} = {value!r}: expected a finite number{_bounds(fld)}")
+        if value != 0 and not FLOAT32_TINY <= abs(value) <= FLOAT32_MAX:
+            low, zero_ok = fld.metadata.get("low"), ""
+            if low is None or low < 0 or (low == 0 and not fld.metadata["low_open"]):
+                zero_ok = ", or 0"
+            raise ConfigError(
+                f"{key} = {value!r}: float32, which the model computes in, would make it "
+                f"{'0' if abs(value) < 1 else 'infinite'}; allowed:{_bounds(fld)} with a "
+                f"magnitude from {FLOAT32_TINY:.2g} to {FLOAT32_MAX:.2g}{zero_ok}")
     elif kind in ("str", str):
         if not isinstance(value, str):
             raise ConfigError(f"{key} = {value!r}: expected a string")

@@ -93,11 +93,27 @@ def init_from_env(device: torch.device) -> Group:
     if missing:
         raise ConfigError(f"WORLD_SIZE = {os.environ['WORLD_SIZE']} but {', '.join(missing)} "
                           "not set: launch with torchrun --nproc_per_node=N -m pyro_vae train ...")
+    _check_launch_env()
     if device.type == "cuda":
         torch.cuda.set_device(_local_gpu())
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return current()
+
+
+def _check_launch_env() -> None:
+    """Refuse, by name, a launch environment torch would answer with a traceback or a hang:
+    ``RANK`` not below ``WORLD_SIZE`` (its rendezvous would wait for ever), a ``MASTER_PORT``
+    outside 1..65535, a ``LOCAL_RANK`` that is not a whole number."""
+    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    _env_int("LOCAL_RANK", 0)
+    if rank >= world:  # seen by this rank alone: it reports it itself
+        raise RankError(f"RANK = {rank} (from the environment) with WORLD_SIZE = {world}; "
+                        f"allowed: 0..{world - 1}, one rank per process, as torchrun sets them")
+    port = _env_int("MASTER_PORT", 0)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"MASTER_PORT = {os.environ['MASTER_PORT']!r} (from the environment); "
+                          "allowed: a port number 1..65535")
 
 
 def exit_process(code: int) -> NoReturn:

@@ -191,7 +191,8 @@ def check_data(likelihood: Likelihood, name: str, ds: Dataset) -> None:
         warnings.warn(
             f"{what}: a continuous density on binary pixels has no upper bound there (it "
             "rewards ever-smaller scales or saturating logits); consider likelihood.name = "
-            "'bernoulli' or data.binarize = 'none'",
+            "'bernoulli'" + (" or data.binarize = 'none'" if ds.binarize != "none" else
+                             " (the data itself holds only 0s and 1s)"),
             DataWarning,
             stacklevel=2,
         )

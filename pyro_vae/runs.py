@@ -43,6 +43,10 @@ class ConfigFileWarning(UserWarning):
     """A run's ``config.toml`` is not the config stored in its checkpoint (which is used)."""
 
 
+class StaleCheckpointWarning(UserWarning):
+    """A run's ``metrics.jsonl`` runs ahead of its ``checkpoint.pt`` (whose parameters count)."""
+
+
 def check_run_dir(path: str | Path, needs: tuple[str, ...] = RUN_FILES) -> Path:
     """``path`` as a Path, after checking that it holds the files ``needs`` (every file of a
     run; ``--resume`` needs only checkpoint.pt, which holds the config and the metrics)."""
@@ -210,7 +214,25 @@ def read_metrics(path: Path, ckpt: dict) -> list[dict]:
                 f"{str(path / 'metrics.jsonl')!r}, line {number}, is not valid JSON ({err}); "
                 f"the checkpoint holds the metrics of {len(ckpt['metrics'])} epochs: "
                 f"`pyro-vae train --resume {path}` writes the file again from them") from None
-    return metrics
+    return _checkpoints_metrics(path, ckpt, metrics)
+
+
+def _checkpoints_metrics(path: Path, ckpt: dict, metrics: list[dict]) -> list[dict]:
+    """``metrics`` (of metrics.jsonl) where they describe the checkpoint's parameters; else,
+    with a :class:`StaleCheckpointWarning`, the checkpoint's own. metrics.jsonl is written
+    every epoch, checkpoint.pt every ``train.checkpoint_every``: a run killed in between has
+    metrics of epochs whose parameters were never saved."""
+    saved = ckpt["metrics"]
+    if len(metrics) == len(saved):
+        return metrics
+    every = ckpt["config"].get("train", {}).get("checkpoint_every", "?")
+    warnings.warn(
+        f"run {str(path)!r}: metrics.jsonl records {len(metrics)} epochs but checkpoint.pt holds "
+        f"the parameters after epoch {ckpt['epoch']} (the run stopped before its next checkpoint; "
+        f"train.checkpoint_every = {every}): using those and their {len(saved)} epochs of "
+        f"metrics; `pyro-vae train --resume {path}` continues from epoch {ckpt['epoch']}",
+        StaleCheckpointWarning, stacklevel=3)
+    return list(saved)
 
 
 def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None = "own_data",

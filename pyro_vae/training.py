@@ -440,7 +440,8 @@ def train(
     if resume is not None:
         ckpt_io.check_same_data(resume, state.dataset, str(run_dir or "the checkpoint"), cfg.data)
         state.load_state_dict(resume)
-    saver = ckpt_io.Saver(state, run_dir if group.is_main else None)  # rank 0 alone writes
+    saver = ckpt_io.Saver(state, run_dir if group.is_main else None,  # rank 0 alone writes
+                          new=resume is None)
     while state.epoch < tc.epochs:
         try:
             finished = run_epoch(state, loss, progress, should_stop)

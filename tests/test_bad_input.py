@@ -184,7 +184,13 @@ BAD_INPUTS = {
     "an eval.json that is a folder": (lambda run, d: (run / "eval.json").mkdir() or
                                       ["evaluate", str(run)],
                                       "eval.json' is not a file; allowed: a run whose eval.json "
-                                      "is a file or absent"),
+                                      "is a JSON object, as evaluate writes it, or absent"),
+    "an eval.json that is not an object": (
+        lambda run, d: (run / "eval.json").write_text("[1, 2]") and ["evaluate", str(run)],
+        "eval.json' holds a JSON array, not an object; allowed: a run whose eval.json is a JSON"),
+    "an eval.json that is not JSON": (
+        lambda run, d: (run / "eval.json").write_text("{'a':") and ["evaluate", str(run)],
+        "eval.json' is not valid JSON (Expecting property name"),
     "sample n = 0": (lambda run, d: ["sample", str(run), "--n", "0"], "--n = 0: must be >= 1"),
     "evaluate batch size 0": (lambda run, d: ["evaluate", str(run), "--batch-size", "0"],
                               "--batch-size = 0: must be >= 1"),
@@ -198,6 +204,14 @@ BAD_INPUTS = {
     "a bad value in a config file": (_config_file("[train]\nlr = -1.0\n"),
                                      "c.toml': train.lr = -1.0: out of range, must be > 0.0"),
     "a list for a number": (_train("model.latent_dim=[2]"), "model.latent_dim = [2]: expected an integer"),
+    "a scale float32 makes 0": (_train("likelihood.sigma=1e-46"), "likelihood.sigma = 1e-46: "
+                                "float32, which the model computes in, would make it 0; "
+                                "allowed: > 0.0 with a magnitude from 1.2e-38 to 3.4e+38"),
+    "a weight float32 makes infinite": (_train("train.beta=1e300"), "train.beta = 1e+300: "
+                                        "float32, which the model computes in, would make it "
+                                        "infinite; allowed: >= 0.0 with a magnitude"),
+    "an image size beyond memory": (_train("data.image_size=100000"), "data.image_size = "
+                                    "100000: out of range, must be >= 0 and <= 4096"),
     "a number for a list": (_train("model.hidden=64"), "model.hidden = 64: expected a list of integers"),
     "lr = nan": (_train("train.lr=nan"), "train.lr = nan: expected a finite number > 0.0"),
     "lr = inf": (_train("train.lr=inf"), "train.lr = inf: expected a finite number > 0.0"),
@@ -255,6 +269,8 @@ def test_each_bad_input_gives_one_clear_line(run, tmp_path, capsys, name):
     assert err.startswith("pyro-vae: error: ") and err.count("\n") == 1, err  # one line
     assert expected.format(d=tmp_path) in err
     assert "Traceback" not in err
+    runs = tmp_path / "runs"  # a refused new run leaves no folder of its own behind
+    assert not runs.is_dir() or not list(runs.iterdir()), list(runs.iterdir())
 
 
 @pytest.mark.parametrize("edit, expected", [
@@ -353,6 +369,7 @@ def test_a_run_that_lost_its_config_and_metrics_is_restored_by_resume(run, capsy
      "out of memory (tried to allocate 745.1 GiB at once); allowed: sizes that fit"),
     (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has"),
      "out of memory (CUDA: tried to allocate 20.00 GiB at once); allowed: sizes that fit"),
+    (MemoryError(), "out of memory (CPU at once); allowed: sizes that fit"),  # numpy, PIL
 ])
 def test_a_size_beyond_the_memory_gives_one_line(run, capsys, monkeypatch, error, expected):
     import pyro_vae.inspection
@@ -435,3 +452,55 @@ def test_cli_warnings_read_as_one_line_without_python_source():
 
     assert _one_line_warning(UserWarning("careful"), UserWarning, "/x/training.py", 435,
                              "loss = make_loss(cfg)") == "pyro-vae: warning: UserWarning: careful\n"
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch, capsys):
+    from pyro_vae import cli
+
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20261203-120000")  # one second
+    argv = ["train", "--quiet", "--config", "ring_2d", *TINY, "--set", "data.size=100",
+            "--runs-dir", str(tmp_path)]
+    assert main(argv) == 0 and main(argv) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["20261203-120000", "20261203-120000-2"]
+    assert all((tmp_path / n / "checkpoint.pt").is_file() for n in ("20261203-120000",
+                                                                  "20261203-120000-2"))
+
+
+def test_a_run_claimed_by_another_process_after_the_check_is_refused_untouched(
+        tmp_path, monkeypatch):
+    """Two runs started at once with one --name both pass the folder check: the second to
+    write its step-0 checkpoint is refused, and writes nothing of its own there."""
+    from pyro_vae import checkpoint as ckpt_io
+    from pyro_vae.training import train
+
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "checkpoint.pt").write_bytes(b"the other run's")  # created meanwhile
+    monkeypatch.setattr(ckpt_io, "check_new_run_dir", lambda *a, **k: None)  # checked before
+    with pytest.raises(ckpt_io.RunError, match="another process started a run there at the "
+                                               "same time"):
+        train(load_config("ring_2d", ["model.hidden=[16]", "train.epochs=1", "data.size=100"]),
+              tmp_path / "r")
+    assert [p.name for p in (tmp_path / "r").iterdir()] == ["checkpoint.pt"]
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == b"the other run's"
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (lambda run: ["train", "--resume", str(run), "--name", "other"],
+     "--name with --resume: a resumed run stays in its folder"),
+    (lambda run: ["train", "--resume", str(run), "--runs-dir", "elsewhere"],
+     "--runs-dir with --resume: a resumed run stays in its folder"),
+    (lambda run: ["evaluate", str(run), "--ais-chains", "0"],
+     "--ais-chains = 0 without --ais-steps: AIS runs only with --ais-steps T"),
+])
+def test_flags_that_would_be_ignored_are_refused(run, capsys, argv, expected):
+    assert main(argv(run)) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_refused_comparison_leaves_no_empty_out_folder(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--setting", "ring", "--set", "train.epochs=0", "--out", str(out)]) == 2
+    assert "train.epochs = 0" in capsys.readouterr().err and not out.exists()
+    out.mkdir()  # a folder the user made stays, empty or not
+    assert main(["compare", "--setting", "ring", "--set", "train.epochs=0", "--out", str(out)]) == 2
+    assert out.is_dir()

@@ -151,3 +151,21 @@ def test_an_unreadable_world_size_is_one_clear_error_and_does_not_break_the_exit
     with pytest.raises(SystemExit) as exit_:
         exit_process(2)
     assert exit_.value.code == 2
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"RANK": "5"}, "RANK = 5 (from the environment) with WORLD_SIZE = 2; allowed: 0..1"),
+    ({"RANK": "x"}, "RANK = 'x' (from the environment); allowed: a whole number"),
+    ({"MASTER_PORT": "99999"}, "MASTER_PORT = '99999' (from the environment); allowed: a port"),
+    ({"MASTER_PORT": "abc"}, "MASTER_PORT = 'abc' (from the environment); allowed: a whole"),
+    ({"LOCAL_RANK": "-1"}, "LOCAL_RANK = '-1' (from the environment); allowed: a whole number"),
+])
+def test_a_hand_set_launch_environment_is_checked_before_the_rendezvous(monkeypatch, capsys,
+                                                                        env, message):
+    """A launcher other than torchrun may set these wrong: RANK 5 of 2 would wait for ever."""
+    base = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29556"}
+    for name, value in {**base, **env}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("pyro_vae.cli.time.sleep", lambda s: None)  # no grace wait here
+    assert main(["train", *SMALL, "--set", "train.epochs=1", "--set", "train.device=cpu"]) == 2
+    assert message in capsys.readouterr().err

@@ -212,11 +212,14 @@ def test_evaluate_cli_keeps_each_setting_and_names_both_errors(tmp_path, capsys)
     flagged = out["khat_above_threshold"]  # the row says when k-hat makes its SE optimistic
     assert ("optimistic: k-hat > 0.41 on" in iw_line) == (flagged > 0), (iw_line, flagged)
     assert "PSIS k-hat > 0.41 (share; threshold for K=50)" in text
+    first = json.loads((tmp_path / "r" / "eval.json").read_text())
+    (tmp_path / "r" / "eval.json").write_text(json.dumps({**first, "note": "mine"}))
     assert main(["evaluate", run, "--k", "10", "--n", "20", "--ais-steps", "5",
                  "--ais-chains", "4"]) == 0
     saved = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert set(saved) == {"iw k=50 n=1000 seed=0 batch=250 cpu", "iw k=10 n=20 seed=0 batch=100 cpu",
-                          "ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"}  # nothing overwritten
+                          "ais steps=5 chains=4 n=20 seed=0 batch=100 cpu", "note"}  # all kept
+    assert saved["note"] == "mine"  # a user's own key survives too
     assert saved["iw k=10 n=20 seed=0 batch=100 cpu"]["khat_share_above_threshold"] is None
     ais_px = saved["ais steps=5 chains=4 n=20 seed=0 batch=100 cpu"]["log_px"]
     assert ais_px["mc_se"] > 0 and "4 chains per point: a lower estimate" in ais_px["mc_se_note"]

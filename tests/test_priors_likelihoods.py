@@ -176,6 +176,18 @@ def test_a_continuous_density_on_binarized_data_warns(likelihood):
         train(small_config(f"likelihood.name={likelihood}", subset=64))
 
 
+def test_binary_data_left_unbinarized_is_not_told_to_set_what_it_has(tmp_path):
+    import numpy as np
+
+    from pyro_vae.config import load_config
+
+    np.save(tmp_path / "b.npy", (np.random.default_rng(0).random((40, 6)) > 0.5).astype(np.float32))
+    cfg = load_config("own_data", [f"data.path={tmp_path / 'b.npy'}", "train.epochs=1"])
+    with pytest.warns(DataWarning, match=r"\(data.binarize = 'none'\).*consider likelihood.name "
+                      r"= 'bernoulli' \(the data itself holds only 0s and 1s\)"):
+        train(cfg)
+
+
 def test_a_prior_and_a_likelihood_registered_from_user_code_work_from_config(tmp_path):
     # exactly what README shows
     def wide_normal(cfg, latent_dim, x_dim):
