@@ -307,7 +307,9 @@ def _read_pt(path: Path, where: str):
         unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)  # past torch's advice
         first = unpickler[1] if unpickler else text.splitlines()[0] if text else ""
         first = first if first and not first.isdigit() else f"{type(err).__name__} {first}"
-        raise DataError(f"{where}: not a readable .pt file of tensors ({first})") from None
+        form = "" if zipfile.is_zipfile(path) else "not the zip archive torch.save writes: "
+        raise DataError(f"{where}: not a readable .pt file of tensors ({form}{first}); "
+                        "allowed: a file torch.save wrote") from None
     if isinstance(obj, torch.Tensor):
         return obj, None
     if isinstance(obj, dict) and "x" in obj:

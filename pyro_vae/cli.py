@@ -221,12 +221,7 @@ def cmd_train(args) -> int:
         raise ConfigError("--force without --resume: it accepts a changed config when continuing "
                           "a run; allowed: --resume RUN --force, or no --force for a new run")
     if args.resume:
-        given = [f for f, v in (("--name", args.name), ("--runs-dir", args.runs_dir))
-                 if v is not None]
-        if given:
-            raise ConfigError(f"{' and '.join(given)} with --resume: a resumed run stays in its "
-                              f"folder, {args.resume!r}; allowed: {' and '.join(given)} for a "
-                              "new run only")
+        _resume_not_moved(args)
         run_dir = check_run_dir(args.resume, needs=("checkpoint.pt",))
         cfg = _resumed_config(args, run_dir)
     else:
@@ -247,6 +242,18 @@ def _no_empty_folder_left(path: Path | None):
         if path is not None and path.is_dir() and not any(path.iterdir()):
             path.rmdir()
         raise
+
+
+def _resume_not_moved(args) -> None:
+    """Refuse --name, and a --runs-dir other than the run's own parent, with --resume: a
+    resumed run stays in its folder, so either would be ignored."""
+    stays = f"with --resume: a resumed run stays in its folder, {args.resume!r}; allowed:"
+    if args.name is not None:
+        raise ConfigError(f"--name = {args.name!r} {stays} --name for a new run only")
+    if args.runs_dir is not None and \
+            Path(args.resume).resolve().parent != Path(args.runs_dir).resolve():
+        raise ConfigError(f"--runs-dir = {args.runs_dir!r} {stays} no --runs-dir, or the "
+                          f"run's own parent folder, {str(Path(args.resume).parent)!r}")
 
 
 def _launch_and_train(args, cfg, run_dir: Path) -> int:
@@ -297,8 +304,8 @@ def _train_and_report(args, cfg, run_dir: Path, group) -> int:
     write_basic_figures(result.vae, result.dataset, run_dir)
     last = result.metrics[-1]
     se = last.get("test_elbo_se")  # absent from runs begun before it was recorded
-    error = "" if se is None else (f" (SE {se:.2g} over {result.dataset.x_test.shape[0]} test "
-                                   "points, one draw each)")
+    n = last.get("test_points", "the")  # recorded since 2026-12-03: the epoch's own test set
+    error = "" if se is None else f" (SE {se:.2g} over {n} test points, one draw each)"
     print(f"final test ELBO {last['test_elbo']:.2f} nats per data point after "
           f"{last['epoch']} epochs{error}; wrote {run_dir}/ (config.toml, metrics.jsonl, "
           "checkpoint.pt, reconstructions.png, samples.png)")

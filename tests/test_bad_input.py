@@ -486,9 +486,9 @@ def test_a_run_claimed_by_another_process_after_the_check_is_refused_untouched(
 
 @pytest.mark.parametrize("argv, expected", [
     (lambda run: ["train", "--resume", str(run), "--name", "other"],
-     "--name with --resume: a resumed run stays in its folder"),
-    (lambda run: ["train", "--resume", str(run), "--runs-dir", "elsewhere"],
-     "--runs-dir with --resume: a resumed run stays in its folder"),
+     "--name = 'other' with --resume: a resumed run stays in its folder"),
+    (lambda run: ["train", "--resume", str(run), "--runs-dir", str(run / "elsewhere")],
+     "with --resume: a resumed run stays in its folder"),  # its own parent is fine (torchrun)
     (lambda run: ["evaluate", str(run), "--ais-chains", "0"],
      "--ais-chains = 0 without --ais-steps: AIS runs only with --ais-steps T"),
 ])

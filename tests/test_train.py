@@ -39,6 +39,7 @@ def test_each_epochs_test_elbo_carries_the_se_of_its_per_point_estimates():
     assert last["test_elbo_se"] == pytest.approx(
         (per_point.std() / math.sqrt(per_point.shape[0])).item(), rel=1e-5)
     assert 0 < last["test_elbo_se"] < abs(last["test_elbo"])
+    assert last["test_points"] == ds.x_test.shape[0]  # what the SE's N was
     for key, terms in (("test_reconstruction", rec), ("test_kl", kl)):  # each term its own SE
         assert last[key] == pytest.approx(terms.mean().item(), rel=1e-5)
         assert last[f"{key}_se"] == pytest.approx(
