@@ -132,14 +132,17 @@ def atomic_write(path: str | Path, write, replace: bool = True) -> None:
         os.close(dir_fd)
 
 
+NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK}
+
+
 def _link_new(tmp: str, path: Path) -> None:
     """Link ``tmp`` to ``path``: atomic, and never over an existing file (FileExistsError).
     On a file system without hard links, the nearest thing: a check, then a rename."""
     try:
         os.link(tmp, path)
-    except FileExistsError:
-        raise
-    except OSError:  # EPERM, ENOTSUP: no hard links here
+    except OSError as err:
+        if err.errno not in NO_HARD_LINKS:  # FileExistsError, or a real failure
+            raise
         if path.exists():
             raise FileExistsError(errno.EEXIST, "exists", str(path)) from None
         os.replace(tmp, path)
@@ -314,11 +317,12 @@ class Saver:
         if run_dir is None:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_files(run_dir)
-        if new:  # claimed before any other write
+        if new:  # claimed before any other write (or removal: a racing run's temp files)
             self._claim()
-        elif not (run_dir / "checkpoint.pt").is_file():  # resumed from a payload
-            save_checkpoint(run_dir / "checkpoint.pt", self.last_good)
+        else:
+            _remove_stale_temp_files(run_dir)
+            if not (run_dir / "checkpoint.pt").is_file():  # resumed from a payload
+                save_checkpoint(run_dir / "checkpoint.pt", self.last_good)
         write_metrics(run_dir, state.metrics)
         if new or not (run_dir / "config.toml").is_file():  # lost from a run being resumed
             self._write_config()
@@ -332,7 +336,7 @@ class Saver:
         except FileExistsError:
             raise RunError(f"run directory {str(self.run_dir)!r}: another process started a run "
                            "there at the same time (its checkpoint.pt appeared); allowed: one "
-                           "run per folder: choose another --name") from None
+                           "run per folder (another --name, or run_dir)") from None
 
     def _write_config(self) -> None:
         text = dumps(self.state.cfg)

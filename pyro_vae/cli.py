@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -199,12 +200,17 @@ def _run_dir(args) -> Path:
     return path
 
 
+def _names_the_run() -> bool:
+    """Whether this process names (and creates) a new run's folder: alone, or rank 0."""
+    return not distributed.launched() or os.environ.get("RANK", "0") == "0"
+
+
 def _new_timestamped(runs: Path) -> Path:
     """A folder ``runs/<YYYYmmdd-HHMMSS>`` created now, ``-2``, ``-3``, ... appended where
     that name is taken, so runs started in the same second (a shell loop) each get their
     own. Under torchrun only rank 0 creates it; the others receive its name."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    if distributed.launched() and os.environ.get("RANK", "0") != "0":
+    if not _names_the_run():
         return runs / stamp  # replaced by rank 0's folder (distributed.broadcast)
     runs.mkdir(parents=True, exist_ok=True)
     for i in itertools.count(1):
@@ -226,30 +232,46 @@ def cmd_train(args) -> int:
         cfg = _resumed_config(args, run_dir)
     else:
         cfg = load_config(args.config, args.set)
+        fresh = _first_missing(Path(args.runs_dir or "runs"))  # made now, with the run
         run_dir = _run_dir(args)
-    ours = not args.resume and args.name is None and os.environ.get("RANK", "0") == "0"
-    with _no_empty_folder_left(run_dir if ours else None):  # made by _new_timestamped
+    ours = not args.resume and args.name is None and _names_the_run()
+    with _no_empty_folder_left((fresh or run_dir) if ours else None):  # _new_timestamped's
         return _launch_and_train(args, cfg, run_dir)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist yet (None if it does):
+    what creating ``path`` makes."""
+    missing = None
+    for p in (path, *path.parents):
+        if p.exists():
+            return missing
+        missing = p
+    return missing
 
 
 @contextlib.contextmanager
 def _no_empty_folder_left(path: Path | None):
-    """Within: an exception removes ``path`` (a folder this command made) where it is still
-    empty: a command that fails before writing leaves nothing behind."""
+    """Within: an exception removes ``path`` (a folder this command made, with the folders
+    it made inside) where no file was written there: a command that fails before writing
+    leaves nothing behind."""
     try:
         yield
     except BaseException:
-        if path is not None and path.is_dir() and not any(path.iterdir()):
-            path.rmdir()
+        if path is not None and path.is_dir() and not any(
+                p.is_file() or p.is_symlink() for p in path.rglob("*")):
+            shutil.rmtree(path)
         raise
 
 
 def _resume_not_moved(args) -> None:
-    """Refuse --name, and a --runs-dir other than the run's own parent, with --resume: a
-    resumed run stays in its folder, so either would be ignored."""
+    """Refuse a --name or --runs-dir other than the run's own with --resume: a resumed run
+    stays in its folder, so either would be ignored (its own are accepted: a script may
+    pass them every time)."""
     stays = f"with --resume: a resumed run stays in its folder, {args.resume!r}; allowed:"
-    if args.name is not None:
-        raise ConfigError(f"--name = {args.name!r} {stays} --name for a new run only")
+    if args.name is not None and args.name != Path(args.resume).resolve().name:
+        raise ConfigError(f"--name = {args.name!r} {stays} no --name, or the run's own name, "
+                          f"{Path(args.resume).resolve().name!r}")
     if args.runs_dir is not None and \
             Path(args.resume).resolve().parent != Path(args.runs_dir).resolve():
         raise ConfigError(f"--runs-dir = {args.runs_dir!r} {stays} no --runs-dir, or the "
@@ -389,6 +411,10 @@ def _evaluation_rows(r: dict) -> list[tuple[str, str]]:
     ]
 
 
+def _not_strict_json(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _saved_results(out: Path, run: str) -> dict:
     """What ``eval.json`` holds already, every entry kept (earlier settings' results, a
     user's own keys): {} when absent; refused by name when it is not a JSON object, which
@@ -398,8 +424,8 @@ def _saved_results(out: Path, run: str) -> dict:
         raise ConfigError(f"RUN = {run!r}: {str(out)!r} is not a file; {allowed}")
     if not out.is_file():
         return {}
-    try:
-        saved = json.loads(out.read_text(errors="replace"))
+    try:  # NaN and Infinity refused too: the file is written back as strict JSON
+        saved = json.loads(out.read_text(errors="replace"), parse_constant=_not_strict_json)
     except ValueError as err:
         raise ConfigError(f"RUN = {run!r}: {str(out)!r} is not valid JSON ({err}); {allowed} "
                           "(move the file away to start a new one)") from None
@@ -499,7 +525,7 @@ def cmd_compare(args) -> int:
         if args.run:
             raise ConfigError(f"--run is only used with --setting run, not {args.setting!r}")
         target = Path(args.out or f"compare-{args.setting}")
-    made = None if target.exists() else target
+    made = _first_missing(target)
     out = _writable_folder(target, "--out")
     with _no_empty_folder_left(made):  # a bad --set, say, leaves no empty --out behind
         if args.setting != "run":

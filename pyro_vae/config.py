@@ -42,7 +42,8 @@ def register_choices(key: str, registry: Mapping[str, Any]) -> None:
 SEED_MAX = 2**32 - 1  # numpy's seeds (pyro.set_rng_seed seeds numpy too)
 
 
-FLOAT32_TINY, FLOAT32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38  # torch.finfo
+FLOAT32_TINY = 1.401298464324817e-45  # float32's smallest positive (subnormal) number
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def _spec(default, *, choices=None, low=None, low_open=False, high=None, high_open=False,

@@ -268,6 +268,8 @@ def fit(x, y=None, run_dir: str | Path = "runs/fit", config: str | Path | None =
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, name="file", path=str(file)))
     try:
         train(cfg, run_dir, progress=progress)
+    except RunError:  # another process claimed the folder: its files are not ours to undo
+        raise
     except BaseException:
         metrics = run_dir / "metrics.jsonl"  # one line per completed epoch
         if not (metrics.is_file() and metrics.read_text().strip()):  # nothing to keep: undo
@@ -288,8 +290,11 @@ def _save_points(run_dir: Path, points: torch.Tensor, shape, labels) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     data = (points.reshape(-1, *shape) if shape else points).cpu().numpy()
     file = (run_dir / ("data.npy" if labels is None else "data.npz")).resolve()
-    if labels is None:
-        np.save(file, data)
-    else:
-        np.savez(file, x=data, y=labels.cpu().numpy())
+    write = (lambda f: np.save(f, data)) if labels is None else \
+        (lambda f: np.savez(f, x=data, y=labels.cpu().numpy()))
+    try:  # a new file only: a second fit into this folder at once must not replace it
+        ckpt_io.atomic_write(file, write, replace=False)
+    except FileExistsError:
+        raise RunError(f"run directory {str(run_dir)!r}: another process wrote {file.name} there "
+                       "at the same time; allowed: one run per folder (another run_dir)") from None
     return file

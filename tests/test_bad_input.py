@@ -188,6 +188,9 @@ BAD_INPUTS = {
     "an eval.json that is not an object": (
         lambda run, d: (run / "eval.json").write_text("[1, 2]") and ["evaluate", str(run)],
         "eval.json' holds a JSON array, not an object; allowed: a run whose eval.json is a JSON"),
+    "an eval.json with a NaN": (
+        lambda run, d: (run / "eval.json").write_text('{"mine": NaN}') and ["evaluate", str(run)],
+        "eval.json' is not valid JSON (NaN is not a JSON number"),
     "an eval.json that is not JSON": (
         lambda run, d: (run / "eval.json").write_text("{'a':") and ["evaluate", str(run)],
         "eval.json' is not valid JSON (Expecting property name"),
@@ -206,7 +209,7 @@ BAD_INPUTS = {
     "a list for a number": (_train("model.latent_dim=[2]"), "model.latent_dim = [2]: expected an integer"),
     "a scale float32 makes 0": (_train("likelihood.sigma=1e-46"), "likelihood.sigma = 1e-46: "
                                 "float32, which the model computes in, would make it 0; "
-                                "allowed: > 0.0 with a magnitude from 1.2e-38 to 3.4e+38"),
+                                "allowed: > 0.0 with a magnitude from 1.4e-45 to 3.4e+38"),
     "a weight float32 makes infinite": (_train("train.beta=1e300"), "train.beta = 1e+300: "
                                         "float32, which the model computes in, would make it "
                                         "infinite; allowed: >= 0.0 with a magnitude"),
@@ -497,10 +500,17 @@ def test_flags_that_would_be_ignored_are_refused(run, capsys, argv, expected):
     assert expected in capsys.readouterr().err
 
 
+def test_resume_accepts_the_runs_own_name_and_folder(run, capsys):
+    """A script may pass --runs-dir and --name every time; with --resume they must agree."""
+    assert main(["train", "--quiet", "--resume", str(run), "--runs-dir", str(run.parent),
+                 "--name", run.name]) == 0
+
+
 def test_a_refused_comparison_leaves_no_empty_out_folder(tmp_path, capsys):
-    out = tmp_path / "cmp"
+    out = tmp_path / "nest" / "a" / "cmp"  # its parents are made with it, and removed with it
     assert main(["compare", "--setting", "ring", "--set", "train.epochs=0", "--out", str(out)]) == 2
-    assert "train.epochs = 0" in capsys.readouterr().err and not out.exists()
+    assert "train.epochs = 0" in capsys.readouterr().err and list(tmp_path.iterdir()) == []
+    out = tmp_path / "cmp"
     out.mkdir()  # a folder the user made stays, empty or not
     assert main(["compare", "--setting", "ring", "--set", "train.epochs=0", "--out", str(out)]) == 2
     assert out.is_dir()

@@ -161,11 +161,13 @@ def test_an_unreadable_world_size_is_one_clear_error_and_does_not_break_the_exit
     ({"LOCAL_RANK": "-1"}, "LOCAL_RANK = '-1' (from the environment); allowed: a whole number"),
 ])
 def test_a_hand_set_launch_environment_is_checked_before_the_rendezvous(monkeypatch, capsys,
-                                                                        env, message):
+                                                                        tmp_path, env, message):
     """A launcher other than torchrun may set these wrong: RANK 5 of 2 would wait for ever."""
     base = {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29556"}
     for name, value in {**base, **env}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr("pyro_vae.cli.time.sleep", lambda s: None)  # no grace wait here
-    assert main(["train", *SMALL, "--set", "train.epochs=1", "--set", "train.device=cpu"]) == 2
+    assert main(["train", *SMALL, "--set", "train.epochs=1", "--set", "train.device=cpu",
+                 "--runs-dir", str(tmp_path / "runs")]) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()  # rank 0 made it, and removed it on the refusal

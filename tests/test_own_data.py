@@ -456,3 +456,30 @@ def test_fit_failing_in_training_leaves_no_run_and_a_used_folder_is_refused(tmp_
     assert torch.equal(run.q_z(x[:2]).mean, run.q_z(torch.as_tensor(x[:2], dtype=torch.float32)).mean)
     with pytest.raises(DataError, match="y: this run is not conditional"):
         run.latent_means(x, np.zeros(30))
+
+
+def test_fit_refused_by_a_racing_run_leaves_that_runs_files_alone(tmp_path, monkeypatch):
+    """fit removes what it wrote when its training fails, but not a folder another process
+    claimed meanwhile (its checkpoint appeared between fit's check and fit's claim)."""
+    from pyro_vae import checkpoint as ckpt_io
+    from pyro_vae.runs import RunError
+
+    claim = ckpt_io.Saver._claim
+
+    def raced(saver):
+        (saver.run_dir / "checkpoint.pt").write_bytes(b"the other run's")
+        (saver.run_dir / "metrics.jsonl").write_text("")  # no epoch finished yet
+        return claim(saver)
+
+    monkeypatch.setattr(ckpt_io.Saver, "_claim", raced)
+    x = np.random.default_rng(0).normal(size=(60, 3)).astype(np.float32)
+    with pytest.raises(RunError, match="another process started a run there"):
+        fit(x, run_dir=tmp_path / "r", overrides=["train.epochs=1", "model.hidden=[8]"])
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == b"the other run's"
+    monkeypatch.undo()
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "data.npy").write_bytes(b"the other run's")  # written meanwhile
+    monkeypatch.setattr(ckpt_io, "check_new_run_dir", lambda *a, **k: None)  # passed before it
+    with pytest.raises(RunError, match="another process wrote data.npy there"):
+        fit(x, run_dir=tmp_path / "s", overrides=["train.epochs=1", "model.hidden=[8]"])
+    assert (tmp_path / "s" / "data.npy").read_bytes() == b"the other run's"
