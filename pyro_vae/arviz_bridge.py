@@ -87,6 +87,11 @@ def mcse_mean(data, var: str = "z") -> np.ndarray:
     return np.asarray(_arviz().mcse(group(data), method="mean")[var].values)
 
 
+def mcse_sd(data, var: str = "z") -> np.ndarray:
+    """Monte Carlo standard error of the posterior standard deviation of ``var``, ``[N, D]``."""
+    return np.asarray(_arviz().mcse(group(data), method="sd")[var].values)
+
+
 TRACE_DIMS = 10  # plot_trace shows this many latent dims at most: matplotlib's 10 colours
 HDI_PROB = 0.94  # the interval of summary and plot_forest, under both major versions
 SUMMARY_COLUMNS = ("mean", "sd", "hdi_3%", "hdi_97%", "mcse_mean", "mcse_sd", "ess_bulk",

@@ -22,6 +22,7 @@ Gaussian as proposal.
 
 from __future__ import annotations
 
+import warnings
 from statistics import NormalDist
 from typing import NamedTuple
 
@@ -57,16 +58,43 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def coverage(q: dist.Distribution, draws: torch.Tensor, level: float = 0.9) -> torch.Tensor:
     """Share of reference draws ``[S, N, D]`` inside q's central ``level`` marginal
-    intervals, averaged over dims: ``[N]`` (``level`` when q is right). Gaussian q: the
-    intervals in closed form; otherwise the quantiles of 4,000 draws of q."""
+    intervals, averaged over dims: ``[N]`` (``level`` when q is right)."""
+    return _inside(q, draws, level).mean((0, 2))
+
+
+def coverage_mcse(inside: torch.Tensor) -> torch.Tensor:
+    """Monte Carlo SE ``[N]`` of a coverage from NUTS' chains, given ``inside`` ``[C, S, N, D]``
+    (1.0 where a draw lies inside the interval, :func:`_inside`): ArviZ's MCSE of the mean
+    of each (point, dim) indicator (autocorrelation counted), combined over the D dims as if
+    independent, sqrt(sum_d mcse_d^2) / D. An indicator that never changes has none (0)."""
+    moved = inside.flatten(0, 1).var(0) > 0  # (N, D): ArviZ's MCSE of a constant is undefined
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its "single value" notice for those: set to 0 below
+        mcse = torch.as_tensor(arviz_bridge.mcse_mean(arviz_bridge.from_draws(inside)),
+                               dtype=inside.dtype)
+    mcse = torch.where(moved.cpu(), mcse.nan_to_num(0.0), 0.0)
+    return (mcse.pow(2).sum(1).sqrt() / mcse.shape[1]).to(inside.device)
+
+
+def _inside(q: dist.Distribution, draws: torch.Tensor, level: float) -> torch.Tensor:
+    """1.0 where a reference draw ``[..., N, D]`` lies inside q's central ``level`` marginal
+    interval, else 0.0. Gaussian q: the intervals in closed form; otherwise the quantiles of
+    4,000 draws of q."""
     if is_gaussian(q):
         half = q.stddev * NormalDist().inv_cdf((1 + level) / 2)  # (N, D)
         lo, hi = q.mean - half, q.mean + half
     else:
         probs = draws.new_tensor([(1 - level) / 2, (1 + level) / 2])
         lo, hi = q.sample((4000,)).quantile(probs, dim=0)  # (N, D) each
-    inside = ((draws >= lo) & (draws <= hi)).float()  # (S, N, D)
-    return inside.mean((0, 2))
+    return ((draws >= lo) & (draws <= hi)).float()
+
+
+def std_ratio_mcse(std: torch.Tensor, ref_std: torch.Tensor, ref_std_mcse: torch.Tensor) -> list:
+    """Monte Carlo SE, per point ``[N]``, of the std ratio mean_d std_d / ref_std_d (each
+    ``[N, D]``) from the reference's own error in its std, ``ref_std_mcse`` (NUTS'), by the
+    delta method with dims as independent: sqrt(sum_d (ratio_d mcse_d / ref_std_d)^2) / D."""
+    per_dim = std / ref_std * ref_std_mcse / ref_std  # (N, D)
+    return (per_dim.pow(2).sum(1).sqrt() / per_dim.shape[1]).tolist()
 
 
 def kl_to_exact(q: dist.Distribution, exact: dist.Distribution, draws: int = 4000) -> torch.Tensor:
@@ -122,20 +150,29 @@ def _mcse_in_ref_std(nuts: NutsResult, ref_std: torch.Tensor) -> list:
     return (mcse.to(ref_std.device) / ref_std).mean(1).tolist()
 
 
-def method_metrics(q: dist.Distribution, nuts_draws: torch.Tensor, ref: tuple,
-                   elbo: tuple, exact: dist.Distribution | None) -> dict:
+def method_metrics(q: dist.Distribution, nuts_samples: torch.Tensor, ref: tuple,
+                   elbo: tuple, exact: dist.Distribution | None,
+                   ref_std_mcse: torch.Tensor | None = None) -> dict:
     """Accuracy of approximation ``q`` against the reference ``ref`` = (mean, std) ``[N, D]``
-    and NUTS draws ``[S, N, D]``: errors, energy distance, 90% coverage, ELBO ``[N]`` with
-    its Monte Carlo SE (``elbo`` = (value, SE), :func:`elbo_and_se`), and the KL to the
-    exact posterior where known. Lists over points. The energy distance compares
-    :func:`energy_sample_size` draws of each, as the NUTS noise floor does."""
+    and NUTS' chains ``[C, S, N, D]``: errors, energy distance, 90% coverage with its Monte
+    Carlo SE, ELBO ``[N]`` with its Monte Carlo SE (``elbo`` = (value, SE),
+    :func:`elbo_and_se`), the KL to the exact posterior where known, and, given the
+    reference's MCSE of its std ``[N, D]`` (NUTS as the reference), the std ratio's. Lists
+    over points. The energy distance compares :func:`energy_sample_size` draws of each, as
+    the NUTS noise floor does."""
+    nuts_draws = nuts_samples.flatten(0, 1)  # (C*S, N, D)
     thin = _thinned(nuts_draws, energy_sample_size(nuts_draws.shape[0]))  # (n, N, D)
     z = q.sample((thin.shape[0],))
-    m = {**_accuracy(*moments(q), *ref),
+    mean, std = moments(q)
+    inside = _inside(q, nuts_samples, 0.9)  # (C, S, N, D)
+    m = {**_accuracy(mean, std, *ref),
          "energy_distance_to_nuts": [energy_distance(z[:, n], thin[:, n])
                                      for n in range(thin.shape[1])],
-         "coverage_90": coverage(q, nuts_draws).tolist(), "elbo": elbo[0].tolist(),
-         "elbo_se": elbo[1].tolist()}
+         "coverage_90": inside.mean((0, 1, 3)).tolist(),  # coverage(q, nuts_draws)
+         "coverage_90_mcse": coverage_mcse(inside).tolist(),
+         "elbo": elbo[0].tolist(), "elbo_se": elbo[1].tolist()}
+    if ref_std_mcse is not None:
+        m["std_ratio_mcse"] = std_ratio_mcse(std, ref[1], ref_std_mcse)
     if exact is not None:
         m["kl_to_exact"] = kl_to_exact(q, exact).tolist()
     return m
@@ -285,7 +322,10 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
         elbos = {k: elbo_and_se(all_log_weights(setting.vae, setting.x, setting.y, ELBO_DRAWS,
                                                 q=q))
                  for k, q in qs.items()}
-        methods = {k: {**method_metrics(q, nuts_draws, ref, elbos[k], setting.exact),
+        std_mcse = torch.as_tensor(arviz_bridge.mcse_sd(nuts.idata), dtype=ref[1].dtype,
+                                   device=ref[1].device)  # (N, D): NUTS' error in its std
+        methods = {k: {**method_metrics(q, nuts.samples, ref, elbos[k], setting.exact,
+                                        std_mcse if setting.exact is None else None),
                        "seconds_per_point": seconds[k]} for k, q in qs.items()}
         floor = energy_noise_floor(nuts.samples)
     summary = {
@@ -296,6 +336,8 @@ def compare(setting: Setting, chains: int = 4, warmup: int = 500, draws: int = 1
                  **nuts_health(nuts, n_points, max_rhat, min_ess),
                  **_accuracy(nuts_draws.mean(0), nuts_draws.std(0), *ref),
                  "mcse_mean_in_ref_std": _mcse_in_ref_std(nuts, ref[1]),
+                 **({} if setting.exact is None else {"std_ratio_mcse": std_ratio_mcse(
+                     nuts_draws.std(0), ref[1], std_mcse)}),  # NUTS against the exact std
                  "energy_distance_chain_vs_chain": floor,
                  "seconds_per_point": nuts.seconds_per_point},
         "methods": methods, "gaps": gaps(log_px, elbos, source, setting.vae.guide_name),

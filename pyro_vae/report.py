@@ -102,6 +102,15 @@ def _elbo_cell(m: dict) -> str:
     return f"{mean:.3f} +- {se:.2g}"  # 2 significant digits: a tiny SE is not 0.000
 
 
+def _with_mcse(m: dict, key: str) -> str:
+    """The mean over points of ``m[key]``, with its Monte Carlo SE from NUTS' draws where the
+    comparison recorded one (``key_mcse``: per point, combined over points)."""
+    if f"{key}_mcse" not in m:  # a Gaussian against the exact std: none; older files: absent
+        return f"{_mean(m[key]):.3f}"
+    mean, se = _mean_and_se(m[key], m[f"{key}_mcse"])
+    return f"{mean:.3f} (MCSE {se:.2g})"
+
+
 def _nuts_error_cell(r: dict) -> str:
     """NUTS' mean error: its MCSE alone when NUTS is the reference (its error against itself
     is 0 by construction), else its error against the exact posterior beside its MCSE."""
@@ -138,7 +147,8 @@ def _nuts_markdown(r: dict) -> list[str]:
         f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}"
         + (f", per-point Gaussians fitted in {r['fit_steps']} SVI steps" if "fit_steps" in r else "")
         + ". Means over points; errors in units of the reference posterior std; ELBO +- its "
-        f"Monte Carlo SE ({r.get('elbo_draws', 2000):,} draws per point).",
+        f"Monte Carlo SE ({r.get('elbo_draws', 2000):,} draws per point); MCSE: the Monte "
+        "Carlo SE that NUTS' finite draws leave in a column.",
     ]
 
 
@@ -154,12 +164,12 @@ def _methods_markdown(r: dict) -> list[str]:
     for name, m in r["methods"].items():
         kl = f" {_mean(m['kl_to_exact']):.4f} |" if "kl_to_exact" in m else ""
         lines.append(
-            f"| {name} | {_mean(m['mean_error_in_ref_std']):.3f} | {_mean(m['std_ratio']):.3f} | "
-            f"{_mean(m['energy_distance_to_nuts']):.4f} | {_mean(m['coverage_90']):.3f} |{kl} "
+            f"| {name} | {_mean(m['mean_error_in_ref_std']):.3f} | {_with_mcse(m, 'std_ratio')} | "
+            f"{_mean(m['energy_distance_to_nuts']):.4f} | {_with_mcse(m, 'coverage_90')} |{kl} "
             f"{_elbo_cell(m)} | {m['seconds_per_point']:.2e} | "
             f"{m['seconds_per_point'] / n['seconds_per_point']:.1e}x |")
     lines.append(
-        f"| NUTS | {_nuts_error_cell(r)} | {_mean(n['std_ratio']):.3f} | "
+        f"| NUTS | {_nuts_error_cell(r)} | {_with_mcse(n, 'std_ratio')} | "
         f"{_mean(n['energy_distance_chain_vs_chain']):.4f} (chain vs chain: noise floor) | - |"
         + (" - |" if exact else "") + f" - | {n['seconds_per_point']:.2e} | 1x |")
     return lines

@@ -1,6 +1,7 @@
 """VI versus MCMC on settings where the answer is known (pPCA) or NUTS is affordable (ring)."""
 
 import json
+import math
 import warnings
 
 import pytest
@@ -377,3 +378,40 @@ def test_ppca_params_read_the_linear_decoder_and_its_noise_and_refuse_other_mode
     for extra in ("model.hidden=[8]", "prior.learnable=true", "likelihood.scale=per-pixel"):
         other = load_config(None, [*base, extra])
         assert ppca_params(other, VAE(other, ds.x_dim)) is None, extra
+
+
+def test_coverage_mcse_matches_the_binomial_error_and_grows_with_autocorrelation():
+    from pyro_vae.comparison import _inside, coverage_mcse
+
+    torch.manual_seed(0)
+    q = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(3, 8),
+                                                                   torch.ones(3, 8)), 1)
+    iid = torch.randn(4, 1000, 3, 8)  # (C, S, N, D) draws of q itself: coverage 0.9
+    expected = math.sqrt(0.9 * 0.1 / 4000 / 8)  # sqrt(D p (1-p) / n) / D
+    se = coverage_mcse(_inside(q, iid, 0.9))
+    assert torch.allclose(se, torch.full((3,), expected), rtol=0.15), (se, expected)
+    sticky = iid[:, :250].repeat_interleave(4, dim=1)  # each draw held 4 steps: 1/4 the ESS
+    assert (coverage_mcse(_inside(q, sticky, 0.9)) > 1.6 * se).all()
+    assert coverage_mcse(_inside(q, iid * 1e-3, 0.9)).eq(0).all()  # all inside: none vary
+
+
+def test_std_ratio_mcse_is_the_delta_method_of_the_references_error():
+    from pyro_vae.comparison import std_ratio_mcse
+
+    std, ref, ref_mcse = torch.tensor([[2.0, 1.0]]), torch.tensor([[1.0, 2.0]]), \
+        torch.tensor([[0.1, 0.2]])
+    # ratios 2 and 0.5; each ratio's error r * mcse / ref: 0.2 and 0.05; combined / D
+    assert std_ratio_mcse(std, ref, ref_mcse) == pytest.approx([math.hypot(0.2, 0.05) / 2])
+
+
+def test_coverage_and_std_ratio_carry_their_nuts_monte_carlo_error(linear, ring):
+    for setting, r in (linear, ring):
+        exact = setting.exact is not None
+        for name, m in r.summary["methods"].items():
+            assert len(m["coverage_90_mcse"]) == 3 and all(0 < s < 0.05 for s in m["coverage_90_mcse"])
+            assert ("std_ratio_mcse" in m) != exact, name  # only against NUTS' own std
+        rows = report_markdown(r.summary).splitlines()
+        amortized = next(ln for ln in rows if ln.startswith("| amortized |")).split("|")
+        assert "(MCSE " in amortized[5] and ("(MCSE " in amortized[3]) != exact, amortized
+        nuts = next(ln for ln in rows if ln.startswith("| NUTS |")).split("|")
+        assert ("(MCSE " in nuts[3]) == exact, nuts  # NUTS' std against the exact one
