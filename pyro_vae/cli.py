@@ -226,16 +226,18 @@ def cmd_train(args) -> int:
     if args.force and not args.resume:
         raise ConfigError("--force without --resume: it accepts a changed config when continuing "
                           "a run; allowed: --resume RUN --force, or no --force for a new run")
+    made = None  # the folders _new_timestamped makes, removed again if nothing is written
     if args.resume:
         _resume_not_moved(args)
         run_dir = check_run_dir(args.resume, needs=("checkpoint.pt",))
         cfg = _resumed_config(args, run_dir)
     else:
         cfg = load_config(args.config, args.set)
-        fresh = _first_missing(Path(args.runs_dir or "runs"))  # made now, with the run
+        fresh = _first_missing(Path(args.runs_dir or "runs"))
         run_dir = _run_dir(args)
-    ours = not args.resume and args.name is None and _names_the_run()
-    with _no_empty_folder_left((fresh or run_dir) if ours else None):  # _new_timestamped's
+        if args.name is None and _names_the_run():
+            made = fresh or run_dir
+    with _no_empty_folder_left(made):
         return _launch_and_train(args, cfg, run_dir)
 
 
