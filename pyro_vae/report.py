@@ -41,12 +41,13 @@ def _with_noise(value: float, se: float, is_gap: bool, key: str = "", exact: boo
     return text
 
 
-def _diagnostics_note(note: str | None) -> str:
-    """NUTS health's ``diagnostics_note`` as a sentence: why R-hat and ESS are missing, or
-    which chains were stuck."""
+def _diagnostics_note(n: dict) -> str:
+    """NUTS health's ``diagnostics_note`` as a sentence: why R-hat and ESS are missing (None),
+    or which chains were stuck."""
+    note = n.get("diagnostics_note")
     if not note:
         return ""
-    return f" R-hat and bulk ESS {note}." if note.startswith("not available") else \
+    return f" R-hat and bulk ESS {note}." if n["max_rhat"] is None else \
         f" {note[0].upper()}{note[1:]}."
 
 
@@ -141,7 +142,7 @@ def _nuts_markdown(r: dict) -> list[str]:
         f"{n['divergences']} divergences; {n['chains']} chains x {n['draws']} draws "
         f"({n['warmup']} warm-up), jit={n['jit']}, min bulk ESS/s "
         f"{_diagnostic(n, 'min_ess_bulk_per_second', '.0f')}."
-        + _diagnostics_note(n.get("diagnostics_note")),
+        + _diagnostics_note(n),
         "",
         f"{r['points']} data points, latent dimension {r['latent_dim']}, amortized guide "
         f"{r.get('guide', 'gaussian')!r}, reference: {r['reference']}"

@@ -361,8 +361,9 @@ def record_epoch(state: TrainState, weight: float, seconds: float) -> dict:
     ``test_elbo_se``: sd / sqrt(N) of the N test points'
     one-draw ELBOs, the error of ``test_elbo`` from the draws and the test points together
     (``pyro-vae evaluate`` names the two apart); None for one test point. Likewise
-    ``test_reconstruction_se`` and ``test_kl_se`` for its two terms; ``test_points``: N. A non-finite test
-    ELBO (an update that overflowed the model) raises :class:`NonFiniteError`."""
+    ``test_reconstruction_se`` and ``test_kl_se`` for its two terms; ``test_points``: N.
+    A non-finite test ELBO (an update that overflowed the model) raises
+    :class:`NonFiniteError`."""
     tc, ds = state.cfg.train, state.dataset
     with pyro.validation_enabled(False):  # a non-finite model is named below, not by a check
         rec, kl = elbo_terms(state.vae, ds.x_test, ds.y_test if state.vae.num_classes else None,
